@@ -1,0 +1,1 @@
+"""invariantd.client: the Python client and the `invariantctl` CLI."""

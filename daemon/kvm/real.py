@@ -1,0 +1,287 @@
+"""The real binding: /dev/kvm through cffi (ABI mode) and the small C library in batch.c.
+
+The library is built at install time (setup.py) next to this file; INVARIANTD_BATCH_LIB overrides
+the path (the arm64 lab cross-compiles it for the guest).
+"""
+from __future__ import annotations
+
+import errno as _errno
+import glob
+import mmap
+import os
+import platform
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import cffi
+
+from ...protocol import kvmabi as abi
+from ...protocol import regid
+from .backend import VcpuInit
+from .errors import KvmError
+
+_CDEF = """
+int ivd_abi_version(void);
+long ivd_ioctl(int fd, unsigned long request, uintptr_t arg);
+int ivd_set_regs(int fd, const uint64_t *ids, uint8_t *data, const uint64_t *offs, int n, int *errs);
+int ivd_get_regs(int fd, const uint64_t *ids, uint8_t *data, const uint64_t *offs, int n, int *errs);
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(_CDEF)
+_lib = None
+
+
+class BatchLibraryMissing(RuntimeError):
+    pass
+
+
+def batch_library_path() -> str:
+    env = os.environ.get("INVARIANTD_BATCH_LIB")
+    if env:
+        return env
+    here = Path(__file__).parent
+    hits = sorted(glob.glob(str(here / "_ivdbatch*.so")))
+    if not hits:
+        raise BatchLibraryMissing(
+            f"the KVM batch library (_ivdbatch*.so) is not built in {here}: reinstall with "
+            f"`pip install -e .` (needs a C compiler) or set INVARIANTD_BATCH_LIB")
+    return hits[0]
+
+
+def lib():
+    global _lib
+    if _lib is None:
+        _lib = ffi.dlopen(batch_library_path())
+        if _lib.ivd_abi_version() != 1:
+            raise BatchLibraryMissing(f"{batch_library_path()}: unexpected ABI version {_lib.ivd_abi_version()}")
+    return _lib
+
+
+def _call(fd: int, name: str, arg: int = 0, reg_id: int | None = None) -> int:
+    r = lib().ivd_ioctl(fd, abi.IOCTLS[name], arg)
+    if r < 0:
+        raise KvmError(name, -r, reg_id)
+    return r
+
+
+def _addr(cdata) -> int:
+    return int(ffi.cast("uintptr_t", cdata))
+
+
+class RegBuffers:
+    """ids, offsets and one data buffer for a fixed list of registers: built once, reused per vCPU."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids_list = list(ids)
+        n = len(self.ids_list)
+        self.n = n
+        self.ids = ffi.new("uint64_t[]", self.ids_list)
+        self.sizes = [regid.size_bytes(i) for i in self.ids_list]
+        offs, o = [], 0
+        for s in self.sizes:
+            offs.append(o)
+            o += max(s, 8)
+        self.offs = ffi.new("uint64_t[]", offs)
+        self.offsets = offs
+        self.data = ffi.new("uint8_t[]", max(o, 1))
+        self.errs = ffi.new("int[]", max(n, 1))
+
+    def pack(self, values: Sequence[int]) -> None:
+        buf = ffi.buffer(self.data)
+        for off, size, v in zip(self.offsets, self.sizes, values):
+            buf[off:off + size] = int(v).to_bytes(size, "little")
+
+    def pack_bytes(self, blob: bytes) -> None:
+        ffi.buffer(self.data)[:len(blob)] = blob
+
+    def unpack(self) -> list[int]:
+        buf = ffi.buffer(self.data)
+        return [int.from_bytes(buf[o:o + s], "little") for o, s in zip(self.offsets, self.sizes)]
+
+    def errnos(self) -> list[int]:
+        return list(self.errs[0:self.n])
+
+
+class RealVcpu:
+    def __init__(self, vm: "RealVm", fd: int, index: int) -> None:
+        self.vm, self.fd, self.index = vm, fd, index
+        self._one = ffi.new("uint8_t[256]")
+        self._reg = ffi.new("uint64_t[2]")
+        self._run_map: mmap.mmap | None = None
+
+    def init(self, init: VcpuInit) -> None:
+        buf = ffi.new("uint32_t[8]", [init.target] + init.words())
+        _call(self.fd, "KVM_ARM_VCPU_INIT", _addr(buf))
+
+    def finalize(self, feature: int) -> None:
+        buf = ffi.new("int *", feature)
+        _call(self.fd, "KVM_ARM_VCPU_FINALIZE", _addr(buf))
+
+    def get_reg(self, reg_id: int) -> int:
+        size = regid.size_bytes(reg_id)
+        self._reg[0], self._reg[1] = reg_id, _addr(self._one)
+        _call(self.fd, "KVM_GET_ONE_REG", _addr(self._reg), reg_id)
+        return int.from_bytes(ffi.buffer(self._one, size)[:], "little")
+
+    def set_reg(self, reg_id: int, value: int) -> None:
+        size = regid.size_bytes(reg_id)
+        try:
+            ffi.buffer(self._one, size)[:] = int(value).to_bytes(size, "little")
+        except OverflowError:
+            raise KvmError("KVM_SET_ONE_REG", _errno.EINVAL, reg_id, f"value does not fit {size} bytes") from None
+        self._reg[0], self._reg[1] = reg_id, _addr(self._one)
+        _call(self.fd, "KVM_SET_ONE_REG", _addr(self._reg), reg_id)
+
+    def reg_list(self) -> list[int]:
+        """KVM_GET_REG_LIST with the E2BIG sizing handshake (n=0 first, then the size KVM asked for)."""
+        n = 0
+        for _ in range(4):
+            buf = ffi.new("uint64_t[]", 1 + n)
+            buf[0] = n
+            r = lib().ivd_ioctl(self.fd, abi.KVM_GET_REG_LIST, _addr(buf))
+            if r == -_errno.E2BIG:
+                if buf[0] <= n:
+                    raise KvmError("KVM_GET_REG_LIST", _errno.E2BIG, detail=f"kernel asked for {buf[0]} entries")
+                n = buf[0]
+                continue
+            if r < 0:
+                raise KvmError("KVM_GET_REG_LIST", -r)
+            return [buf[1 + i] for i in range(buf[0])]
+        raise KvmError("KVM_GET_REG_LIST", _errno.E2BIG, detail="register count kept growing")
+
+    def get_regs_into(self, bufs: RegBuffers) -> int:
+        return lib().ivd_get_regs(self.fd, bufs.ids, bufs.data, bufs.offs, bufs.n, bufs.errs)
+
+    def set_regs_from(self, bufs: RegBuffers) -> int:
+        return lib().ivd_set_regs(self.fd, bufs.ids, bufs.data, bufs.offs, bufs.n, bufs.errs)
+
+    def get_regs(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        bufs = RegBuffers(ids)
+        self.get_regs_into(bufs)
+        errs = bufs.errnos()
+        vals = bufs.unpack()
+        return [0 if e else v for v, e in zip(vals, errs)], errs
+
+    def set_regs(self, ids: Sequence[int], values: Sequence[int]) -> list[int]:
+        bufs = RegBuffers(ids)
+        bufs.pack(values)
+        self.set_regs_from(bufs)
+        return bufs.errnos()
+
+    def run_once(self) -> str:
+        """Enter the guest once (a store to unmapped memory on arm64, HLT on x86), so KVM marks the VM as run."""
+        if self._run_map is None:
+            size = _call(self.vm.backend.fd, "KVM_GET_VCPU_MMAP_SIZE")
+            self._run_map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.vm.map_guest_code()
+        _call(self.fd, "KVM_RUN")
+        reason = struct.unpack_from("<I", self._run_map, 8)[0]
+        return {abi.KVM_EXIT_MMIO: "mmio", abi.KVM_EXIT_HLT: "hlt"}.get(reason, f"exit {reason}")
+
+    def close(self) -> None:
+        if self._run_map is not None:
+            self._run_map.close()
+            self._run_map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# arm64 guest at IPA 0: movz x1,#0x10,lsl#16; str x0,[x1]; b .   -> the store exits as MMIO
+_ARM64_CODE = struct.pack("<3I", 0xD2A00201, 0xF9000020, 0x14000000)
+
+
+class RealVm:
+    def __init__(self, backend: "RealKvm", fd: int) -> None:
+        self.backend, self.fd = backend, fd
+        self._mem: mmap.mmap | None = None
+        self.vcpus: list[RealVcpu] = []
+
+    def check_extension(self, cap: int) -> int:
+        return _call(self.fd, "KVM_CHECK_EXTENSION", cap)
+
+    def enable_cap(self, cap: int, args: Sequence[int] = ()) -> None:
+        buf = ffi.new("uint8_t[104]")
+        struct.pack_into("<II4Q", ffi.buffer(buf), 0, cap, 0, *(list(args) + [0, 0, 0, 0])[:4])
+        _call(self.fd, "KVM_ENABLE_CAP", _addr(buf))
+
+    def create_vcpu(self, index: int) -> RealVcpu:
+        v = RealVcpu(self, _call(self.fd, "KVM_CREATE_VCPU", index), index)
+        self.vcpus.append(v)
+        return v
+
+    def preferred_target(self) -> VcpuInit:
+        buf = ffi.new("uint32_t[8]")
+        _call(self.fd, "KVM_ARM_PREFERRED_TARGET", _addr(buf))
+        feats = tuple(b for b in range(7 * 32) if buf[1 + b // 32] >> (b % 32) & 1)
+        return VcpuInit(buf[0], feats)
+
+    def writable_masks(self) -> list[int]:
+        masks = ffi.new("uint64_t[]", abi.KVM_ARM_FEATURE_ID_RANGE_SIZE)
+        req = ffi.new("uint8_t[64]")
+        struct.pack_into("<QI", ffi.buffer(req), 0, _addr(masks), 0)
+        _call(self.fd, "KVM_ARM_GET_REG_WRITABLE_MASKS", _addr(req))
+        return list(masks)
+
+    def map_guest_code(self) -> None:
+        if self._mem is not None:
+            return
+        self._mem = mmap.mmap(-1, 0x10000)
+        if self.backend.arch == "aarch64":
+            gpa = 0
+            self._mem[:len(_ARM64_CODE)] = _ARM64_CODE
+        else:
+            gpa = 0xF0000                     # x86 reset vector f000:fff0 -> 0xffff0: all HLT
+            self._mem[:] = b"\xf4" * 0x10000
+        self._mem_ptr = ffi.from_buffer(self._mem)
+        region = ffi.new("uint8_t[32]")
+        struct.pack_into("<IIQQQ", ffi.buffer(region), 0, 0, 0, gpa, 0x10000, _addr(self._mem_ptr))
+        _call(self.fd, "KVM_SET_USER_MEMORY_REGION", _addr(region))
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class RealKvm:
+    kind = "kvm"
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        self.path = path
+        self.arch = platform.machine()
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmError(f"open {path}", e.errno or _errno.ENODEV) from None
+
+    def api_version(self) -> int:
+        return _call(self.fd, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: int) -> int:
+        return _call(self.fd, "KVM_CHECK_EXTENSION", cap)
+
+    def create_vm(self, vm_type: int = 0) -> RealVm:
+        return RealVm(self, _call(self.fd, "KVM_CREATE_VM", vm_type))
+
+    def kernel_release(self) -> str:
+        return os.uname().release
+
+    def cpu_midrs(self) -> list[int]:
+        out = []
+        for p in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/regs/identification/midr_el1"),
+                        key=lambda s: int(s.split("/cpu")[2].split("/")[0])):
+            try:
+                out.append(int(Path(p).read_text().strip(), 16))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

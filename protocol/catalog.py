@@ -1,0 +1,298 @@
+"""The arm64 register catalog: names, classes and ID-register fields, loaded from data/*.tsv.
+
+The tables are data (one row per register or per field); this module only loads, validates and
+answers questions about them. Validation runs at import: a broken table fails loudly, naming the row.
+The field check reproduces the kernel's arm64_check_features() (arch/arm64/kvm/sys_regs.c) so the
+simulator and the negotiation engine apply exactly one rule.
+"""
+from __future__ import annotations
+
+import csv
+import enum
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from . import regid
+
+
+class CatalogError(ValueError):
+    """A catalog table is inconsistent (overlapping fields, bad width, unsorted rows...)."""
+
+
+class Safety(enum.Enum):
+    LOWER = "LOWER"                    # FTR_LOWER_SAFE: may lower, never raise
+    HIGHER = "HIGHER"                  # FTR_HIGHER_SAFE: may raise, never lower
+    EXACT = "EXACT"                    # FTR_EXACT: the current value or the field's safe value
+    HIGHER_OR_ZERO = "HIGHER_OR_ZERO"  # FTR_HIGHER_OR_ZERO_SAFE: raise, or 0
+    NONE = "NONE"                      # no cpufeature row: must equal the kernel's value
+
+
+def _kver(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".")) if text else (0,)
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    register: str
+    name: str
+    shift: int
+    width: int
+    signed: bool
+    safety: Safety
+    safe: int
+    since: tuple[int, ...]
+    note: str
+    kvm_safety: Safety           # the type KVM applies (differs from safety where kvm_overrides.tsv says so)
+    kvm_why: str
+
+    @property
+    def mask(self) -> int:
+        return ((1 << self.width) - 1) << self.shift
+
+    @property
+    def bits(self) -> str:
+        hi = self.shift + self.width - 1
+        return f"{hi}:{self.shift}" if self.width > 1 else str(self.shift)
+
+    def raw(self, value: int) -> int:
+        return (value >> self.shift) & ((1 << self.width) - 1)
+
+    def get(self, value: int) -> int:
+        """The field's value, sign-extended for signed fields (0xF reads as -1)."""
+        v = self.raw(value)
+        if self.signed and v & (1 << (self.width - 1)):
+            v -= 1 << self.width
+        return v
+
+    def put(self, value: int, field_value: int) -> int:
+        return (value & ~self.mask) | ((field_value & ((1 << self.width) - 1)) << self.shift)
+
+    def in_kernel(self, kernel: tuple[int, ...] | None) -> bool:
+        return self.safety is not Safety.NONE and (kernel is None or kernel >= self.since)
+
+    def safe_value(self, new: int, cur: int) -> int:
+        """arm64_ftr_safe_value() with KVM's type overrides; operands as returned by get()."""
+        t = self.kvm_safety
+        if t is Safety.EXACT:
+            return self.get(self.put(0, self.safe))
+        if t is Safety.LOWER:
+            return min(new, cur)
+        if t is Safety.HIGHER:
+            return max(new, cur)
+        if t is Safety.HIGHER_OR_ZERO:
+            return 0 if new == 0 or cur == 0 else max(new, cur)
+        return cur
+
+
+@dataclass(frozen=True, slots=True)
+class SysReg:
+    name: str
+    encoding: tuple[int, int, int, int, int]
+    cls: str          # imp_id | id | cache | state
+    reg_id: int
+
+    @property
+    def mask_index(self) -> int | None:
+        """Index into KVM_ARM_GET_REG_WRITABLE_MASKS' 192-entry array, or None outside the range."""
+        return mask_index(self.encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class FwReg:
+    name: str
+    reg_id: int
+    kind: str        # psci | workaround | bitmap
+    reset: str       # "host" or a number
+    since: tuple[int, ...]
+
+
+def mask_index(enc: tuple[int, int, int, int, int]) -> int | None:
+    op0, op1, crn, crm, op2 = enc
+    if op0 != 3 or crn != 0 or op1 not in (0, 1, 3) or crm > 7:
+        return None
+    o = op1 & 3
+    o = 2 if o == 3 else o
+    return (o << 6) | ((crm & 7) << 3) | op2
+
+
+def _rows(name: str):
+    text = resources.files(__package__).joinpath("data", name).read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    return list(csv.DictReader(lines, delimiter="\t"))
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self.sysregs: dict[str, SysReg] = {}
+        self.by_id: dict[int, SysReg] = {}
+        for r in _rows("sysregs.tsv"):
+            enc = tuple(int(r[k]) for k in ("op0", "op1", "crn", "crm", "op2"))
+            rid = regid.sysreg(*enc)
+            if r["name"] in self.sysregs or rid in self.by_id:
+                raise CatalogError(f"sysregs.tsv: duplicate register {r['name']} / {rid:#x}")
+            if r["class"] not in ("imp_id", "id", "cache", "state"):
+                raise CatalogError(f"sysregs.tsv: {r['name']}: unknown class {r['class']!r}")
+            reg = SysReg(r["name"], enc, r["class"], rid)
+            self.sysregs[reg.name] = reg
+            self.by_id[rid] = reg
+        self.fwregs: dict[int, FwReg] = {}
+        for r in _rows("fwregs.tsv"):
+            rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))
+            self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]))
+        overrides = {(r["register"], r["field"]): r for r in _rows("kvm_overrides.tsv")}
+        self.fields: dict[str, tuple[Field, ...]] = {}
+        acc: dict[str, list[Field]] = {}
+        for r in _rows("id_fields.tsv"):
+            reg = r["register"]
+            if reg not in self.sysregs:
+                raise CatalogError(f"id_fields.tsv: field {r['field']} names unknown register {reg}")
+            ov = overrides.pop((reg, r["field"]), None)
+            safety = Safety(r["type"])
+            f = Field(reg, r["field"], int(r["shift"]), int(r["width"]), r["sign"] == "S", safety,
+                      int(r["safe"], 0), _kver(r["since"]), r["note"],
+                      Safety(ov["type"]) if ov else safety, ov["why"] if ov else "")
+            acc.setdefault(reg, []).append(f)
+        if overrides:
+            raise CatalogError(f"kvm_overrides.tsv: rows name no known field: {sorted(overrides)}")
+        for reg, fields in acc.items():
+            self._validate(reg, fields)
+            self.fields[reg] = tuple(fields)
+
+    @staticmethod
+    def _validate(reg: str, fields: list[Field]) -> None:
+        prev = None
+        for f in fields:
+            if not 1 <= f.width <= 64 or f.shift < 0 or f.shift + f.width > 64:
+                raise CatalogError(f"{reg}.{f.name}: bits {f.shift}+{f.width} outside 0..63")
+            if f.safe >> f.width:
+                raise CatalogError(f"{reg}.{f.name}: safe value {f.safe:#x} does not fit {f.width} bits")
+            if prev is not None:
+                if f.shift >= prev.shift:
+                    raise CatalogError(f"{reg}: fields not sorted by descending shift at {f.name}")
+                if f.shift + f.width > prev.shift:
+                    raise CatalogError(f"{reg}: field {f.name} [{f.bits}] overlaps {prev.name} [{prev.bits}]")
+            prev = f
+
+    # --- lookups -----------------------------------------------------------------------------
+    def sysreg(self, name: str) -> SysReg:
+        try:
+            return self.sysregs[name]
+        except KeyError:
+            raise KeyError(f"unknown system register {name!r}") from None
+
+    def id_of(self, name: str) -> int:
+        if name in self.sysregs:
+            return self.sysregs[name].reg_id
+        for fw in self.fwregs.values():
+            if fw.name == name:
+                return fw.reg_id
+        for rid, n in _core_names().items():
+            if n == name:
+                return rid
+        raise KeyError(f"unknown register name {name!r}")
+
+    def name(self, reg_id: int) -> str:
+        if reg_id in self.by_id:
+            return self.by_id[reg_id].name
+        if reg_id in self.fwregs:
+            return self.fwregs[reg_id].name
+        core = _core_names().get(reg_id)
+        if core:
+            return core
+        try:
+            d = regid.decode(reg_id)
+        except regid.RegIdError:
+            return f"REG_{reg_id:#018x}"
+        if d.group == "sysreg":
+            op0, op1, crn, crm, op2 = d.encoding
+            return f"S{op0}_{op1}_C{crn}_C{crm}_{op2}"
+        if d.group == "demux":
+            return f"CCSIDR[{d.index & 0xFF}]"
+        if d.group == "sve":
+            i = d.index
+            if i == 0xFFFF:
+                return "KVM_REG_ARM64_SVE_VLS"
+            if i < 0x400:
+                return f"Z{i >> 5}[{i & 31}]"
+            if i < 0x600:
+                return f"P{(i - 0x400) >> 5}[{i & 31}]"
+            return f"FFR[{i & 31}]"
+        if d.group == "msr":
+            return f"MSR_{d.index:#x}"
+        return f"{d.group.upper()}_{d.index:#x}"
+
+    def reg_class(self, reg_id: int) -> str:
+        """imp_id | id | cache | state | fw | core | demux | sve | unknown."""
+        if reg_id in self.by_id:
+            return self.by_id[reg_id].cls
+        try:
+            d = regid.decode(reg_id)
+        except regid.RegIdError:
+            return "unknown"
+        if d.group == "sysreg":
+            op0, op1, crn, crm, op2 = d.encoding
+            # the feature-ID space (op0=3, op1=0, CRn=0, CRm=1..7) holds ID registers only, named or not
+            return "id" if (op0, op1, crn) == (3, 0, 0) and 1 <= crm <= 7 else "state"
+        if d.group in ("fw", "fw-bmap"):
+            return "fw"
+        return d.group
+
+    def fields_of(self, reg: str | int) -> tuple[Field, ...]:
+        name = reg if isinstance(reg, str) else self.name(reg)
+        return self.fields.get(name, ())
+
+    def decode_fields(self, reg: str | int, value: int) -> dict[str, int]:
+        return {f.name: f.raw(value) for f in self.fields_of(reg)}
+
+    # --- the kernel's per-field rule ----------------------------------------------------------
+    def check_write(self, reg: str | int, val: int, limit: int, writable: int,
+                    kernel: tuple[int, ...] | None = None) -> list[tuple[Field | None, str]]:
+        """arm64_check_features(): every problem with writing `val` where the kernel holds `limit`.
+
+        Returns [] when the kernel would accept the value. Each problem is (field or None, reason).
+        `writable` is the register's writable mask; `kernel` selects which cpufeature rows exist.
+        """
+        problems: list[tuple[Field | None, str]] = []
+        covered = 0
+        for f in self.fields_of(reg):
+            if not f.in_kernel(kernel) or (f.mask & writable) != f.mask:
+                continue
+            covered |= f.mask
+            new, cur = f.get(val), f.get(limit)
+            if new == cur:
+                continue
+            if f.safe_value(new, cur) != new:
+                problems.append((f, f"{f.name}={f.raw(val):#x} is not safe against {f.raw(limit):#x} "
+                                    f"({f.kvm_safety.value.lower().replace('_', '-')}-safe)"))
+        rest = ~covered & 0xFFFFFFFFFFFFFFFF
+        if (val & rest) != (limit & rest):
+            bad = (val ^ limit) & rest
+            named = [f for f in self.fields_of(reg) if f.mask & bad]
+            if named:
+                for f in named:
+                    problems.append((f, f"{f.name}={f.raw(val):#x} differs from {f.raw(limit):#x} and is not "
+                                        f"writable here"))
+            else:
+                problems.append((None, f"bits {bad:#018x} differ and are not writable here"))
+        return problems
+
+
+@lru_cache(maxsize=1)
+def _core_names() -> dict[int, str]:
+    names: dict[int, str] = {}
+    for n in range(31):
+        names[regid.core(2 * n)] = f"X{n}"
+    for off, n in ((62, "SP"), (64, "PC"), (66, "PSTATE"), (68, "SP_EL1"), (70, "ELR_EL1"),
+                   (72, "SPSR_EL1"), (74, "SPSR_ABT"), (76, "SPSR_UND"), (78, "SPSR_IRQ"), (80, "SPSR_FIQ")):
+        names[regid.core(off)] = n
+    for n in range(32):
+        names[regid.core(0x54 + 4 * n, regid.SIZE_U128)] = f"V{n}"
+    names[regid.core(0xD4, regid.SIZE_U32)] = "FPSR"
+    names[regid.core(0xD5, regid.SIZE_U32)] = "FPCR"
+    return names
+
+
+@lru_cache(maxsize=1)
+def catalog() -> Catalog:
+    return Catalog()

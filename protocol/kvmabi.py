@@ -1,0 +1,80 @@
+"""KVM uapi numbers (ioctls, capabilities, vCPU features, errnos) as data. Same on x86_64 and arm64.
+
+ioctl numbers follow the asm-generic _IOC layout: nr 7:0, type 15:8 (KVMIO=0xAE), size 29:16, dir 31:30.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+KVMIO = 0xAE
+_NONE, _W, _R, _RW = 0, 1, 2, 3
+
+
+def _ioc(d: int, nr: int, size: int) -> int:
+    return (d << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+IOCTLS = {
+    "KVM_GET_API_VERSION": _ioc(_NONE, 0x00, 0),
+    "KVM_CREATE_VM": _ioc(_NONE, 0x01, 0),
+    "KVM_CHECK_EXTENSION": _ioc(_NONE, 0x03, 0),
+    "KVM_GET_VCPU_MMAP_SIZE": _ioc(_NONE, 0x04, 0),
+    "KVM_CREATE_VCPU": _ioc(_NONE, 0x41, 0),
+    "KVM_SET_USER_MEMORY_REGION": _ioc(_W, 0x46, 32),
+    "KVM_RUN": _ioc(_NONE, 0x80, 0),
+    "KVM_ENABLE_CAP": _ioc(_W, 0xA3, 104),
+    "KVM_GET_ONE_REG": _ioc(_W, 0xAB, 16),
+    "KVM_SET_ONE_REG": _ioc(_W, 0xAC, 16),
+    "KVM_ARM_VCPU_INIT": _ioc(_W, 0xAE, 32),
+    "KVM_ARM_PREFERRED_TARGET": _ioc(_R, 0xAF, 32),
+    "KVM_GET_REG_LIST": _ioc(_RW, 0xB0, 8),
+    "KVM_ARM_GET_REG_WRITABLE_MASKS": _ioc(_R, 0xB6, 64),
+    "KVM_ARM_VCPU_FINALIZE": _ioc(_W, 0xC2, 4),
+}
+globals().update(IOCTLS)
+
+CAPS = {
+    "KVM_CAP_ONE_REG": 70,
+    "KVM_CAP_ARM_PSCI": 87,
+    "KVM_CAP_ARM_EL1_32BIT": 93,
+    "KVM_CAP_ENABLE_CAP_VM": 98,
+    "KVM_CAP_ARM_PSCI_0_2": 102,
+    "KVM_CAP_ARM_PMU_V3": 126,
+    "KVM_CAP_ARM_VM_IPA_SIZE": 165,
+    "KVM_CAP_ARM_SVE": 170,
+    "KVM_CAP_ARM_PTRAUTH_ADDRESS": 171,
+    "KVM_CAP_ARM_PTRAUTH_GENERIC": 172,
+    "KVM_CAP_ARM_MTE": 205,
+    "KVM_CAP_COUNTER_OFFSET": 227,
+    "KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES": 230,
+    "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS": 239,
+}
+globals().update(CAPS)
+CAP_NAMES = {v: k for k, v in CAPS.items()}
+
+VCPU_FEATURES = {"POWER_OFF": 0, "EL1_32BIT": 1, "PSCI_0_2": 2, "PMU_V3": 3, "SVE": 4,
+                 "PTRAUTH_ADDRESS": 5, "PTRAUTH_GENERIC": 6, "HAS_EL2": 7, "HAS_EL2_E2H0": 8}
+KVM_ARM_VCPU_SVE = 4
+KVM_ARM_FEATURE_ID_RANGE_SIZE = 192
+KVM_EXIT_MMIO = 6
+KVM_EXIT_HLT = 5
+
+# KVM_EINVARIANT: the errno the 2018 "KVM_EINVARIANT" proposal wanted for an invariant-register
+# mismatch. Mainline never assigned one; the patched-era simulator returns this value, and the apply
+# path recognises it. 200 is unused by Linux (its errno table ends at 133, EHWPOISON) and below
+# MAX_ERRNO (4095). Override with INVARIANTD_EINVARIANT for a kernel patched with another value.
+EINVARIANT = int(os.environ.get("INVARIANTD_EINVARIANT", "200"))
+
+
+def errno_name(err: int) -> str:
+    if err == EINVARIANT:
+        return "EINVARIANT"
+    return _errno.errorcode.get(err, f"errno {err}")
+
+
+def ioctl_name(request: int) -> str:
+    for k, v in IOCTLS.items():
+        if v == request:
+            return k
+    return f"ioctl {request:#x}"
