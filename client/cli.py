@@ -1,2 +1,86 @@
-def main():
-    print("placeholder")
+"""invariantctl: drive invariantd from the command line.
+
+Exit codes (stable, for orchestrators):
+  0  success            3  plan refused (not migratable)      5  KVM error (errno in the message)
+  2  usage / bad input  4  peer or daemon unreachable         6  lab unavailable (no archive/qemu)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_KVM, EXIT_LAB = 0, 2, 3, 4, 5, 6
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _backend(sim: str | None):
+    if sim:
+        from ..daemon.sim import SimHost, ProfileError
+        try:
+            return SimHost(sim)
+        except ProfileError as e:
+            raise CliError(str(e)) from None
+    from ..daemon.kvm.real import RealKvm
+    return RealKvm()
+
+
+def cmd_probe(args) -> int:
+    from ..daemon.probe import probe
+    backend = _backend(args.sim)
+    doc = probe(backend, profile=args.sim)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(f"source: {doc['source']}{' ' + args.sim if args.sim else ''}   arch: {doc['arch']}   "
+          f"kernel: {doc['kernel_release']}   KVM API {doc['api_version']}   ONE_REG: {'yes' if doc['one_reg'] else 'no'}")
+    print("caps: " + ", ".join(f"{k.replace('KVM_CAP_', '')}={v}" for k, v in doc["caps"].items()))
+    if doc["arch"] != "aarch64":
+        return EXIT_OK
+    if doc.get("sim_era"):
+        print(f"simulated kernel era: {doc['sim_era']}")
+    print(f"per-CPU MIDR: {', '.join(doc['cpu_midrs']) or 'n/a'}   registers listed: {len(doc['reg_list'])}   "
+          f"writable masks: {'not offered' if doc['writable_masks'] is None else len(doc['writable_masks'])}")
+    print(f"{'register':<34} {'id':<20} {'value':<20} {'writable mask':<20} fields")
+    for r in doc["registers"]:
+        fields = " ".join(f"{k}={v:#x}" for k, v in r["fields"].items() if v)
+        print(f"{r['name']:<34} {r['id']:<20} {r['value']:<20} {r.get('writable_mask', '-'):<20} {fields}")
+    for e in doc["errors"]:
+        print(f"warning: {e['op']} {e['id']}: {e['errno']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="invariantctl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("probe", help="discover this host's KVM capabilities (or a simulated host's)")
+    pr.add_argument("--sim", metavar="PROFILE@KERNEL",
+                    help="probe the simulated arm64 host, e.g. cortex-a72-r0p4@6.12 (append -patched to the "
+                         "kernel for the KVM_EINVARIANT era)")
+    pr.add_argument("--json", action="store_true", help="print the capability document as JSON")
+    pr.set_defaults(func=cmd_probe)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..daemon.kvm.errors import KvmError
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"invariantctl: {e}", file=sys.stderr)
+        return e.code
+    except KvmError as e:
+        print(f"invariantctl: {e}", file=sys.stderr)
+        return EXIT_KVM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Host capability discovery: the same document from the real /dev/kvm and from the simulated host.
+
+arm64: scratch VM + vCPU (preferred target + PSCI 0.2), KVM_GET_REG_LIST, GET of every listed register,
+writable masks, caps, per-CPU MIDRs. x86: API version and the caps ONE_REG needs. The document is
+JSON-ready and is also the simulator's host-profile format (`invariantctl lab profile` writes it).
+"""
+from __future__ import annotations
+
+import errno as E
+import re
+
+from ..protocol import kvmabi as abi
+from ..protocol.catalog import catalog, mask_index
+from ..protocol import regid
+from .kvm.backend import Backend, VcpuInit
+from .kvm.errors import KvmError
+
+FORMAT = "invariantd/host-capabilities@1"
+BASE_FEATURES = ("PSCI_0_2",)
+
+
+def kernel_version(release: str) -> str:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return f"{m.group(1)}.{m.group(2)}" if m else release
+
+
+def probe(backend: Backend, profile: str | None = None) -> dict:
+    doc: dict = {
+        "format": FORMAT,
+        "source": backend.kind,
+        "profile": profile,
+        "arch": backend.arch,
+        "kernel_release": backend.kernel_release(),
+        "kernel_version": kernel_version(backend.kernel_release()),
+        "api_version": backend.api_version(),
+        "caps": {},
+        "errors": [],
+    }
+    for name, cap in abi.CAPS.items():
+        if backend.arch != "aarch64" and "_ARM_" in name:
+            continue
+        doc["caps"][name] = backend.check_extension(cap)
+    if backend.arch != "aarch64":
+        doc["one_reg"] = bool(doc["caps"].get("KVM_CAP_ONE_REG"))
+        return doc
+    era = getattr(backend, "era", None)
+    if era is not None:
+        doc["sim_era"] = era.name
+    doc["one_reg"] = bool(doc["caps"].get("KVM_CAP_ONE_REG"))
+    doc["cpu_midrs"] = [f"{m:#x}" for m in backend.cpu_midrs()]
+    vm = backend.create_vm(0)
+    try:
+        pref = vm.preferred_target()
+        feats = tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES)
+        vcpu = vm.create_vcpu(0)
+        vcpu.init(VcpuInit(pref.target, feats))
+        doc["vcpu_init"] = {"target": pref.target, "base_features": list(BASE_FEATURES)}
+        ids = vcpu.reg_list()
+        doc["reg_list"] = [f"{r:#x}" for r in ids]
+        vals, errs = vcpu.get_regs(ids)
+        doc["values"] = {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs) if not e}
+        for r, e in zip(ids, errs):
+            if e:
+                doc["errors"].append({"op": "KVM_GET_ONE_REG", "id": f"{r:#x}", "errno": abi.errno_name(e)})
+        try:
+            masks = vm.writable_masks()
+            doc["writable_masks"] = {str(i): f"{m:#x}" for i, m in enumerate(masks) if m}
+        except KvmError as e:
+            if e.errno_value != E.EINVAL:
+                raise
+            doc["writable_masks"] = None
+        doc["registers"] = describe(ids, dict(zip(ids, vals)), doc["writable_masks"])
+    finally:
+        vm.close()
+    return doc
+
+
+def describe(ids, values: dict[int, int], masks: dict | None) -> list[dict]:
+    """ID / imp-ID / cache / FW registers with decoded fields (the human part of the document)."""
+    cat = catalog()
+    out = []
+    for r in ids:
+        cls = cat.reg_class(r)
+        if cls not in ("id", "imp_id", "cache", "fw"):
+            continue
+        d = regid.decode(r)
+        idx = mask_index(d.encoding) if d.encoding else None
+        entry = {"name": cat.name(r), "id": f"{r:#x}", "class": cls, "value": f"{values.get(r, 0):#018x}",
+                 "fields": {f.name: f.raw(values.get(r, 0)) for f in cat.fields_of(r)}}
+        if masks is not None and idx is not None:
+            entry["writable_mask"] = f"{int(masks.get(str(idx), '0x0'), 16):#018x}"
+        out.append(entry)
+    return out

@@ -1,0 +1,409 @@
+"""A simulated arm64 KVM host that answers ONE_REG / REG_LIST / masks exactly as a real kernel of one era.
+
+Host facts (register list, reset values, caps, writable masks, per-CPU MIDRs) come from a profile: a
+capability document written by `invariantctl lab profile` on a real kernel. Behaviour that differs by
+kernel comes from eras.tsv and prechecks.tsv. The per-field rule is the catalog's check_write(), the
+same code the negotiation engine uses.
+"""
+from __future__ import annotations
+
+import csv
+import errno as E
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Sequence
+
+from ...protocol import kvmabi as abi
+from ...protocol import regid
+from ...protocol.catalog import catalog, mask_index
+from ..kvm.backend import VcpuInit
+from ..kvm.errors import KvmError
+
+
+class ProfileError(ValueError):
+    """A --sim profile name or file that cannot be used; the message lists what exists."""
+
+
+def _ver(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+
+def _tsv(name: str) -> list[dict]:
+    text = resources.files(__package__).joinpath(name).read_text()
+    return list(csv.DictReader([ln for ln in text.splitlines() if ln and not ln.startswith("#")], delimiter="\t"))
+
+
+@dataclass(frozen=True)
+class Era:
+    name: str
+    lo: tuple[int, ...] | None
+    hi: tuple[int, ...] | None
+    id_write: str
+    frozen_errno: int
+    imp_id: str
+    invariant_errno: int
+    clidr: str
+    legacy_writable: tuple[str, ...]
+
+
+def _errno(name: str) -> int:
+    return abi.EINVARIANT if name == "EINVARIANT" else getattr(E, name)
+
+
+@lru_cache(maxsize=1)
+def eras() -> dict[str, Era]:
+    out = {}
+    for r in _tsv("eras.tsv"):
+        out[r["era"]] = Era(r["era"], None if r["from"] == "-" else _ver(r["from"]),
+                            None if r["to"] == "-" else _ver(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
+                            r["imp_id"], _errno(r["invariant_errno"]), r["clidr"],
+                            tuple(x for x in r["legacy_writable"].split(";") if x))
+    return out
+
+
+def era_for(kernel: str) -> Era:
+    if kernel.endswith("-patched"):
+        return eras()["patched"]
+    v = _ver(kernel)[:2]
+    for e in eras().values():
+        if e.lo is not None and e.lo <= v <= e.hi:
+            return e
+    raise ProfileError(f"no simulated kernel era covers {kernel} (eras: "
+                       + ", ".join(f"{e.name} {'.'.join(map(str, e.lo))}-{'.'.join(map(str, e.hi))}"
+                                   for e in eras().values() if e.lo) + ")")
+
+
+@lru_cache(maxsize=1)
+def prechecks() -> dict[str, list[tuple[str, int | None, tuple[int, ...], str]]]:
+    out: dict[str, list] = {}
+    for r in _tsv("prechecks.tsv"):
+        out.setdefault(r["register"], []).append(
+            (r["field"], int(r["min"]) if r["min"] else None,
+             tuple(int(x) for x in r["refuse"].split(";") if x), r["why"]))
+    return out
+
+
+_PROFILE_DIR = ("data", "profiles")
+
+
+def list_profiles() -> list[str]:
+    d = resources.files("invariantd.protocol").joinpath(*_PROFILE_DIR)
+    names = sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".json"))
+    return names
+
+
+def load_profile(spec: str) -> tuple[dict, Era]:
+    """'cortex-a72-r0p4@6.12' -> (capability document, era). '@6.1-patched' selects the EINVARIANT era."""
+    if "@" not in spec:
+        raise ProfileError(f"--sim wants PROFILE@KERNEL, e.g. cortex-a72-r0p4@6.12; got {spec!r}. "
+                           f"Known: {', '.join(list_profiles())}")
+    cpu, kernel = spec.rsplit("@", 1)
+    base = kernel[:-len("-patched")] if kernel.endswith("-patched") else kernel
+    d = resources.files("invariantd.protocol").joinpath(*_PROFILE_DIR)
+    path = d.joinpath(f"{cpu}@{base}.json")
+    if not path.is_file():
+        raise ProfileError(f"no simulated host profile {cpu}@{base}. Known: {', '.join(list_profiles())}")
+    doc = json.loads(path.read_text())
+    return doc, era_for(kernel)
+
+
+def _hexmap(d: dict) -> dict[int, int]:
+    return {int(k, 16): int(v, 16) for k, v in d.items()}
+
+
+class SimHost:
+    kind = "sim"
+    arch = "aarch64"
+
+    def __init__(self, spec: str | None = None, doc: dict | None = None, era: Era | None = None) -> None:
+        if doc is None:
+            doc, era = load_profile(spec)
+        self.spec = spec or doc.get("profile") or "custom"
+        self.doc = doc
+        self.era = era or era_for(doc["kernel_version"])
+        self.caps = {abi.CAPS[k]: v for k, v in doc["caps"].items() if k in abi.CAPS}
+        if self.era.name == "patched":
+            self.caps[abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS] = 0
+        self.reg_list = [int(x, 16) for x in doc["reg_list"]]
+        self.values = _hexmap(doc["values"])
+        masks = doc.get("writable_masks")
+        self.masks = None if masks is None else [0] * abi.KVM_ARM_FEATURE_ID_RANGE_SIZE
+        if masks is not None:
+            for k, v in masks.items():
+                self.masks[int(k)] = int(v, 16)
+        self.kernel_tuple = _ver(doc["kernel_version"])[:2]
+        self.init = VcpuInit(doc["vcpu_init"]["target"],
+                             tuple(abi.VCPU_FEATURES[f] for f in doc["vcpu_init"]["base_features"]))
+
+    # Backend interface
+    def api_version(self) -> int:
+        return 12
+
+    def check_extension(self, cap: int) -> int:
+        return self.caps.get(cap, 0)
+
+    def create_vm(self, vm_type: int = 0) -> "SimVm":
+        ipa = vm_type & 0xFF
+        if vm_type & ~0xFF or (ipa and not 32 <= ipa <= self.caps.get(abi.KVM_CAP_ARM_VM_IPA_SIZE, 40)):
+            raise KvmError("KVM_CREATE_VM", E.EINVAL, detail=f"machine type {vm_type:#x}")
+        return SimVm(self)
+
+    def kernel_release(self) -> str:
+        rel = self.doc["kernel_release"]
+        return rel + "+einvariant" if self.era.name == "patched" else rel
+
+    def cpu_midrs(self) -> list[int]:
+        return [int(x, 16) for x in self.doc.get("cpu_midrs", [])]
+
+    def close(self) -> None:
+        pass
+
+    def mask_for(self, reg_id: int) -> int:
+        d = regid.decode(reg_id)
+        idx = mask_index(d.encoding) if d.encoding else None
+        if self.masks is None or idx is None:
+            return 0
+        return self.masks[idx]
+
+
+_IMP_MASK = {"MIDR_EL1": 0xFFFFFFFF, "REVIDR_EL1": 0xFFFFFFFFFFFFFFFF, "AIDR_EL1": 0xFFFFFFFFFFFFFFFF}
+_SVE_FEATURE = abi.VCPU_FEATURES["SVE"]
+
+
+class SimVm:
+    def __init__(self, host: SimHost) -> None:
+        self.host = host
+        self.vcpus: list[SimVcpu] = []
+        self.cap239 = False
+        self.has_ran = False
+        self.vm_values: dict[int, int] | None = None     # ID / imp-ID / CTR / FW: VM-wide, set at first VCPU_INIT
+
+    def check_extension(self, cap: int) -> int:
+        return self.host.check_extension(cap)
+
+    def enable_cap(self, cap: int, args: Sequence[int] = ()) -> None:
+        if cap != abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS or not self.host.check_extension(cap):
+            raise KvmError("KVM_ENABLE_CAP", E.EINVAL, detail=f"capability {abi.CAP_NAMES.get(cap, cap)} not offered")
+        if self.vcpus:
+            raise KvmError("KVM_ENABLE_CAP", E.EINVAL,
+                           detail="KVM_CAP_ARM_WRITABLE_IMP_ID_REGS must be enabled before the first vCPU")
+        self.cap239 = True
+
+    def create_vcpu(self, index: int) -> "SimVcpu":
+        if any(v.index == index for v in self.vcpus):
+            raise KvmError("KVM_CREATE_VCPU", E.EEXIST, detail=f"vCPU {index} exists")
+        v = SimVcpu(self, index)
+        self.vcpus.append(v)
+        return v
+
+    def preferred_target(self) -> VcpuInit:
+        return VcpuInit(self.host.init.target, ())
+
+    def writable_masks(self) -> list[int]:
+        if self.host.masks is None:
+            raise KvmError("KVM_ARM_GET_REG_WRITABLE_MASKS", E.EINVAL, detail="not offered by this kernel (< 6.7)")
+        return list(self.host.masks)
+
+    def close(self) -> None:
+        self.vcpus.clear()
+
+
+def _vm_wide(cls: str) -> bool:
+    return cls in ("id", "imp_id", "fw") or cls == "cache"
+
+
+class SimVcpu:
+    def __init__(self, vm: SimVm, index: int) -> None:
+        self.vm, self.index = vm, index
+        self.features: tuple[int, ...] | None = None
+        self.finalized = False
+        self.values: dict[int, int] = {}
+        self.listed: list[int] = []
+
+    # --- lifecycle
+    def init(self, init: VcpuInit) -> None:
+        if init.target != self.vm.host.init.target:
+            raise KvmError("KVM_ARM_VCPU_INIT", E.EINVAL, detail=f"target {init.target} is not the preferred "
+                                                                  f"{self.vm.host.init.target}")
+        if _SVE_FEATURE in init.features and not self.vm.host.check_extension(abi.KVM_CAP_ARM_SVE):
+            raise KvmError("KVM_ARM_VCPU_INIT", E.EINVAL, detail="SVE requested but not offered")
+        host = self.vm.host
+        self.features = tuple(init.features)
+        self.listed = list(host.reg_list)
+        self.values = {}
+        cat = catalog()
+        for rid in self.listed:
+            v = host.values.get(rid, 0)
+            if rid == cat.id_of("MPIDR_EL1"):
+                v = (1 << 31) | (self.index & 0xF) | ((self.index >> 4) & 0xFF) << 8
+            self.values[rid] = v
+        if _SVE_FEATURE in self.features:
+            core_v = [r for r in self.listed if regid.decode(r).group == "core" and regid.size_bytes(r) == 16]
+            self.listed = [r for r in self.listed if r not in core_v]
+            sve = ([regid.sve_z(n) for n in range(32)] + [regid.sve_p(n) for n in range(16)]
+                   + [regid.sve_ffr(), regid.SVE_VLS])
+            self.listed += sve
+            for r in sve:
+                self.values[r] = 1 if r == regid.SVE_VLS else 0
+        if self.vm.vm_values is None:
+            self.vm.vm_values = {r: v for r, v in self.values.items() if _vm_wide(cat.reg_class(r))}
+
+    def finalize(self, feature: int) -> None:
+        if self.features is None:
+            raise KvmError("KVM_ARM_VCPU_FINALIZE", E.EPERM, detail="vCPU not initialised")
+        if feature != abi.KVM_ARM_VCPU_SVE or _SVE_FEATURE not in self.features:
+            raise KvmError("KVM_ARM_VCPU_FINALIZE", E.EINVAL, detail=f"feature {feature}")
+        if self.finalized:
+            raise KvmError("KVM_ARM_VCPU_FINALIZE", E.EPERM, detail="already finalized")
+        self.finalized = True
+
+    def run_once(self) -> str:
+        if self.features is None:
+            raise KvmError("KVM_RUN", E.ENOEXEC)
+        if _SVE_FEATURE in self.features and not self.finalized:
+            raise KvmError("KVM_RUN", E.EPERM, detail="SVE not finalized")
+        self.vm.has_ran = True
+        return "mmio"
+
+    def close(self) -> None:
+        pass
+
+    # --- registers
+    def _check(self, op: str, reg_id: int) -> None:
+        if self.features is None:
+            raise KvmError(op, E.ENOEXEC, reg_id)
+        if (reg_id & regid.KVM_REG_ARCH_MASK) != regid.KVM_REG_ARM64 or (reg_id >> 32) & 0x000FFFFF:
+            raise KvmError(op, E.EINVAL, reg_id, "not an arm64 register id")
+        if reg_id not in self.values:
+            raise KvmError(op, E.ENOENT, reg_id)
+        if regid.decode(reg_id).group == "sve" and reg_id != regid.SVE_VLS and not self.finalized:
+            raise KvmError(op, E.EPERM, reg_id, "SVE not finalized")
+
+    def _store(self, reg_id: int) -> dict[int, int]:
+        vmv = self.vm.vm_values
+        return vmv if vmv is not None and reg_id in vmv else self.values
+
+    def get_reg(self, reg_id: int) -> int:
+        self._check("KVM_GET_ONE_REG", reg_id)
+        return self._store(reg_id)[reg_id]
+
+    def reg_list(self) -> list[int]:
+        if self.features is None:
+            raise KvmError("KVM_GET_REG_LIST", E.ENOEXEC)
+        if _SVE_FEATURE in self.features and not self.finalized:
+            raise KvmError("KVM_GET_REG_LIST", E.EPERM, detail="SVE not finalized")
+        return list(self.listed)
+
+    def get_regs(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        vals, errs = [], []
+        for r in ids:
+            try:
+                vals.append(self.get_reg(r))
+                errs.append(0)
+            except KvmError as e:
+                vals.append(0)
+                errs.append(e.errno_value)
+        return vals, errs
+
+    def set_regs(self, ids: Sequence[int], values: Sequence[int]) -> list[int]:
+        errs = []
+        for r, v in zip(ids, values):
+            try:
+                self.set_reg(r, v)
+                errs.append(0)
+            except KvmError as e:
+                errs.append(e.errno_value)
+        return errs
+
+    def set_reg(self, reg_id: int, value: int) -> None:
+        op = "KVM_SET_ONE_REG"
+        self._check(op, reg_id)
+        size = regid.size_bytes(reg_id)
+        if value < 0 or value >> (8 * size):
+            raise KvmError(op, E.EINVAL, reg_id, f"value does not fit {size} bytes")
+        store = self._store(reg_id)
+        cur = store[reg_id]
+        cat = catalog()
+        cls = cat.reg_class(reg_id)
+        group = regid.decode(reg_id).group
+        era = self.vm.host.era
+        if cls in ("id", "imp_id", "cache"):
+            self._set_idlike(op, reg_id, cls, value, cur)
+        elif group == "fw":
+            self._set_fw(op, reg_id, value, cur)
+        elif group == "fw-bmap":
+            if value & ~self.vm.host.values.get(reg_id, 0) and value != cur:
+                if not (reg_id == regid.fw_bmap(3) and not value & ~0b11):
+                    raise KvmError(op, E.EINVAL, reg_id, "unsupported hypercall bit")
+            if value != cur and self.vm.has_ran:
+                raise KvmError(op, E.EBUSY, reg_id)
+        elif group == "demux":
+            reset = self.vm.host.values.get(reg_id, 0)
+            if value != cur and (era.clidr == "invariant" or value & ~0x0FFFFFFF or (value & 7) < (reset & 7)):
+                raise KvmError(op, E.EINVAL, reg_id, "CCSIDR value refused")
+        store[reg_id] = value
+
+    def _set_fw(self, op: str, reg_id: int, value: int, cur: int) -> None:
+        name = catalog().name(reg_id)
+        host_level = self.vm.host.values.get(reg_id, 0)
+        if name == "KVM_REG_ARM_PSCI_VERSION":
+            if value != cur and value not in (0x2, 0x10000, 0x10001, 0x10002, 0x10003) or value > host_level:
+                raise KvmError(op, E.EINVAL, reg_id, f"PSCI version {value:#x} not offered (host {host_level:#x})")
+            return
+        if value >> 5 or (value >> 4 and name != "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2"):
+            raise KvmError(op, E.EINVAL, reg_id, "workaround level does not fit 4 bits")
+        if name == "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2":
+            fold = lambda v: 3 if (v & 0xF) in (2, 3) else 0   # AVAIL/NOT_REQUIRED fold as the kernel does
+            if fold(value) > fold(host_level):
+                raise KvmError(op, E.EINVAL, reg_id, "destination is less mitigated (WORKAROUND_2)")
+        elif value > host_level:
+            raise KvmError(op, E.EINVAL, reg_id, f"destination is less mitigated ({value} > host {host_level})")
+
+    def _set_idlike(self, op: str, reg_id: int, cls: str, value: int, cur: int) -> None:
+        host, vm, era, cat = self.vm.host, self.vm, self.vm.host.era, catalog()
+        name = cat.name(reg_id)
+        reset = host.values.get(reg_id, 0)
+        if cls == "imp_id":
+            if value == cur:
+                return
+            if era.imp_id != "cap239" or not vm.cap239:
+                raise KvmError(op, era.invariant_errno, reg_id,
+                               "implementation ID registers are invariant here" if era.imp_id != "cap239" else
+                               "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS was not enabled before the first vCPU")
+            if vm.has_ran:
+                raise KvmError(op, E.EBUSY, reg_id)
+            if value & ~_IMP_MASK[name]:
+                raise KvmError(op, E.EINVAL, reg_id, "bits outside the writable mask")
+            return
+        if name == "CLIDR_EL1" and era.clidr == "synthetic":
+            if value != cur and vm.has_ran:
+                raise KvmError(op, era.frozen_errno, reg_id)
+            if value & ~0x00007FFFFFFFFFFF:
+                raise KvmError(op, E.EINVAL, reg_id, "RES0 bits set")
+            return
+        if era.id_write == "exact":
+            invariant = cls == "cache"
+            legacy = [f for f in cat.fields_of(name) if f"{name}.{f.name}" in era.legacy_writable]
+            mask = 0
+            for f in legacy:
+                mask |= f.mask
+            if value == cur:
+                return
+            problems = cat.check_write(name, value, reset, mask) if legacy else [(None, "differs")]
+            if problems:
+                raise KvmError(op, era.invariant_errno if invariant else E.EINVAL, reg_id,
+                               problems[0][1] if legacy else "ID registers must match the host on this kernel")
+            return
+        for fname, lo, refuse, why in prechecks().get(name, ()):
+            f = next(x for x in cat.fields_of(name) if x.name == fname)
+            if (lo is not None and f.raw(value) < lo) or f.raw(value) in refuse:
+                raise KvmError(op, E.EINVAL, reg_id, f"{fname}={f.raw(value):#x}: {why}")
+        if value == cur:
+            return
+        if vm.has_ran:
+            raise KvmError(op, era.frozen_errno, reg_id)
+        problems = cat.check_write(name, value, reset, host.mask_for(reg_id), self.vm.host.kernel_tuple)
+        if problems:
+            raise KvmError(op, E.EINVAL, reg_id, "; ".join(p for _, p in problems))
