@@ -218,10 +218,10 @@ class RealVm:
         feats = tuple(b for b in range(7 * 32) if buf[1 + b // 32] >> (b % 32) & 1)
         return VcpuInit(buf[0], feats)
 
-    def writable_masks(self) -> list[int]:
+    def writable_masks(self, range_: int = 0) -> list[int]:
         masks = ffi.new("uint64_t[]", abi.KVM_ARM_FEATURE_ID_RANGE_SIZE)
         req = ffi.new("uint8_t[64]")
-        struct.pack_into("<QI", ffi.buffer(req), 0, _addr(masks), 0)
+        struct.pack_into("<QI", ffi.buffer(req), 0, _addr(masks), range_)
         _call(self.fd, "KVM_ARM_GET_REG_WRITABLE_MASKS", _addr(req))
         return list(masks)
 

@@ -201,9 +201,11 @@ class SimVm:
     def preferred_target(self) -> VcpuInit:
         return VcpuInit(self.host.init.target, ())
 
-    def writable_masks(self) -> list[int]:
+    def writable_masks(self, range_: int = 0) -> list[int]:
         if self.host.masks is None:
             raise KvmError("KVM_ARM_GET_REG_WRITABLE_MASKS", E.EINVAL, detail="not offered by this kernel (< 6.7)")
+        if range_ != 0:
+            raise KvmError("KVM_ARM_GET_REG_WRITABLE_MASKS", E.EINVAL, detail=f"range {range_} (only 0 exists)")
         return list(self.host.masks)
 
     def close(self) -> None:

@@ -1,0 +1,65 @@
+"""Synthetic capability documents for unit tests (the shipped profiles come from real kernels).
+
+Values are those real kernels reported for QEMU's cortex-a72 (see protocol/data/profiles); the register
+list is a plausible subset. Tests that need the exact real list use the shipped profiles instead.
+"""
+from __future__ import annotations
+
+from invariantd.protocol import regid
+from invariantd.protocol.catalog import catalog, _core_names
+
+A72 = {
+    "MIDR_EL1": 0x410FD083, "MPIDR_EL1": 0x80000000, "REVIDR_EL1": 0, "AIDR_EL1": 0,
+    "CTR_EL0": 0x8444C004, "CLIDR_EL1": 0x09200003, "ID_AA64PFR0_EL1": 0x1000000001000222,
+    "ID_AA64PFR1_EL1": 0, "ID_AA64ZFR0_EL1": 0, "ID_AA64DFR0_EL1": 0x10305006,
+    "ID_AA64ISAR0_EL1": 0x11120, "ID_AA64ISAR1_EL1": 0, "ID_AA64ISAR2_EL1": 0,
+    "ID_AA64MMFR0_EL1": 0x1124, "ID_AA64MMFR1_EL1": 0, "ID_AA64MMFR2_EL1": 0,
+    "SCTLR_EL1": 0xC50838, "PSTATE": 0x3C5,
+}
+MASKS_612 = {32: 0xffff00f00f00ffff, 33: 0x0000000f000000ff, 40: 0x000000f000f00f0f, 48: 0xfffffffffffffff0,
+             49: 0xffffffff00fff00f, 50: 0xffff0fffffff00ff, 56: 0xff00f000ffffff0f, 57: 0xfffff0f00ffff00f,
+             58: 0xf0ff000ff00fffff, 65: 0x00007fffffffffff, 129: 0x00000000300f000f}
+MASKS_73 = {**MASKS_612, 0: 0xffffffff, 6: 0xffffffffffffffff, 71: 0xffffffffffffffff,
+            32: 0xffff00f0ff00ffff, 48: 0xfffffffff0fffff0, 56: 0xff00ffffffffff0f}
+FW = {"KVM_REG_ARM_PSCI_VERSION": 0x10001, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1": 1,
+      "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2": 0, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_3": 1,
+      "KVM_REG_ARM_STD_BMAP": 1, "KVM_REG_ARM_STD_HYP_BMAP": 1, "KVM_REG_ARM_VENDOR_HYP_BMAP": 3}
+
+
+def synthetic_doc(kernel: str = "6.12", midr: int | None = None, **overrides: int) -> dict:
+    cat = catalog()
+    values = dict(A72)
+    if midr is not None:
+        values["MIDR_EL1"] = midr
+    values.update(overrides)
+    fw = dict(FW)
+    if tuple(map(int, kernel.split("."))) >= (6, 15):
+        fw["KVM_REG_ARM_VENDOR_HYP_BMAP_2"] = 0
+    ids: dict[int, int] = {}
+    for rid in _core_names():
+        ids[rid] = values.get(cat.name(rid), 0)
+    for name, reg in cat.sysregs.items():
+        if reg.cls in ("id", "imp_id") or name in values or name in ("TCR2_EL1", "PIR_EL1", "PIRE0_EL1"):
+            if name in ("TCR2_EL1", "PIR_EL1", "PIRE0_EL1") and kernel not in ("6.1", "6.12"):
+                continue
+            if name == "CCSIDR_EL1":
+                continue
+            ids[reg.reg_id] = values.get(name, 0)
+    for fwreg in cat.fwregs.values():
+        if fwreg.name in fw:
+            ids[fwreg.reg_id] = fw[fwreg.name]
+    for i in range(14 if kernel != "6.1" else 3):
+        ids[regid.demux_ccsidr(i)] = 0x701FE01A
+    masks = None if kernel == "6.1" else (MASKS_73 if kernel >= "7" else MASKS_612)
+    caps = {"KVM_CAP_ONE_REG": 1, "KVM_CAP_ARM_VM_IPA_SIZE": 44, "KVM_CAP_ARM_PMU_V3": 1,
+            "KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES": 0 if masks is None else 1,
+            "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS": 1 if kernel >= "7" else 0}
+    return {
+        "format": "invariantd/host-capabilities@1", "source": "sim", "profile": None, "arch": "aarch64",
+        "kernel_release": f"{kernel}.0-synthetic", "kernel_version": kernel, "api_version": 12, "caps": caps,
+        "cpu_midrs": [f"{values['MIDR_EL1']:#x}"] * 2,
+        "vcpu_init": {"target": 5, "base_features": ["PSCI_0_2"]},
+        "reg_list": [f"{r:#x}" for r in sorted(ids)], "values": {f"{r:#x}": f"{v:#x}" for r, v in ids.items()},
+        "writable_masks": None if masks is None else {str(k): f"{v:#x}" for k, v in masks.items()},
+        "errors": [],
+    }

@@ -1,0 +1,126 @@
+"""The conformance suite on the simulated host, every era: each generated case against the kernel's rules.
+
+The expectations here are written independently of the simulator (a plain restatement of the rules
+per safety type), so a wrong simulator rule fails a named case. The real-kernel comparison is in
+tests/lab/.
+"""
+import pytest
+
+from fixtures import synthetic_doc
+from invariantd.daemon.conformance import generate, run_suite
+from invariantd.daemon.sim.host import SimHost, era_for, list_profiles
+from invariantd.protocol.catalog import catalog
+
+SYNTHETIC = ["6.1", "6.1-patched", "6.12", "7.3"]
+
+
+def _host(spec):
+    if spec in SYNTHETIC:
+        return SimHost(doc=synthetic_doc(spec.split("-")[0]), era=era_for(spec))
+    return SimHost(spec)
+
+
+def _expected_field(era, doc, meta):
+    """OK or the errno a field write must get, from the safety rule alone."""
+    cat = catalog()
+    reg, fname = meta["register"], meta["field"]
+    f = next(x for x in cat.fields_of(reg) if x.name == fname)
+    cls = cat.reg_class(cat.id_of(reg))
+    refusal = "EINVARIANT" if (era.name == "patched" and cls == "cache") else "EINVAL"
+    if era.id_write == "exact":
+        lowering = f.get(f.put(0, meta["to"])) < f.get(f.put(0, meta["from"]))
+        return "OK" if f"{reg}.{fname}" in era.legacy_writable and lowering else refusal
+    masks = doc["writable_masks"] or {}
+    idx = cat.sysreg(reg).mask_index
+    mask = int(masks.get(str(idx), "0x0"), 16)
+    new, cur = f.get(f.put(0, meta["to"])), f.get(f.put(0, meta["from"]))
+    if (reg, fname) in (("ID_AA64PFR0_EL1", "EL0"), ("ID_AA64PFR0_EL1", "EL1")) and meta["to"] < 1:
+        return "EINVAL"
+    if (reg, fname) == ("ID_AA64DFR0_EL1", "DebugVer") and meta["to"] < 6:
+        return "EINVAL"
+    if (reg, fname) == ("CTR_EL0", "L1Ip") and meta["to"] in (0, 1):
+        return "EINVAL"
+    if f.mask & mask != f.mask or not f.in_kernel(tuple(map(int, doc["kernel_version"].split(".")))):
+        return "EINVAL"
+    t = f.kvm_safety.value
+    ok = {"LOWER": new < cur, "HIGHER": new > cur, "EXACT": new == f.get(f.put(0, f.safe)),
+          "HIGHER_OR_ZERO": new == 0 or new > cur}[t]
+    return "OK" if ok else "EINVAL"
+
+
+SPECS = SYNTHETIC + list_profiles()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_generated_case_follows_the_rules(spec):
+    host = _host(spec)
+    era = host.era
+    res = run_suite(host)
+    cases = res["cases"]
+    doc = host.doc
+    checked = 0
+    for name, meta in res["meta"].items():
+        steps = cases[name]
+        want = _expected_field(era, doc, meta)
+        assert steps[0][1] == want, f"{spec} {name}: got {steps[0][1]}, rule says {want}"
+        assert steps[1][1] == "OK"
+        written = int(steps[0][2], 16)
+        if want == "OK":
+            assert int(steps[1][2], 16) == written, f"{spec} {name}: accepted value not stored"
+        else:
+            assert int(steps[1][2], 16) != written, f"{spec} {name}: refused value changed the register"
+        assert steps[2][1] == "OK", f"{spec} {name}: restoring the host value failed"
+        checked += 1
+    assert checked > 100
+    inv = "EINVARIANT" if era.name == "patched" else "EINVAL"
+    assert cases["impid/midr-next-revision"][0][1] == inv
+    assert cases["impid/midr-next-revision"][1] == ["get", "OK", doc["values"][f"{catalog().id_of('MIDR_EL1'):#x}"]]
+    assert cases["cap239/after-vcpu"][0][1] == "EINVAL"
+    assert cases["before-init/get-midr"][0][1] == "ENOEXEC"
+    assert cases["unknown/unlisted-sysreg"][0][1] == "ENOENT"
+    assert cases["unknown/bad-id-bits"][0][1] == "EINVAL"
+    assert cases["reglist/count"] == [["reglist", "OK", len(doc["reg_list"])]]
+    assert cases["after-run/isar0-same"][-1][1] == "OK"
+    frozen = cases["after-run/isar0-lowered"][1][1]
+    assert frozen == ("EBUSY" if era.id_write == "per_field" else "EINVAL")
+    if era.imp_id == "cap239":
+        assert cases["impid-cap239/midr-next-revision"][0][1] == "OK"
+        assert cases["impid-cap239/midr-other-part"][0][1] == "OK"       # no plausibility check in KVM
+        assert cases["impid-cap239/midr-high-bits"][0][1] == "EINVAL"    # bits 63:32 outside the mask
+        assert cases["impid-cap239-after-run/midr-next-revision"][1][1] == "EBUSY"
+    else:
+        assert cases["impid-cap239/midr-next-revision"][0][0] == "skip"
+    assert cases["masks/ioctl"][0][1] == ("EINVAL" if doc["writable_masks"] is None else "OK")
+    assert cases["masks/bad-range"][0][1] == "EINVAL"
+
+
+def test_generation_is_deterministic():
+    doc = synthetic_doc("6.12")
+    assert [c.name for c in generate(doc)] == [c.name for c in generate(doc)]
+
+
+def test_sve_registers_need_finalize():
+    from invariantd.daemon.kvm.backend import VcpuInit
+    from invariantd.daemon.kvm.errors import KvmError
+    from invariantd.protocol import kvmabi, regid
+    doc = synthetic_doc("6.12")
+    doc["caps"]["KVM_CAP_ARM_SVE"] = 1
+    vm = SimHost(doc=doc, era=era_for("6.12")).create_vm()
+    v = vm.create_vcpu(0)
+    v.init(VcpuInit(5, (kvmabi.VCPU_FEATURES["PSCI_0_2"], kvmabi.VCPU_FEATURES["SVE"])))
+    with pytest.raises(KvmError) as e:
+        v.get_reg(regid.sve_z(0))
+    assert e.value.errno_name == "EPERM" and "Z0[0]" in str(e.value)
+    with pytest.raises(KvmError):
+        v.reg_list()
+    v.finalize(kvmabi.KVM_ARM_VCPU_SVE)
+    assert v.get_reg(regid.sve_z(0)) == 0
+    assert regid.sve_z(0) in v.reg_list()
+
+
+def test_unknown_profile_lists_known_ones():
+    from invariantd.daemon.sim import ProfileError
+    with pytest.raises(ProfileError, match="Known"):
+        SimHost("no-such-cpu@6.12")
+    with pytest.raises(ProfileError, match="PROFILE@KERNEL"):
+        SimHost("cortex-a72")
