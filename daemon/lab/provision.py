@@ -304,6 +304,9 @@ def _provision_kernels(keys, refresh: bool) -> None:
     except LabUnavailable as e:
         if have and not need_bb:
             log.warning("lab: cannot refresh kernel versions, using the cached ones: %s", e)
+            if stamp.exists():  # retry in a day rather than on every provision()
+                t = time.time() - REFRESH_AFTER + 86400
+                os.utime(stamp, (t, t))
             return
         raise
     metas = [v for v, _ in apt.madison("linux-image-arm64")]

@@ -81,7 +81,8 @@ def prechecks() -> dict[str, list[tuple[str, int | None, tuple[int, ...], str]]]
     for r in _tsv("prechecks.tsv"):
         out.setdefault(r["register"], []).append(
             (r["field"], int(r["min"]) if r["min"] else None,
-             tuple(int(x) for x in r["refuse"].split(";") if x), r["why"]))
+             tuple(int(x) for x in r["refuse"].split(";") if x),
+             tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None, r["why"]))
     return out
 
 
@@ -111,6 +112,10 @@ def load_profile(spec: str) -> tuple[dict, Era]:
 
 def _hexmap(d: dict) -> dict[int, int]:
     return {int(k, 16): int(v, 16) for k, v in d.items()}
+
+
+class _Stored(Exception):
+    """Internal: a precheck rewrote the value and stored it already."""
 
 
 class SimHost:
@@ -332,9 +337,14 @@ class SimVcpu:
         group = regid.decode(reg_id).group
         era = self.vm.host.era
         if cls in ("id", "imp_id", "cache"):
-            self._set_idlike(op, reg_id, cls, value, cur)
+            try:
+                self._set_idlike(op, reg_id, cls, value, cur)
+            except _Stored:
+                return
         elif group == "fw":
             self._set_fw(op, reg_id, value, cur)
+            if "WORKAROUND" in cat.name(reg_id):
+                return          # accepted but not stored: GET keeps reporting the host's own level
         elif group == "fw-bmap":
             if value & ~self.vm.host.values.get(reg_id, 0) and value != cur:
                 if not (reg_id == regid.fw_bmap(3) and not value & ~0b11):
@@ -357,6 +367,10 @@ class SimVcpu:
         if value >> 5 or (value >> 4 and name != "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2"):
             raise KvmError(op, E.EINVAL, reg_id, "workaround level does not fit 4 bits")
         if name == "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2":
+            if value >> 4 and (value & 0xF) != 2:
+                raise KvmError(op, E.EINVAL, reg_id, "ENABLED bit without AVAIL")
+            if (value & 0xF) > 3:
+                raise KvmError(op, E.EINVAL, reg_id, "unknown WORKAROUND_2 level")
             fold = lambda v: 3 if (v & 0xF) in (2, 3) else 0   # AVAIL/NOT_REQUIRED fold as the kernel does
             if fold(value) > fold(host_level):
                 raise KvmError(op, E.EINVAL, reg_id, "destination is less mitigated (WORKAROUND_2)")
@@ -398,10 +412,17 @@ class SimVcpu:
                 raise KvmError(op, era.invariant_errno if invariant else E.EINVAL, reg_id,
                                problems[0][1] if legacy else "ID registers must match the host on this kernel")
             return
-        for fname, lo, refuse, why in prechecks().get(name, ()):
+        stored = value
+        for fname, lo, refuse, rewrite, why in prechecks().get(name, ()):
             f = next(x for x in cat.fields_of(name) if x.name == fname)
             if (lo is not None and f.raw(value) < lo) or f.raw(value) in refuse:
                 raise KvmError(op, E.EINVAL, reg_id, f"{fname}={f.raw(value):#x}: {why}")
+            if rewrite and f.raw(value) == rewrite[0]:
+                stored = f.put(stored, rewrite[1])
+        if stored != value:
+            self._set_idlike(op, reg_id, cls, stored, cur)
+            self._store(reg_id)[reg_id] = stored
+            raise _Stored()
         if value == cur:
             return
         if vm.has_ran:

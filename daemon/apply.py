@@ -1,0 +1,409 @@
+"""Apply a VM's vCPU register sets on this host, with the EINVARIANT-aware retry (DESIGN.md, step 5).
+
+    result = apply_vm(backend, {0: [(reg_id, value), ...], 1: [...]}, ApplyPolicy(...))
+
+Order: create the VM (enabling KVM_CAP_ARM_WRITABLE_IMP_ID_REGS first when the policy says so), create
+and initialise every vCPU, then phase "vm-wide" (ID / imp-ID / cache / CCSIDR / FW registers) on every
+vCPU before phase "state" (everything else) on any vCPU. Each phase is one batch call per vCPU
+(vcpu.set_regs: one errno per register); only the registers that failed are then handled one by one:
+
+    errno                               action
+    EINVARIANT (any class)              plan override -> GET destination value, retry with the allowed value
+    EINVAL on id/imp_id/cache/demux/fw  GET destination value, confirm it differs, retry with the allowed value
+    EBUSY                               ordering fault: close the VM, recreate it, replay everything, once
+    ENOENT                              drop when the value equals the register's reset value
+    EINTR / EAGAIN                      bounded retry of the same value
+    anything else                       abort
+
+Afterwards every written register is read back and compared with what was written (KVM can fold bits).
+Every retry, override, drop and replay is recorded as an ApplyEvent (metrics and logs use them).
+On any abort the VM is closed: a half-applied VM is never handed out.
+"""
+from __future__ import annotations
+
+import errno as E
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from ..protocol import kvmabi as abi
+from ..protocol import regid
+from ..protocol.catalog import catalog
+from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
+from .kvm.errors import KvmError
+
+ACCEPT_DESTINATION = "accept-destination"
+TRANSIENT_ERRNOS = frozenset({E.EINTR, E.EAGAIN})
+# classes whose EINVAL means "the value differs from what this host offers" (the kernel's ID checks)
+ID_LIKE_CLASSES = frozenset({"id", "imp_id", "cache", "demux", "fw"})
+# classes applied VM-wide, before any other register (and before any vCPU could run)
+VM_WIDE_CLASSES = ID_LIKE_CLASSES
+
+
+def _known_reset() -> dict[int, int]:
+    cat = catalog()
+    out = {regid.fw_bmap(3): 0}                            # KVM_REG_ARM_VENDOR_HYP_BMAP_2 (6.15+)
+    for name in ("TCR2_EL1", "PIR_EL1", "PIRE0_EL1"):      # FEAT_TCR2 / FEAT_S1PIE state (6.x drift)
+        out[cat.id_of(name)] = 0
+    return out
+
+
+def default_drop_if_reset() -> dict[int, int]:
+    """Registers known to come and go between kernels, with the value a fresh vCPU has (drop when equal)."""
+    return _known_reset()
+
+
+@dataclass(frozen=True)
+class ApplyPolicy:
+    """What the plan allows at apply time. The negotiation engine's Plan converts into this.
+
+    overrides: reg_id -> the value the plan allows instead of the source's, or ACCEPT_DESTINATION
+        (take whatever the destination kernel holds). Used only when the kernel refuses the source value.
+    enable_cap239: enable KVM_CAP_ARM_WRITABLE_IMP_ID_REGS before the first vCPU (MIDR/REVIDR/AIDR writable).
+    drop_if_reset: reg_id -> reset value; an ENOENT register is dropped when its value equals it. Any
+        feature-ID slot the catalog does not name (op0=3, op1=0, CRn=0, CRm=1..7) is droppable at 0.
+    transient_retries: how many times EINTR/EAGAIN is retried per register.
+    """
+    overrides: Mapping[int, int | str] = field(default_factory=dict)
+    enable_cap239: bool = False
+    drop_if_reset: Mapping[int, int] = field(default_factory=default_drop_if_reset)
+    transient_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.drop_if_reset, (set, frozenset)):
+            object.__setattr__(self, "drop_if_reset", {r: 0 for r in self.drop_if_reset})
+        for r, v in self.overrides.items():
+            if v != ACCEPT_DESTINATION and not (isinstance(v, int) and 0 <= v < 1 << (8 * regid.size_bytes(r))):
+                raise ValueError(f"override for {catalog().name(r)} ({r:#018x}) must be {ACCEPT_DESTINATION!r} "
+                                 f"or a value that fits the register; got {v!r}")
+        if not 0 <= self.transient_retries <= 100:
+            raise ValueError(f"transient_retries {self.transient_retries} outside 0..100")
+
+    def reset_value(self, reg_id: int) -> int | None:
+        if reg_id in self.drop_if_reset:
+            return self.drop_if_reset[reg_id]
+        cat = catalog()
+        if cat.reg_class(reg_id) == "id" and reg_id not in cat.by_id:
+            return 0
+        return None
+
+    # canonical JSON (stable digest; the peer protocol carries it as bytes)
+    def to_dict(self) -> dict:
+        return {
+            "overrides": {f"{r:#018x}": (v if v == ACCEPT_DESTINATION else f"{v:#x}")
+                          for r, v in sorted(self.overrides.items())},
+            "enable_cap239": self.enable_cap239,
+            "drop_if_reset": {f"{r:#018x}": f"{v:#x}" for r, v in sorted(self.drop_if_reset.items())},
+            "transient_retries": self.transient_retries,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ApplyPolicy":
+        try:
+            return cls(
+                overrides={int(k, 16): (v if v == ACCEPT_DESTINATION else int(v, 16))
+                           for k, v in d.get("overrides", {}).items()},
+                enable_cap239=bool(d.get("enable_cap239", False)),
+                drop_if_reset={int(k, 16): int(v, 16) for k, v in d["drop_if_reset"].items()}
+                if "drop_if_reset" in d else default_drop_if_reset(),
+                transient_retries=int(d.get("transient_retries", 3)),
+            )
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed apply policy: {e}") from None
+
+    def canonical_json(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyEvent:
+    """One retry / override / drop / replay / abort: what metrics count and logs print."""
+    vcpu: int | None
+    register: str
+    reg_id: int
+    errno: str                  # errno name (EINVARIANT, EINVAL, ...)
+    action: str                 # override-destination | override-plan | retry-transient | drop-reset | replay | abort
+    fields: tuple[str, ...] = ()
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"vcpu": self.vcpu, "register": self.register, "id": f"{self.reg_id:#018x}", "errno": self.errno,
+                "action": self.action, "fields": list(self.fields), "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    vcpu: int
+    register: str
+    reg_id: int
+    intended: int
+    actual: int | None          # None: the read-back itself failed
+    errno: str = ""
+
+    def __str__(self) -> str:
+        got = f"{self.actual:#x}" if self.actual is not None else f"unreadable ({self.errno})"
+        return f"vCPU {self.vcpu} {self.register} ({self.reg_id:#018x}): wrote {self.intended:#x}, reads {got}"
+
+
+class ApplyError(Exception):
+    """Applying stopped: register (name, id in hex), errno name, the action tried, what to do.
+
+    The VM was closed. `events` holds every retry / override up to and including the abort.
+    """
+
+    def __init__(self, register: str | None, reg_id: int | None, errno_name: str, action: str, hint: str,
+                 *, vcpu: int | None = None, phase: str = "", events: Sequence[ApplyEvent] = (),
+                 detail: str = "") -> None:
+        self.register, self.reg_id, self.errno_name = register, reg_id, errno_name
+        self.action, self.hint, self.vcpu, self.phase = action, hint, vcpu, phase
+        self.events = list(events)
+        self.detail = detail
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"vCPU {self.vcpu} " if self.vcpu is not None else ""
+        reg = f"{self.register} ({self.reg_id:#018x})" if self.reg_id is not None else "VM setup"
+        s = f"apply {self.phase or 'setup'}: {where}{reg}: {self.errno_name}; tried: {self.action}"
+        if self.detail:
+            s += f" ({self.detail})"
+        return s + f" — {self.hint}" if self.hint else s
+
+    def __reduce__(self):
+        return (_rebuild_apply_error, (self.register, self.reg_id, self.errno_name, self.action, self.hint,
+                                       self.vcpu, self.phase, self.events, self.detail))
+
+
+def _rebuild_apply_error(register, reg_id, errno_name, action, hint, vcpu, phase, events, detail):
+    return ApplyError(register, reg_id, errno_name, action, hint, vcpu=vcpu, phase=phase, events=events,
+                      detail=detail)
+
+
+@dataclass
+class ApplyResult:
+    vm: Vm
+    vcpus: dict[int, Vcpu]
+    written: dict[int, dict[int, int]]          # vcpu -> reg_id -> value actually written
+    dropped: dict[int, list[int]]               # vcpu -> reg ids dropped (ENOENT at reset value)
+    events: list[ApplyEvent]
+    mismatches: list[Mismatch]
+    replays: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def close(self) -> None:
+        _close_vm(self.vm)
+
+
+class _Replay(Exception):
+    def __init__(self, vcpu: int, reg_id: int) -> None:
+        self.vcpu, self.reg_id = vcpu, reg_id
+
+
+def _close_vm(vm: Vm | None) -> None:
+    if vm is None:
+        return
+    try:
+        vm.close()
+    except Exception:      # closing is best effort; the original failure matters more
+        pass
+
+
+def vm_wide(reg_id: int) -> bool:
+    return catalog().reg_class(reg_id) in VM_WIDE_CLASSES
+
+
+def _changed_fields(reg_id: int, a: int, b: int) -> tuple[str, ...]:
+    return tuple(f.name for f in catalog().fields_of(reg_id) if f.raw(a) != f.raw(b))
+
+
+class _Applier:
+    def __init__(self, policy: ApplyPolicy, events: list[ApplyEvent]) -> None:
+        self.policy, self.events = policy, events
+        self.cat = catalog()
+        self.phase = ""
+
+    def _event(self, vcpu: int, reg_id: int, err: int, action: str, fields: tuple[str, ...] = (),
+               detail: str = "") -> None:
+        self.events.append(ApplyEvent(vcpu, self.cat.name(reg_id), reg_id, abi.errno_name(err), action,
+                                      fields, detail))
+
+    def _abort(self, vcpu: int, reg_id: int, err: int, action: str, hint: str, detail: str = "") -> ApplyError:
+        self._event(vcpu, reg_id, err, "abort", detail=f"after {action}" + (f": {detail}" if detail else ""))
+        return ApplyError(self.cat.name(reg_id), reg_id, abi.errno_name(err), action, hint, vcpu=vcpu,
+                          phase=self.phase, events=self.events, detail=detail)
+
+    def batch(self, vcpu: Vcpu, regs: Sequence[tuple[int, int]]) -> tuple[dict[int, int], list[int]]:
+        written: dict[int, int] = {}
+        dropped: list[int] = []
+        if not regs:
+            return written, dropped
+        ids = [r for r, _ in regs]
+        vals = [v for _, v in regs]
+        errs = vcpu.set_regs(ids, vals)
+        for r, v, e in zip(ids, vals, errs):
+            if not e:
+                written[r] = v
+                continue
+            got = self.one(vcpu, r, v, e)
+            if got is None:
+                dropped.append(r)
+            else:
+                written[r] = got
+        return written, dropped
+
+    def one(self, vcpu: Vcpu, r: int, v: int, err: int) -> int | None:
+        """Handle one refused register; returns the value finally written, None when dropped."""
+        idx, cls, pol = vcpu.index, self.cat.reg_class(r), self.policy
+        if err in TRANSIENT_ERRNOS:
+            for i in range(pol.transient_retries):
+                self._event(idx, r, err, "retry-transient", detail=f"attempt {i + 2}")
+                try:
+                    vcpu.set_reg(r, v)
+                    return v
+                except KvmError as e:
+                    if e.errno_value not in TRANSIENT_ERRNOS:
+                        return self.one(vcpu, r, v, e.errno_value)
+                    err = e.errno_value
+            raise self._abort(idx, r, err, f"retry-transient x{pol.transient_retries}",
+                              "the kernel kept returning a transient error; retry the migration later")
+        if err == E.EBUSY:
+            self._event(idx, r, err, "replay", detail="ID registers frozen: recreate the VM and replay in order")
+            raise _Replay(idx, r)
+        if err == E.ENOENT:
+            reset = pol.reset_value(r)
+            if reset is not None and v == reset:
+                self._event(idx, r, err, "drop-reset", detail=f"absent here; value {v:#x} is the reset value")
+                return None
+            why = (f"its value {v:#x} is not the reset value {reset:#x}: the guest uses it" if reset is not None
+                   else "it is not a known drift register, so dropping it could lose guest state")
+            raise self._abort(idx, r, err, "drop-if-reset",
+                              f"the register does not exist on this kernel and {why}; migrate to a host whose "
+                              f"kernel offers it")
+        if err == abi.EINVARIANT or (err == E.EINVAL and cls in ID_LIKE_CLASSES):
+            ov = pol.overrides.get(r)
+            try:
+                dest = vcpu.get_reg(r)
+            except KvmError as e:
+                raise self._abort(idx, r, e.errno_value, "get destination value",
+                                  "could not read the destination's value to compare") from None
+            fields = _changed_fields(r, v, dest)
+            if err == E.EINVAL and dest == v:
+                raise self._abort(idx, r, err, "confirm difference",
+                                  "the destination already holds this value, so the refusal is not an ID "
+                                  "mismatch; check the vCPU features and kernel log")
+            if ov is None:
+                raise self._abort(idx, r, err, "none: the plan allows no override",
+                                  f"source {v:#x} differs from this host's {dest:#x}"
+                                  + (f" in {', '.join(fields)}" if fields else "")
+                                  + "; re-plan against this host (override, per-field merge or cap 239)")
+            target = dest if ov == ACCEPT_DESTINATION else int(ov)
+            action = "override-destination" if ov == ACCEPT_DESTINATION else "override-plan"
+            try:
+                vcpu.set_reg(r, target)
+            except KvmError as e:
+                if e.errno_value == E.EBUSY:
+                    return self.one(vcpu, r, v, E.EBUSY)
+                raise self._abort(idx, r, e.errno_value, action,
+                                  f"the kernel refused the plan's value {target:#x} too; re-plan against "
+                                  f"this host", detail=f"first refusal {abi.errno_name(err)}") from None
+            self._event(idx, r, err, action, _changed_fields(r, v, target), detail=f"{v:#x} -> {target:#x}")
+            return target
+        hint = KvmError("KVM_SET_ONE_REG", err, r).hint or "no retry is defined for this errno"
+        raise self._abort(idx, r, err, "none", hint)
+
+
+def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit | None,
+                regsets: Mapping[int, Sequence[tuple[int, int]]]) -> dict[int, Vcpu]:
+    vcpus: dict[int, Vcpu] = {}
+    for i in indices:
+        vcpus[i] = vm.create_vcpu(i)
+    if backend.arch != "aarch64":
+        return vcpus
+    if init is None:
+        pref = vm.preferred_target()
+        init = VcpuInit(pref.target, (abi.VCPU_FEATURES["PSCI_0_2"],))
+    for i, vcpu in vcpus.items():
+        vcpu.init(init)
+        if abi.KVM_ARM_VCPU_SVE in init.features:
+            vls = dict(regsets.get(i, ())).get(regid.SVE_VLS)
+            if vls is not None:
+                vcpu.set_reg(regid.SVE_VLS, vls)     # must precede finalize
+            vcpu.finalize(abi.KVM_ARM_VCPU_SVE)
+    return vcpus
+
+
+def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
+             *, init: VcpuInit | None = None, vm_type: int = 0, verify: bool = True) -> ApplyResult:
+    """Create a VM on `backend` and apply every vCPU's registers. Raises ApplyError (VM closed)."""
+    events: list[ApplyEvent] = []
+    replays = 0
+    indices = sorted(regsets)
+    for attempt in (0, 1):
+        vm: Vm | None = None
+        ap = _Applier(policy, events)
+        try:
+            ap.phase = "setup"
+            try:
+                vm = backend.create_vm(vm_type)
+                if policy.enable_cap239:
+                    vm.enable_cap(abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS)
+                vcpus = _init_vcpus(backend, vm, indices, init, regsets)
+            except KvmError as e:
+                raise ApplyError(e.reg_name, e.reg_id, e.errno_name, e.op, e.hint or str(e), phase="setup",
+                                 events=events, detail=e.detail) from e
+            written: dict[int, dict[int, int]] = {i: {} for i in indices}
+            dropped: dict[int, list[int]] = {i: [] for i in indices}
+            skip = {regid.SVE_VLS} if init is not None and abi.KVM_ARM_VCPU_SVE in init.features else set()
+            for phase, want in (("vm-wide", True), ("state", False)):
+                ap.phase = phase
+                for i in indices:
+                    regs = [(r, v) for r, v in regsets[i] if vm_wide(r) == want and r not in skip]
+                    w, d = ap.batch(vcpus[i], regs)
+                    written[i].update(w)
+                    dropped[i] += d
+            mismatches = _verify(vcpus, written) if verify else []
+            return ApplyResult(vm, vcpus, written, dropped, events, mismatches, replays)
+        except _Replay as rp:
+            _close_vm(vm)
+            replays += 1
+            if attempt == 1:
+                r = rp.reg_id
+                raise ApplyError(catalog().name(r), r, "EBUSY", "replay on a recreated VM (once)",
+                                 "ID registers were frozen again on a fresh VM: something runs a vCPU before "
+                                 "apply finishes; check that nothing else uses this VM",
+                                 vcpu=rp.vcpu, phase=ap.phase, events=events) from None
+        except BaseException:
+            _close_vm(vm)
+            raise
+    raise AssertionError("unreachable")
+
+
+def _verify(vcpus: Mapping[int, Vcpu], written: Mapping[int, Mapping[int, int]]) -> list[Mismatch]:
+    cat = catalog()
+    out: list[Mismatch] = []
+    for i, regs in written.items():
+        ids = list(regs)
+        if not ids:
+            continue
+        vals, errs = vcpus[i].get_regs(ids)
+        for r, got, e in zip(ids, vals, errs):
+            if e:
+                out.append(Mismatch(i, cat.name(r), r, regs[r], None, abi.errno_name(e)))
+            elif got != regs[r]:
+                out.append(Mismatch(i, cat.name(r), r, regs[r], got))
+    return out
+
+
+def read_vm(vcpus: Mapping[int, Vcpu], ids: Sequence[int] | None = None) -> dict[int, list[tuple[int, int]]]:
+    """Read every listed register of each vCPU (source side). Raises KvmError on the first unreadable one."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i, vcpu in sorted(vcpus.items()):
+        rl = list(ids) if ids is not None else vcpu.reg_list()
+        vals, errs = vcpu.get_regs(rl)
+        for r, e in zip(rl, errs):
+            if e:
+                raise KvmError("KVM_GET_ONE_REG", e, r, f"vCPU {i}")
+        out[i] = list(zip(rl, vals))
+    return out

@@ -1,0 +1,343 @@
+"""apply.py: every retry class of DESIGN.md step 5 on the simulated arm64 host, the generic path on x86 /dev/kvm."""
+from __future__ import annotations
+
+import errno as E
+import os
+
+import pytest
+
+from fixtures import synthetic_doc
+from invariantd.daemon.apply import (ACCEPT_DESTINATION, ApplyError, ApplyPolicy, apply_vm, read_vm,
+                                     default_drop_if_reset)
+from invariantd.daemon.kvm.errors import KvmError
+from invariantd.daemon.sim.host import SimHost, eras
+from invariantd.protocol import kvmabi as abi
+from invariantd.protocol import regid
+from invariantd.protocol.catalog import catalog
+
+CAT = catalog()
+MIDR = CAT.id_of("MIDR_EL1")
+ISAR0 = CAT.id_of("ID_AA64ISAR0_EL1")
+TCR2 = CAT.id_of("TCR2_EL1")
+SCTLR = CAT.id_of("SCTLR_EL1")
+UNNAMED_ID = regid.sysreg(3, 0, 0, 7, 7)
+A72_R0P3, A72_R0P4 = 0x410FD083, 0x410FD084
+
+
+def host(kernel: str, era: str | None = None, **kw) -> SimHost:
+    return SimHost(doc=synthetic_doc(kernel, **kw), era=eras()[era] if era else None)
+
+
+def source_regs(kernel: str = "6.12", n: int = 2, era: str | None = None, **kw) -> dict[int, list[tuple[int, int]]]:
+    h = host(kernel, era, **kw)
+    vm = h.create_vm()
+    vcpus = {}
+    for i in range(n):
+        v = vm.create_vcpu(i)
+        v.init(h.init)
+        vcpus[i] = v
+    return read_vm(vcpus)
+
+
+def patch(regsets, reg_id, value):
+    return {i: [(r, value if r == reg_id else v) for r, v in regs] for i, regs in regsets.items()}
+
+
+def actions(events):
+    return [(e.register, e.errno, e.action) for e in events]
+
+
+# --- fault-injecting wrappers (injected, never monkeypatched) -------------------------------------
+class Proxy:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class FaultVcpu(Proxy):
+    """set_reg/set_regs return queued errnos for chosen registers; get_regs may fold bits; calls are logged."""
+
+    def __init__(self, inner, faults, fold, log):
+        super().__init__(inner)
+        self.index, self.faults, self.fold, self.log = inner.index, faults, fold, log
+
+    def set_reg(self, r, v):
+        q = self.faults.get(r)
+        if q:
+            raise KvmError("KVM_SET_ONE_REG", q.pop(0), r)
+        self.log.append(("set", self.index, r))
+        return self._inner.set_reg(r, v)
+
+    def set_regs(self, ids, values):
+        out = []
+        for r, v in zip(ids, values):
+            try:
+                self.set_reg(r, v)
+                out.append(0)
+            except KvmError as e:
+                out.append(e.errno_value)
+        return out
+
+    def get_regs(self, ids):
+        vals, errs = self._inner.get_regs(ids)
+        return [v & ~self.fold.get(r, 0) for r, v in zip(ids, vals)], errs
+
+
+class FaultVm(Proxy):
+    def __init__(self, inner, backend):
+        super().__init__(inner)
+        self.backend, self.closed = backend, False
+
+    def create_vcpu(self, i):
+        return FaultVcpu(self._inner.create_vcpu(i), self.backend.faults, self.backend.fold, self.backend.log)
+
+    def close(self):
+        self.closed = True
+        self._inner.close()
+
+
+class FaultBackend(Proxy):
+    def __init__(self, inner, faults=None, fold=None, ran=0):
+        super().__init__(inner)
+        self.kind, self.arch = inner.kind, inner.arch
+        self.faults, self.fold, self.ran, self.log, self.vms = faults or {}, fold or {}, ran, [], []
+
+    def create_vm(self, vm_type=0):
+        inner = self._inner.create_vm(vm_type)
+        if len(self.vms) < self.ran:
+            inner.has_ran = True            # "something ran a vCPU": ID registers are frozen on this VM
+        vm = FaultVm(inner, self)
+        self.vms.append(vm)
+        return vm
+
+
+# --- the clean path ---------------------------------------------------------------------------------
+def test_identical_hosts_apply_without_events():
+    src = source_regs("6.12")
+    res = apply_vm(host("6.12"), src, ApplyPolicy())
+    assert res.ok and res.events == [] and res.replays == 0
+    assert {i: len(w) for i, w in res.written.items()} == {i: len(r) for i, r in src.items()}
+
+
+def test_vm_wide_registers_go_first_on_every_vcpu():
+    b = FaultBackend(host("6.12"))
+    apply_vm(b, source_regs("6.12"), ApplyPolicy())
+    kinds = [CAT.reg_class(r) in ("id", "imp_id", "cache", "demux", "fw") for _, _, r in b.log]
+    first_state = kinds.index(False)
+    assert all(kinds[:first_state]) and not any(kinds[first_state:])
+    assert {i for _, i, r in b.log[:first_state]} == {0, 1}
+
+
+# --- EINVAL on an ID-like register (legacy era: any difference refused) ------------------------------
+def test_legacy_midr_einval_retried_with_destination_value():
+    src = source_regs("6.1", midr=A72_R0P3)
+    res = apply_vm(host("6.1", midr=A72_R0P4), src, ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}))
+    assert res.ok
+    assert actions(res.events) == [("MIDR_EL1", "EINVAL", "override-destination")] * 2
+    assert res.events[0].fields == ("Revision",) or res.events[0].fields   # field named when the catalog knows it
+    assert res.written[0][MIDR] == A72_R0P4
+
+
+def test_legacy_midr_without_override_aborts_and_closes_vm():
+    b = FaultBackend(host("6.1", midr=A72_R0P4))
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(b, source_regs("6.1", midr=A72_R0P3), ApplyPolicy())
+    e = ei.value
+    assert (e.register, e.reg_id, e.errno_name, e.vcpu, e.phase) == ("MIDR_EL1", MIDR, "EINVAL", 0, "vm-wide")
+    assert "no override" in e.action and f"{MIDR:#018x}" in str(e) and "re-plan" in e.hint
+    assert e.events[-1].action == "abort"
+    assert b.vms[0].closed
+
+
+def test_einval_when_destination_holds_same_value_is_not_an_id_mismatch():
+    b = FaultBackend(host("6.12"), faults={ISAR0: [E.EINVAL]})
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(b, source_regs("6.12"), ApplyPolicy(overrides={ISAR0: ACCEPT_DESTINATION}))
+    assert ei.value.action == "confirm difference"
+
+
+# --- EINVARIANT (patched era) -------------------------------------------------------------------------
+def test_patched_einvariant_override():
+    src = source_regs("6.1", midr=A72_R0P3)
+    dst = host("6.1", era="patched", midr=A72_R0P4)
+    res = apply_vm(dst, src, ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}))
+    assert actions(res.events) == [("MIDR_EL1", "EINVARIANT", "override-destination")] * 2
+    assert res.ok
+
+
+def test_patched_einvariant_without_override_aborts():
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(host("6.1", era="patched", midr=A72_R0P4), source_regs("6.1", midr=A72_R0P3), ApplyPolicy())
+    assert ei.value.errno_name == "EINVARIANT" and ei.value.register == "MIDR_EL1"
+
+
+# --- per-field writable era: the plan's merged value ----------------------------------------------------
+def test_writable_lower_value_accepted_directly():
+    src = patch(source_regs("6.12"), ISAR0, 0x11020)          # SHA1 0: lower-safe
+    res = apply_vm(host("6.12"), src, ApplyPolicy())
+    assert res.ok and res.events == [] and res.written[1][ISAR0] == 0x11020
+
+
+def test_writable_higher_value_retried_with_plan_merge():
+    src = patch(source_regs("6.12"), ISAR0, 0x11220)          # SHA1 2 > destination's 1
+    res = apply_vm(host("6.12"), src, ApplyPolicy(overrides={ISAR0: 0x11120}))
+    assert actions(res.events) == [("ID_AA64ISAR0_EL1", "EINVAL", "override-plan")] * 2
+    assert res.events[0].fields == ("SHA1",) and res.ok
+
+
+def test_plan_value_refused_too_aborts():
+    src = patch(source_regs("6.12"), ISAR0, 0x11220)
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(host("6.12"), src, ApplyPolicy(overrides={ISAR0: 0x11230}))
+    assert ei.value.action == "override-plan" and "refused the plan's value" in ei.value.hint
+
+
+def test_cap239_makes_midr_writable():
+    src = source_regs("7.0", midr=A72_R0P3)
+    dst = host("7.0", midr=A72_R0P4)
+    res = apply_vm(dst, src, ApplyPolicy(enable_cap239=True))
+    assert res.ok and res.events == [] and res.written[0][MIDR] == A72_R0P3
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(host("7.0", midr=A72_R0P4), src, ApplyPolicy())
+    assert ei.value.register == "MIDR_EL1" and ei.value.errno_name == "EINVAL"
+
+
+# --- ENOENT: kernel drift ---------------------------------------------------------------------------------
+def test_enoent_drift_registers_dropped_at_reset_value():
+    src = source_regs("6.12")                                  # lists TCR2/PIR/PIRE0, the 7.0 profile does not
+    assert any(r == TCR2 for r, _ in src[0])
+    src = {i: regs + [(UNNAMED_ID, 0)] for i, regs in src.items()}
+    res = apply_vm(host("7.0"), src, ApplyPolicy())
+    dropped = sorted({e.register for e in res.events if e.action == "drop-reset"})
+    assert dropped == ["PIRE0_EL1", "PIR_EL1", "S3_0_C0_C7_7", "TCR2_EL1"]
+    assert all(e.errno == "ENOENT" for e in res.events) and res.ok
+    assert TCR2 in res.dropped[0]
+
+
+def test_enoent_with_guest_state_aborts():
+    src = patch(source_regs("6.12"), TCR2, 0x5)
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(host("7.0"), src, ApplyPolicy())
+    assert ei.value.register == "TCR2_EL1" and ei.value.errno_name == "ENOENT" and "0x5" in ei.value.hint
+
+
+def test_enoent_unknown_register_aborts():
+    src = {i: regs + [(regid.sysreg(3, 0, 15, 15, 7), 0)] for i, regs in source_regs("6.12").items()}
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(host("6.12"), src, ApplyPolicy())
+    assert "not a known drift register" in ei.value.hint
+
+
+def test_vendor_bmap2_dropped_going_back_to_older_kernel():
+    src = source_regs("7.0")
+    res = apply_vm(host("6.12"), src, ApplyPolicy())
+    assert {e.register for e in res.events} == {"KVM_REG_ARM_VENDOR_HYP_BMAP_2"}
+    assert regid.fw_bmap(3) in default_drop_if_reset()
+
+
+# --- EBUSY: ordering fault, replay once -----------------------------------------------------------------
+def test_ebusy_recreates_vm_and_replays_once():
+    b = FaultBackend(host("6.12"), ran=1)
+    src = patch(source_regs("6.12"), ISAR0, 0x11020)
+    res = apply_vm(b, src, ApplyPolicy())
+    assert res.replays == 1 and len(b.vms) == 2 and b.vms[0].closed and not b.vms[1].closed
+    assert ("ID_AA64ISAR0_EL1", "EBUSY", "replay") in actions(res.events) and res.ok
+
+
+def test_ebusy_twice_aborts():
+    b = FaultBackend(host("6.12"), ran=5)
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(b, patch(source_regs("6.12"), ISAR0, 0x11020), ApplyPolicy())
+    assert ei.value.errno_name == "EBUSY" and "once" in ei.value.action
+    assert len(b.vms) == 2 and all(vm.closed for vm in b.vms)
+
+
+# --- transient errnos -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("err", [E.EINTR, E.EAGAIN])
+def test_transient_retried(err):
+    b = FaultBackend(host("6.12"), faults={SCTLR: [err, err]})
+    res = apply_vm(b, source_regs("6.12", n=1), ApplyPolicy(transient_retries=3))
+    assert [e.action for e in res.events] == ["retry-transient"] * 2 and res.ok
+
+
+def test_transient_bounded():
+    b = FaultBackend(host("6.12"), faults={SCTLR: [E.EINTR] * 10})
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(b, source_regs("6.12", n=1), ApplyPolicy(transient_retries=3))
+    assert ei.value.action == "retry-transient x3"
+    assert [e.action for e in ei.value.events] == ["retry-transient"] * 3 + ["abort"]
+
+
+def test_other_errno_aborts():
+    b = FaultBackend(host("6.12"), faults={SCTLR: [E.EPERM]})
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(b, source_regs("6.12", n=1), ApplyPolicy(overrides={SCTLR: ACCEPT_DESTINATION}))
+    assert (ei.value.errno_name, ei.value.action, ei.value.phase) == ("EPERM", "none", "state")
+
+
+def test_einval_on_state_register_aborts():
+    fpsr = CAT.id_of("FPSR")
+    src = patch(source_regs("6.12", n=1), fpsr, 1 << 40)      # does not fit U32
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(host("6.12"), src, ApplyPolicy())
+    assert ei.value.register == "FPSR" and ei.value.errno_name == "EINVAL" and ei.value.action == "none"
+
+
+# --- read-back --------------------------------------------------------------------------------------------
+def test_readback_reports_folded_bits():
+    b = FaultBackend(host("6.12"), fold={SCTLR: 0x8})
+    res = apply_vm(b, source_regs("6.12", n=1), ApplyPolicy())
+    assert not res.ok
+    [m] = res.mismatches
+    assert m.register == "SCTLR_EL1" and m.actual == m.intended & ~0x8 and "SCTLR_EL1" in str(m)
+
+
+# --- the policy -------------------------------------------------------------------------------------------
+def test_policy_json_roundtrip_and_validation():
+    p = ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION, ISAR0: 0x11120}, enable_cap239=True,
+                    drop_if_reset={TCR2})
+    q = ApplyPolicy.from_dict(p.to_dict())
+    assert q == p and q.canonical_json() == p.canonical_json() and q.drop_if_reset == {TCR2: 0}
+    with pytest.raises(ValueError, match="MIDR_EL1"):
+        ApplyPolicy(overrides={MIDR: "whatever"})
+    with pytest.raises(ValueError, match="malformed"):
+        ApplyPolicy.from_dict({"overrides": {"zz": "1"}})
+
+
+# --- the real /dev/kvm (x86 here: MSRs through ONE_REG) -----------------------------------------------------
+def _real():
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine: the real-KVM apply path is not exercised")
+    from invariantd.daemon.kvm.real import RealKvm
+    try:
+        return RealKvm()
+    except KvmError as e:
+        pytest.skip(f"/dev/kvm present but unusable: {e}")
+
+
+@pytest.mark.kvm
+def test_real_kvm_generic_apply_and_readback():
+    b = _real()
+    if b.arch != "x86_64":
+        pytest.skip("generic x86 MSR path; arm64 hosts run the conformance suite instead")
+    misc, ucode = regid.x86_msr(0x1A0), regid.x86_msr(0x8B)
+    res = apply_vm(b, {0: [(misc, 1), (ucode, 0x100000000)], 1: [(misc, 1)]}, ApplyPolicy())
+    try:
+        assert res.ok and res.events == [] and res.written[0] == {misc: 1, ucode: 0x100000000}
+    finally:
+        res.close()
+
+
+@pytest.mark.kvm
+def test_real_kvm_refusal_is_typed():
+    b = _real()
+    if b.arch != "x86_64":
+        pytest.skip("generic x86 MSR path")
+    arch_caps = regid.x86_msr(0x10A)
+    with pytest.raises(ApplyError) as ei:
+        apply_vm(b, {0: [(regid.x86_msr(0x1A0), 1), (arch_caps, 1 << 63)]}, ApplyPolicy())
+    e = ei.value
+    assert (e.reg_id, e.errno_name, e.action, e.phase) == (arch_caps, "EINVAL", "none", "state")
+    assert f"{arch_caps:#018x}" in str(e) and "MSR_0x10a" in str(e)
