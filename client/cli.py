@@ -56,6 +56,51 @@ def cmd_probe(args) -> int:
     return EXIT_OK
 
 
+def _lab_cells(args):
+    from ..daemon.lab.matrix import KERNELS, MODELS
+    kernels = args.kernel or list(KERNELS)
+    models = args.model or list(MODELS)
+    for m in models:
+        if m not in MODELS:
+            raise CliError(f"unknown lab CPU model {m!r}; known: {', '.join(MODELS)}")
+    return [(k, m) for k in kernels for m in models]
+
+
+def cmd_lab(args) -> int:
+    from ..daemon import lab
+    from ..daemon.lab import matrix
+    try:
+        lab.provision(args.kernel)
+        cells = _lab_cells(args)
+        total_diffs, report = 0, []
+        for i, (k, m) in enumerate(cells, 1):
+            cell = matrix.run_cell(k, m, suite=args.cmd_lab == "conformance")
+            if cell.errors:
+                raise CliError("; ".join(cell.errors), EXIT_LAB)
+            line = {"kernel": k, "release": cell.kernel_release, "model": m, "wall_s": round(cell.wall, 1)}
+            if args.cmd_lab == "profile":
+                path = matrix.write_profile(cell.profile, args.out)
+                line["profile"] = str(path)
+            else:
+                line.update(cases=cell.cases, differences=len(cell.diffs), diffs=cell.diffs)
+                total_diffs += len(cell.diffs)
+            report.append(line)
+            if not args.json:
+                extra = (f"-> {line['profile']}" if "profile" in line
+                         else f"{cell.cases} cases, {len(cell.diffs)} differences")
+                print(f"[{i}/{len(cells)}] {k} ({cell.kernel_release}) {m}: {extra} ({cell.wall:.1f}s)", flush=True)
+                for d in cell.diffs:
+                    print(f"    DIFF {d}")
+    except lab.LabUnavailable as e:
+        raise CliError(f"lab unavailable: {e}", EXIT_LAB) from None
+    except lab.LabError as e:
+        raise CliError(f"lab error: {e}", EXIT_LAB) from None
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    return EXIT_REFUSED if total_diffs else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="invariantctl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "kernel for the KVM_EINVARIANT era)")
     pr.add_argument("--json", action="store_true", help="print the capability document as JSON")
     pr.set_defaults(func=cmd_probe)
+    lb = sub.add_parser("lab", help="real arm64 KVM kernels under QEMU: write simulator profiles, run conformance")
+    lsub = lb.add_subparsers(dest="cmd_lab", required=True)
+    for name, hlp in (("profile", "boot each kernel x CPU model, probe it, write the simulator's host profile"),
+                      ("conformance", "run the conformance suite in each guest and on the matching simulated "
+                                      "host; exit 3 on any difference")):
+        q = lsub.add_parser(name, help=hlp)
+        q.add_argument("--kernel", action="append", help="kernel key (6.1, 6.12, 7.x); repeatable; default all")
+        q.add_argument("--model", action="append", help="profile name (cortex-a72-r0p3, ..., neoverse-n1, max)")
+        q.add_argument("--json", action="store_true")
+        if name == "profile":
+            from pathlib import Path
+            q.add_argument("--out", type=Path, default=None, help="directory (default: the shipped profiles)")
+        q.set_defaults(func=cmd_lab)
     return p
 
 

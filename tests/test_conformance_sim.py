@@ -34,7 +34,9 @@ def _expected_field(era, doc, meta):
     idx = cat.sysreg(reg).mask_index
     mask = int(masks.get(str(idx), "0x0"), 16)
     new, cur = f.get(f.put(0, meta["to"])), f.get(f.put(0, meta["from"]))
-    if (reg, fname) in (("ID_AA64PFR0_EL1", "EL0"), ("ID_AA64PFR0_EL1", "EL1")) and meta["to"] < 1:
+    kernel = tuple(map(int, doc["kernel_version"].split(".")))
+    if (reg, fname) in (("ID_AA64PFR0_EL1", "EL0"), ("ID_AA64PFR0_EL1", "EL1")) and meta["to"] < 1 \
+            and kernel >= (6, 13):
         return "EINVAL"
     if (reg, fname) == ("ID_AA64DFR0_EL1", "DebugVer") and meta["to"] < 6:
         return "EINVAL"

@@ -82,7 +82,8 @@ def prechecks() -> dict[str, list[tuple[str, int | None, tuple[int, ...], str]]]
         out.setdefault(r["register"], []).append(
             (r["field"], int(r["min"]) if r["min"] else None,
              tuple(int(x) for x in r["refuse"].split(";") if x),
-             tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None, r["why"]))
+             tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
+             _ver(r["since"]) if r["since"] else (0,), r["why"]))
     return out
 
 
@@ -413,7 +414,9 @@ class SimVcpu:
                                problems[0][1] if legacy else "ID registers must match the host on this kernel")
             return
         stored = value
-        for fname, lo, refuse, rewrite, why in prechecks().get(name, ()):
+        for fname, lo, refuse, rewrite, since, why in prechecks().get(name, ()):
+            if host.kernel_tuple < since:
+                continue
             f = next(x for x in cat.fields_of(name) if x.name == fname)
             if (lo is not None and f.raw(value) < lo) or f.raw(value) in refuse:
                 raise KvmError(op, E.EINVAL, reg_id, f"{fname}={f.raw(value):#x}: {why}")
