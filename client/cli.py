@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "kernel for the KVM_EINVARIANT era)")
     pr.add_argument("--json", action="store_true", help="print the capability document as JSON")
     pr.set_defaults(func=cmd_probe)
+    from . import plan_cmd
+    plan_cmd.register(sub)
     lb = sub.add_parser("lab", help="real arm64 KVM kernels under QEMU: write simulator profiles, run conformance")
     lsub = lb.add_subparsers(dest="cmd_lab", required=True)
     for name, hlp in (("profile", "boot each kernel x CPU model, probe it, write the simulator's host profile"),

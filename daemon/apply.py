@@ -40,15 +40,22 @@ ID_LIKE_CLASSES = frozenset({"id", "imp_id", "cache", "demux", "fw"})
 VM_WIDE_CLASSES = ID_LIKE_CLASSES
 
 
-def _known_reset() -> dict[int, int]:
+# KVM's reset_unknown() fills registers the architecture leaves UNKNOWN at reset with this pattern
+# (arch/arm64/kvm/sys_regs.h); the real 6.12 kernels in protocol/data/profiles show it for PIR_EL1/PIRE0_EL1.
+KVM_RESET_UNKNOWN = 0x1DE7EC7EDBADC0DE
+
+
+def _known_reset() -> dict[int, int | tuple[int, ...]]:
     cat = catalog()
-    out = {regid.fw_bmap(3): 0}                            # KVM_REG_ARM_VENDOR_HYP_BMAP_2 (6.15+)
-    for name in ("TCR2_EL1", "PIR_EL1", "PIRE0_EL1"):      # FEAT_TCR2 / FEAT_S1PIE state (6.x drift)
-        out[cat.id_of(name)] = 0
-    return out
+    return {
+        regid.fw_bmap(3): 0,                               # KVM_REG_ARM_VENDOR_HYP_BMAP_2 (6.15+)
+        cat.id_of("TCR2_EL1"): 0,                          # FEAT_TCR2 (listed by 6.12, gone in 6.1 / 7.3 profiles)
+        cat.id_of("PIR_EL1"): (0, KVM_RESET_UNKNOWN),      # FEAT_S1PIE: reset_unknown on real 6.12
+        cat.id_of("PIRE0_EL1"): (0, KVM_RESET_UNKNOWN),
+    }
 
 
-def default_drop_if_reset() -> dict[int, int]:
+def default_drop_if_reset() -> dict[int, int | tuple[int, ...]]:
     """Registers known to come and go between kernels, with the value a fresh vCPU has (drop when equal)."""
     return _known_reset()
 
@@ -60,13 +67,14 @@ class ApplyPolicy:
     overrides: reg_id -> the value the plan allows instead of the source's, or ACCEPT_DESTINATION
         (take whatever the destination kernel holds). Used only when the kernel refuses the source value.
     enable_cap239: enable KVM_CAP_ARM_WRITABLE_IMP_ID_REGS before the first vCPU (MIDR/REVIDR/AIDR writable).
-    drop_if_reset: reg_id -> reset value; an ENOENT register is dropped when its value equals it. Any
+    drop_if_reset: reg_id -> reset value (or a tuple of values a fresh vCPU may hold, e.g. 0 or KVM's
+        reset_unknown pattern); an ENOENT register is dropped when its value is one of them. Any
         feature-ID slot the catalog does not name (op0=3, op1=0, CRn=0, CRm=1..7) is droppable at 0.
     transient_retries: how many times EINTR/EAGAIN is retried per register.
     """
     overrides: Mapping[int, int | str] = field(default_factory=dict)
     enable_cap239: bool = False
-    drop_if_reset: Mapping[int, int] = field(default_factory=default_drop_if_reset)
+    drop_if_reset: Mapping[int, int | tuple[int, ...]] = field(default_factory=default_drop_if_reset)
     transient_retries: int = 3
 
     def __post_init__(self) -> None:
@@ -79,13 +87,15 @@ class ApplyPolicy:
         if not 0 <= self.transient_retries <= 100:
             raise ValueError(f"transient_retries {self.transient_retries} outside 0..100")
 
-    def reset_value(self, reg_id: int) -> int | None:
+    def reset_values(self, reg_id: int) -> tuple[int, ...]:
+        """Values a fresh vCPU may hold for a droppable register; () when the register is not droppable."""
         if reg_id in self.drop_if_reset:
-            return self.drop_if_reset[reg_id]
+            v = self.drop_if_reset[reg_id]
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,)
         cat = catalog()
         if cat.reg_class(reg_id) == "id" and reg_id not in cat.by_id:
-            return 0
-        return None
+            return (0,)
+        return ()
 
     # canonical JSON (stable digest; the peer protocol carries it as bytes)
     def to_dict(self) -> dict:
@@ -93,7 +103,8 @@ class ApplyPolicy:
             "overrides": {f"{r:#018x}": (v if v == ACCEPT_DESTINATION else f"{v:#x}")
                           for r, v in sorted(self.overrides.items())},
             "enable_cap239": self.enable_cap239,
-            "drop_if_reset": {f"{r:#018x}": f"{v:#x}" for r, v in sorted(self.drop_if_reset.items())},
+            "drop_if_reset": {f"{r:#018x}": ([f"{x:#x}" for x in v] if isinstance(v, (tuple, list)) else f"{v:#x}")
+                              for r, v in sorted(self.drop_if_reset.items())},
             "transient_retries": self.transient_retries,
         }
 
@@ -104,7 +115,8 @@ class ApplyPolicy:
                 overrides={int(k, 16): (v if v == ACCEPT_DESTINATION else int(v, 16))
                            for k, v in d.get("overrides", {}).items()},
                 enable_cap239=bool(d.get("enable_cap239", False)),
-                drop_if_reset={int(k, 16): int(v, 16) for k, v in d["drop_if_reset"].items()}
+                drop_if_reset={int(k, 16): (tuple(int(x, 16) for x in v) if isinstance(v, list) else int(v, 16))
+                               for k, v in d["drop_if_reset"].items()}
                 if "drop_if_reset" in d else default_drop_if_reset(),
                 transient_retries=int(d.get("transient_retries", 3)),
             )
@@ -272,12 +284,12 @@ class _Applier:
             self._event(idx, r, err, "replay", detail="ID registers frozen: recreate the VM and replay in order")
             raise _Replay(idx, r)
         if err == E.ENOENT:
-            reset = pol.reset_value(r)
-            if reset is not None and v == reset:
-                self._event(idx, r, err, "drop-reset", detail=f"absent here; value {v:#x} is the reset value")
+            resets = pol.reset_values(r)
+            if v in resets:
+                self._event(idx, r, err, "drop-reset", detail=f"absent here; value {v:#x} is a reset value")
                 return None
-            why = (f"its value {v:#x} is not the reset value {reset:#x}: the guest uses it" if reset is not None
-                   else "it is not a known drift register, so dropping it could lose guest state")
+            why = (f"its value {v:#x} is not a reset value ({', '.join(f'{x:#x}' for x in resets)}): the guest "
+                   f"uses it" if resets else "it is not a known drift register, so dropping it could lose guest state")
             raise self._abort(idx, r, err, "drop-if-reset",
                               f"the register does not exist on this kernel and {why}; migrate to a host whose "
                               f"kernel offers it")
@@ -315,7 +327,8 @@ class _Applier:
 
 
 def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit | None,
-                regsets: Mapping[int, Sequence[tuple[int, int]]]) -> dict[int, Vcpu]:
+                regsets: Mapping[int, Sequence[tuple[int, int]]],
+                features: Sequence[int] | None = None) -> dict[int, Vcpu]:
     vcpus: dict[int, Vcpu] = {}
     for i in indices:
         vcpus[i] = vm.create_vcpu(i)
@@ -323,7 +336,8 @@ def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit
         return vcpus
     if init is None:
         pref = vm.preferred_target()
-        init = VcpuInit(pref.target, (abi.VCPU_FEATURES["PSCI_0_2"],))
+        init = VcpuInit(pref.target, tuple(features) if features is not None
+                        else (abi.VCPU_FEATURES["PSCI_0_2"],))
     for i, vcpu in vcpus.items():
         vcpu.init(init)
         if abi.KVM_ARM_VCPU_SVE in init.features:
@@ -335,8 +349,13 @@ def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit
 
 
 def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
-             *, init: VcpuInit | None = None, vm_type: int = 0, verify: bool = True) -> ApplyResult:
-    """Create a VM on `backend` and apply every vCPU's registers. Raises ApplyError (VM closed)."""
+             *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
+             verify: bool = True) -> ApplyResult:
+    """Create a VM on `backend` and apply every vCPU's registers. Raises ApplyError (VM closed).
+
+    arm64: vCPUs are initialised with `init`, or with this host's preferred target and `features`
+    (default: PSCI 0.2) when `init` is None. Other architectures need no init.
+    """
     events: list[ApplyEvent] = []
     replays = 0
     indices = sorted(regsets)
@@ -349,13 +368,14 @@ def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]],
                 vm = backend.create_vm(vm_type)
                 if policy.enable_cap239:
                     vm.enable_cap(abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS)
-                vcpus = _init_vcpus(backend, vm, indices, init, regsets)
+                vcpus = _init_vcpus(backend, vm, indices, init, regsets, features)
             except KvmError as e:
                 raise ApplyError(e.reg_name, e.reg_id, e.errno_name, e.op, e.hint or str(e), phase="setup",
                                  events=events, detail=e.detail) from e
             written: dict[int, dict[int, int]] = {i: {} for i in indices}
             dropped: dict[int, list[int]] = {i: [] for i in indices}
-            skip = {regid.SVE_VLS} if init is not None and abi.KVM_ARM_VCPU_SVE in init.features else set()
+            feats = init.features if init is not None else (features or ())
+            skip = {regid.SVE_VLS} if abi.KVM_ARM_VCPU_SVE in feats else set()
             for phase, want in (("vm-wide", True), ("state", False)):
                 ap.phase = phase
                 for i in indices:

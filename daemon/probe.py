@@ -44,8 +44,7 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
         doc["one_reg"] = bool(doc["caps"].get("KVM_CAP_ONE_REG"))
         return doc
     era = getattr(backend, "era", None)
-    if era is not None:
-        doc["sim_era"] = era.name
+    doc["sim_era"] = era.name if era is not None else None
     doc["one_reg"] = bool(doc["caps"].get("KVM_CAP_ONE_REG"))
     doc["cpu_midrs"] = [f"{m:#x}" for m in backend.cpu_midrs()]
     vm = backend.create_vm(0)

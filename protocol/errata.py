@@ -67,6 +67,7 @@ def table() -> tuple[Erratum, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=4096)
 def needed(midr: int, revidr: int | None = None) -> dict[str, Erratum]:
     """Guest-visible errata a guest needs on this implementation (erratum id -> row)."""
     return {e.erratum: e for e in table() if e.scope == "guest" and e.affects(midr, revidr)}
@@ -76,13 +77,15 @@ def missing(dest: Iterable[tuple[int, int | None]], known: Iterable[tuple[int, i
     """Errata the destination implementations need that no implementation the guest knows triggers.
 
     `dest` / `known` are (MIDR, REVIDR or None) pairs. An erratum counts as covered when the guest applies
-    it or one listed in its covered_by column."""
+    it or one listed in its covered_by column. An unknown REVIDR is read conservatively: on a known
+    implementation as "every fix present" (the guest may have skipped the workaround), on a destination as
+    "no fix present"."""
     applied: set[str] = set()
     for midr, revidr in known:
-        applied |= set(needed(midr, revidr))
+        applied.update(needed(midr, 0xFFFFFFFFFFFFFFFF if revidr is None else revidr))
     out: dict[str, Erratum] = {}
     for midr, revidr in dest:
-        for eid, e in needed(midr, revidr).items():
+        for eid, e in needed(midr, 0 if revidr is None else revidr).items():
             if eid not in applied and not applied.intersection(e.covered_by):
                 out.setdefault(eid, e)
     return sorted(out.values(), key=lambda e: e.erratum)

@@ -20,9 +20,6 @@ class ProtocolError(Exception):
 class LocalProtocolError(ProtocolError):
     """We tried to send something the protocol does not allow now (caller bug)."""
 
-    def _reraise_as_remote(self) -> "RemoteProtocolError":
-        raise RemoteProtocolError(str(self), self.what) from self
-
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent bytes or a message the protocol does not allow; the message names what was wrong."""

@@ -154,6 +154,7 @@ def _hex(text, what: str) -> int:
         raise SchemaError(f"{what}: {text!r} is not a number (expected hex like 0x410fd083)") from None
 
 
+@lru_cache(maxsize=1 << 16)
 def _reg_key(key: str, what: str) -> int:
     """A register given by hex id or by name; unknown names and malformed ids are errors naming the key."""
     if isinstance(key, str) and key[:2].lower() == "0x":
@@ -169,6 +170,7 @@ def _reg_key(key: str, what: str) -> int:
         raise SchemaError(f"{what}: unknown register {key!r} (use a hex ONE_REG id or a catalog name)") from None
 
 
+@lru_cache(maxsize=1 << 16)
 def _keep(rid: int, extra: frozenset[int]) -> bool:
     return rid in extra or catalog().reg_class(rid) in PLANNED_CLASSES
 
@@ -395,10 +397,14 @@ def plan_to_bytes(p: Plan) -> bytes:
 
 
 def plan_from_bytes(data: bytes) -> Plan:
-    def verdict(raw) -> Verdict:
+    import capnp  # noqa: PLC0415
+
+    def verdict(entry) -> Verdict:
+        # An enumerant newer than this schema (rule 3) reads as refuse. pycapnp cannot name an unknown
+        # enumerant and raises ("Member was null"); the plain value path covers the known ones.
         try:
-            return Verdict(str(raw))
-        except ValueError:         # an enumerant newer than us (rule 3): treat as refuse
+            return Verdict(str(entry.verdict))
+        except (ValueError, RuntimeError, capnp.KjException):
             return Verdict.REFUSE
 
     def conv(r):
@@ -407,6 +413,6 @@ def plan_from_bytes(data: bytes) -> Plan:
                     target_impls=tuple(Implementation(i.midr, i.revidr, i.aidr) for i in r.targetImpls),
                     big_little=r.bigLittle, assumed_cluster=r.assumedCluster, cluster_cpus=tuple(r.clusterCpus),
                     entries=tuple(PlanEntry(e.register, e.regId, e.field, e.source, e.destination, e.planned,
-                                            verdict(e.verdict), e.reason, e.guestSees) for e in r.entries),
+                                            verdict(e), e.reason, e.guestSees) for e in r.entries),
                     guest_visible=tuple(r.guestVisible), notes=tuple(r.notes), digest=bytes(r.digest))
     return _decode(schema().Plan, data, conv)

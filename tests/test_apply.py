@@ -341,3 +341,35 @@ def test_real_kvm_refusal_is_typed():
     e = ei.value
     assert (e.reg_id, e.errno_name, e.action, e.phase) == (arch_caps, "EINVAL", "none", "state")
     assert f"{arch_caps:#018x}" in str(e) and "MSR_0x10a" in str(e)
+
+
+# --- shipped profiles (measured on real kernels) -------------------------------------------------------------
+def _profile(spec):
+    from invariantd.daemon.sim.host import ProfileError
+    try:
+        return SimHost(spec)
+    except ProfileError as e:
+        pytest.skip(f"profile not shipped: {e}")
+
+
+@pytest.mark.parametrize("src,dst,policy,expect", [
+    ("cortex-a72-r0p4@6.12", "cortex-a72-r0p4@6.12", ApplyPolicy(), set()),
+    ("cortex-a72-r0p3@6.12", "cortex-a72-r0p4@6.12", ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}),
+     {("MIDR_EL1", "EINVAL", "override-destination")}),
+    ("cortex-a72-r0p3@6.1-patched", "cortex-a72-r0p4@6.1-patched",
+     ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}), {("MIDR_EL1", "EINVARIANT", "override-destination")}),
+    ("cortex-a72-r0p3@7.3", "cortex-a72-r0p4@7.3", ApplyPolicy(enable_cap239=True), set()),
+    # real 6.12 holds KVM's reset_unknown pattern in PIR_EL1/PIRE0_EL1: still droppable on 7.3
+    ("cortex-a72-r0p4@6.12", "cortex-a72-r0p4@7.3", ApplyPolicy(),
+     {("TCR2_EL1", "ENOENT", "drop-reset"), ("PIR_EL1", "ENOENT", "drop-reset"),
+      ("PIRE0_EL1", "ENOENT", "drop-reset")}),
+])
+def test_shipped_profiles(src, dst, policy, expect):
+    s = _profile(src)
+    vm = s.create_vm()
+    vcpus = {}
+    for i in range(2):
+        vcpus[i] = vm.create_vcpu(i)
+        vcpus[i].init(s.init)
+    res = apply_vm(_profile(dst), read_vm(vcpus), policy)
+    assert res.ok and {(e.register, e.errno, e.action) for e in res.events} == expect

@@ -44,6 +44,7 @@ class CellResult:
     kernel: str
     model: str
     profile: dict | None = None
+    real: dict | None = None
     cases: int = 0
     diffs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -52,7 +53,10 @@ class CellResult:
 
 
 def as_profile(doc: dict, name: str) -> dict:
+    """A probe document as a simulator profile: named, and counters (VOLATILE) zeroed so two runs of the
+    profile command on the same kernel write the same file."""
     doc = dict(doc)
+    doc["values"] = {k: ("0x0" if k in VOLATILE else v) for k, v in doc["values"].items()}
     doc["profile"] = f"{name}@{doc['kernel_version']}"
     doc["source"] = "kvm"
     return doc
@@ -71,7 +75,7 @@ def run_cell(kernel: str, model: str, suite: bool = True) -> CellResult:
         if results[1].returncode != 0:
             cell.errors.append(_failed(results[1], "conformance suite"))
         else:
-            real = json.loads(results[1].stdout)
+            real = cell.real = json.loads(results[1].stdout)
             sim = run_suite(SimHost(doc=cell.profile, era=era_for(cell.profile["kernel_version"])))
             cell.cases = len(real["cases"])
             cell.diffs = compare(real, sim)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ...protocol import kvmabi as abi
 from ...protocol import regid
-from ...protocol.catalog import catalog, mask_index
+from ...protocol.catalog import Catalog, catalog, mask_index
 from ..kvm.backend import VcpuInit
 from ..kvm.errors import KvmError
 
@@ -46,6 +46,7 @@ class Era:
     invariant_errno: int
     clidr: str
     legacy_writable: tuple[str, ...]
+    cap239_before_vcpu: bool = True
 
 
 def _errno(name: str) -> int:
@@ -59,7 +60,8 @@ def eras() -> dict[str, Era]:
         out[r["era"]] = Era(r["era"], None if r["from"] == "-" else _ver(r["from"]),
                             None if r["to"] == "-" else _ver(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
                             r["imp_id"], _errno(r["invariant_errno"]), r["clidr"],
-                            tuple(x for x in r["legacy_writable"].split(";") if x))
+                            tuple(x for x in r["legacy_writable"].split(";") if x),
+                            r["cap239_order"] == "before_vcpu")
     return out
 
 
@@ -123,7 +125,11 @@ class SimHost:
     kind = "sim"
     arch = "aarch64"
 
-    def __init__(self, spec: str | None = None, doc: dict | None = None, era: Era | None = None) -> None:
+    def __init__(self, spec: str | None = None, doc: dict | None = None, era: Era | None = None,
+                 rules: Catalog | None = None) -> None:
+        """spec 'cpu@kernel' loads a shipped profile; or pass a capability document and an era.
+        rules: the register catalog to check writes with (default: the shipped one)."""
+        self.catalog = rules or catalog()
         if doc is None:
             doc, era = load_profile(spec)
         self.spec = spec or doc.get("profile") or "custom"
@@ -192,7 +198,7 @@ class SimVm:
     def enable_cap(self, cap: int, args: Sequence[int] = ()) -> None:
         if cap != abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS or not self.host.check_extension(cap):
             raise KvmError("KVM_ENABLE_CAP", E.EINVAL, detail=f"capability {abi.CAP_NAMES.get(cap, cap)} not offered")
-        if self.vcpus:
+        if self.vcpus and self.host.era.cap239_before_vcpu:
             raise KvmError("KVM_ENABLE_CAP", E.EINVAL,
                            detail="KVM_CAP_ARM_WRITABLE_IMP_ID_REGS must be enabled before the first vCPU")
         self.cap239 = True
@@ -241,7 +247,7 @@ class SimVcpu:
         self.features = tuple(init.features)
         self.listed = list(host.reg_list)
         self.values = {}
-        cat = catalog()
+        cat = self.vm.host.catalog
         for rid in self.listed:
             v = host.values.get(rid, 0)
             if rid == cat.id_of("MPIDR_EL1"):
@@ -333,7 +339,7 @@ class SimVcpu:
             raise KvmError(op, E.EINVAL, reg_id, f"value does not fit {size} bytes")
         store = self._store(reg_id)
         cur = store[reg_id]
-        cat = catalog()
+        cat = self.vm.host.catalog
         cls = cat.reg_class(reg_id)
         group = regid.decode(reg_id).group
         era = self.vm.host.era
@@ -359,7 +365,7 @@ class SimVcpu:
         store[reg_id] = value
 
     def _set_fw(self, op: str, reg_id: int, value: int, cur: int) -> None:
-        name = catalog().name(reg_id)
+        name = self.vm.host.catalog.name(reg_id)
         host_level = self.vm.host.values.get(reg_id, 0)
         if name == "KVM_REG_ARM_PSCI_VERSION":
             if value != cur and value not in (0x2, 0x10000, 0x10001, 0x10002, 0x10003) or value > host_level:
@@ -379,7 +385,7 @@ class SimVcpu:
             raise KvmError(op, E.EINVAL, reg_id, f"destination is less mitigated ({value} > host {host_level})")
 
     def _set_idlike(self, op: str, reg_id: int, cls: str, value: int, cur: int) -> None:
-        host, vm, era, cat = self.vm.host, self.vm, self.vm.host.era, catalog()
+        host, vm, era, cat = self.vm.host, self.vm, self.vm.host.era, self.vm.host.catalog
         name = cat.name(reg_id)
         reset = host.values.get(reg_id, 0)
         if cls == "imp_id":

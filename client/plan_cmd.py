@@ -1,0 +1,174 @@
+"""`invariantctl plan` and `invariantctl baseline`: the negotiation engine from the command line.
+
+plan --from VMPROFILE|CAPS --to CAPS [--policy FILE] [--json]
+    A capability document (`invariantctl probe --json`) given to --from stands for a VM created on that
+    host with its defaults. Prints one row per register and per differing field (register, field, source,
+    destination, verdict, reason) and a summary of what the guest will see change.
+    Exit codes: 0 migratable, 3 refused (not migratable), 2 bad input (the message names what is wrong).
+baseline CAPS... [--name NAME] [--revision N] [--policy FILE] [--json] [-o FILE]
+    A named, versioned VM profile every listed host accepts, and the fields that had to be lowered and why.
+    Exit codes: 0 accepted by every host, 3 some field has no value every host accepts (listed), 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_OK, EXIT_USAGE, EXIT_REFUSED = 0, 2, 3
+
+
+def _err(message: str, code: int = EXIT_USAGE):
+    from .cli import CliError
+    return CliError(message, code)
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise _err(f"{what} {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _err(f"{what} {path}: malformed JSON ({e})") from None
+    except OSError as e:
+        raise _err(f"{what} {path}: {e.strerror}") from None
+
+
+def _policy(path: str | None):
+    from ..protocol.policy import PolicyError, default_policy, loads
+    if path is None:
+        return default_policy()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return loads(f.read())
+    except OSError as e:
+        raise _err(f"--policy {path}: {e.strerror}") from None
+    except PolicyError as e:
+        raise _err(f"--policy {path}: {e}") from None
+
+
+def cmd_plan(args) -> int:
+    from ..protocol import schemas as S
+    from ..protocol.negotiate import negotiate
+    pol = _policy(args.policy)
+    extra = frozenset(pol.drift)
+    src_doc = _read_json(args.source, "--from")
+    dst_doc = _read_json(args.to, "--to")
+    try:
+        vm = S.load_source(src_doc, extra)
+    except S.SchemaError as e:
+        raise _err(f"--from {args.source}: {e}") from None
+    try:
+        dest = S.host_from_doc(dst_doc, extra)
+    except S.SchemaError as e:
+        raise _err(f"--to {args.to}: {e}") from None
+    plan = negotiate(vm, dest, pol)
+    if args.json:
+        json.dump(S.plan_to_doc(plan), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_plan(plan, verbose=args.all)
+    return EXIT_OK if plan.migratable else EXIT_REFUSED
+
+
+def print_plan(plan, verbose: bool = False, out=None) -> None:
+    out = out or sys.stdout
+    w = lambda s="": print(s, file=out)   # noqa: E731
+    w(f"plan: VM {plan.vm_name} -> {plan.destination}   policy {plan.policy}")
+    rows = [e for e in plan.entries if verbose or e.verdict.value != "identical"]
+    hdr = ("register", "field", "source", "destination", "verdict", "reason")
+    w(f"{hdr[0]:<36} {hdr[1]:<14} {hdr[2]:<20} {hdr[3]:<20} {hdr[4]:<9} {hdr[5]}")
+    for e in rows:
+        s = f"{e.source:#x}" if e.field else f"{e.source:#018x}"
+        d = f"{e.destination:#x}" if e.field else f"{e.destination:#018x}"
+        w(f"{e.register:<36} {e.field or '-':<14} {s:<20} {d:<20} {e.verdict.value:<9} {e.reason}")
+    same = sum(1 for e in plan.entries if e.verdict.value == "identical")
+    if not verbose and same:
+        w(f"({same} registers identical on both sides; --all lists them)")
+    if plan.big_little:
+        w(f"big.LITTLE destination: plan assumes cluster MIDR {plan.assumed_cluster:#x} on CPUs "
+          f"{', '.join(map(str, plan.cluster_cpus))}")
+    w("guest-visible changes: " + ("none" if not plan.guest_visible else ""))
+    for g in plan.guest_visible:
+        w(f"  - {g}")
+    for n in plan.notes:
+        w(f"note: {n}")
+    refused = [e for e in plan.entries if e.verdict.value == "refuse" and e.field]
+    refused_regs = {e.register for e in plan.entries if e.verdict.value == "refuse"}
+    w(f"digest: sha256:{plan.digest.hex()}")
+    if plan.migratable:
+        w("result: MIGRATABLE" + (" (enable cap 239 before creating vCPUs)" if plan.enable_cap239 else ""))
+    else:
+        w(f"result: REFUSED ({len(refused_regs)} register(s): {', '.join(sorted(refused_regs))}; "
+          f"{len(refused)} field(s)) - exit 3")
+
+
+def cmd_baseline(args) -> int:
+    from ..protocol import schemas as S
+    from ..protocol.baseline import baseline
+    pol = _policy(args.policy)
+    hosts = []
+    for p in args.caps:
+        try:
+            hosts.append(S.host_from_doc(_read_json(p, "CAPS"), frozenset(pol.drift)))
+        except S.SchemaError as e:
+            raise _err(f"{p}: {e}") from None
+    b = baseline(hosts, name=args.name, revision=args.revision, policy=pol)
+    doc = S.vm_to_doc(b.profile)
+    doc["baseline"] = {
+        "hosts": [h.name for h in hosts],
+        "accepted_everywhere": b.accepted_everywhere,
+        "lowered": [{"register": c.register, "field": c.field, "values": [f"{v:#x}" for v in c.values],
+                     "chosen": f"{c.chosen:#x}", "reason": c.reason} for c in b.lowered],
+        "conflicts": [{"register": c.register, "field": c.field, "values": [f"{v:#x}" for v in c.values],
+                       "chosen": f"{c.chosen:#x}", "reason": c.reason} for c in b.conflicts],
+        "omitted": list(b.omitted),
+        "varies_per_host": [{"register": c.register, "values": [f"{v:#x}" for v in c.values], "reason": c.reason}
+                            for c in b.varies],
+    }
+    text = json.dumps(doc, indent=1) + "\n"
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    if args.json:
+        sys.stdout.write(text)
+    else:
+        print(f"baseline {b.profile.name} revision {b.profile.revision} over {len(hosts)} host(s): "
+              f"{len(b.profile.values)} registers")
+        for c in b.lowered:
+            print(f"  lowered {c.register}{'.' + c.field if c.field else ''}: "
+                  f"{'/'.join(f'{v:#x}' for v in c.values)} -> {c.chosen:#x}  ({c.reason})")
+        for c in b.conflicts:
+            print(f"  CONFLICT {c.register}{'.' + c.field if c.field else ''}: "
+                  f"{'/'.join(f'{v:#x}' for v in c.values)}  ({c.reason})")
+        for c in b.varies:
+            print(f"  varies {c.register}: {'/'.join(f'{v:#x}' for v in c.values)}  ({c.reason})")
+        for o in b.omitted:
+            print(f"  omitted {o}")
+        if b.profile.target_impls:
+            print("  target implementations (errata discovery): "
+                  + ", ".join(f"{i.midr:#x}" for i in b.profile.target_impls))
+        print("result: " + ("accepted by every host" if b.accepted_everywhere else "NOT accepted by every host - exit 3"))
+    return EXIT_OK if b.accepted_everywhere else EXIT_REFUSED
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="negotiate: per register and field, what a migration would do",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True, metavar="VMPROFILE|CAPS",
+                   help="the VM profile (JSON), or a capability document = a VM with that host's defaults")
+    p.add_argument("--to", required=True, metavar="CAPS", help="destination capability document (probe --json)")
+    p.add_argument("--policy", metavar="FILE", help="policy TOML merged over the defaults")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--all", action="store_true", help="also list identical registers")
+    p.set_defaults(func=cmd_plan)
+    b = subparsers.add_parser("baseline", help="a VM profile every listed host accepts",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("caps", nargs="+", metavar="CAPS", help="capability documents (probe --json)")
+    b.add_argument("--name", default="baseline")
+    b.add_argument("--revision", type=int, default=1)
+    b.add_argument("--policy", metavar="FILE")
+    b.add_argument("--json", action="store_true", help="print the VM profile (with the baseline report) as JSON")
+    b.add_argument("-o", "--output", metavar="FILE", help="write the VM profile JSON to FILE")
+    b.set_defaults(func=cmd_baseline)

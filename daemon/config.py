@@ -1,0 +1,118 @@
+"""Daemon configuration: one TOML file (see deploy/systemd/invariantd.toml.example). Unknown keys are errors."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """The configuration file is unusable; the message names the file, the key and what is expected."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str = "sim"                       # sim | kvm
+    sim_profile: str = ""                   # PROFILE@KERNEL for kind = "sim"
+    device: str = "/dev/kvm"
+
+
+@dataclass(frozen=True)
+class PeerSection:
+    listen: str = "127.0.0.1"
+    port: int = 7443
+    cert: str = ""                          # PEM: this node's certificate chain (and key, unless `key` is set)
+    key: str = ""
+    ca: str = ""                            # PEM: the cluster CA
+    allowed_peers: tuple[str, ...] = ()     # certificate CNs; empty = any certificate of the cluster CA
+    chunk_registers: int = 256
+    checksum: str = "crc32"
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    handshake: float = 10.0
+    phase: float = 30.0
+    apply: float = 60.0
+    commit: float = 30.0
+    drain: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str = "invariantd"
+    log_level: str = "info"
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    peer: PeerSection = field(default_factory=PeerSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    kw = {}
+    defaults = cls()
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        key = f"{where}.{name}" if where else name
+        if hasattr(default, "__dataclass_fields__"):
+            kw[name] = _build(type(default), value, key)
+            continue
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise ConfigError(f"{key}: expected a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}: expected true or false")
+        elif isinstance(default, float):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key}: expected a positive number of seconds")
+            value = float(value)
+        elif isinstance(default, int):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+                raise ConfigError(f"{key}: expected an integer 0..65535")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string")
+        kw[name] = value
+    return cls(**kw)
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if cfg.backend.kind not in ("sim", "kvm"):
+        raise ConfigError(f"{source}: backend.kind must be 'sim' or 'kvm', not {cfg.backend.kind!r}")
+    if cfg.backend.kind == "sim" and not cfg.backend.sim_profile:
+        raise ConfigError(f"{source}: backend.sim_profile is required for kind = 'sim' (e.g. cortex-a72-r0p4@6.12)")
+    if cfg.peer.checksum not in ("crc32", "sha256"):
+        raise ConfigError(f"{source}: peer.checksum must be crc32 or sha256")
+    if not (cfg.peer.cert and cfg.peer.ca):
+        raise ConfigError(f"{source}: peer.cert and peer.ca are required (mutual TLS is not optional)")
+    return cfg
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    return parse(text, path)

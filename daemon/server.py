@@ -1,0 +1,149 @@
+"""invariantd: the daemon. One trio root nursery: peer listener (mutual TLS), /metrics, sd_notify watchdog.
+
+    invariantd --config /etc/invariantd/invariantd.toml
+
+SIGTERM/SIGINT: STOPPING=1 to systemd, then a drain: the root scope gets a deadline of now + timeouts.drain,
+so in-flight migrations can finish (a source resumes its VM on cancellation, a destination discards).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from functools import partial
+
+import trio
+
+from . import tls
+from .config import Config, ConfigError, load
+from .metrics import Metrics, serve_metrics
+from .peer import PeerConfig, handle_incoming
+from .probe import probe
+from .vms import VmRegistry
+
+log = logging.getLogger("invariantd")
+
+
+def sd_notify(state: str) -> bool:
+    """Send one sd_notify datagram to $NOTIFY_SOCKET (path or @abstract). False when not under systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify(%s) failed: %s", state.split("\n")[0], e)
+        return False
+
+
+def watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return None
+
+
+async def _watchdog(interval: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    task_status.started()
+    while True:
+        sd_notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+def make_backend(cfg: Config):
+    if cfg.backend.kind == "sim":
+        from .sim.host import SimHost
+        return SimHost(cfg.backend.sim_profile)
+    from .kvm.real import RealKvm
+    return RealKvm(cfg.backend.device)
+
+
+async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until cancelled or signalled. task_status.started({'peer': port, 'metrics': port})."""
+    backend = backend or make_backend(cfg)
+    registry = VmRegistry(backend)
+    metrics = Metrics()
+    caps = probe(backend, cfg.backend.sim_profile or None)
+    metrics.set_host_info(caps)
+    pcfg = PeerConfig(node=cfg.node, chunk_registers=cfg.peer.chunk_registers, checksum=cfg.peer.checksum,
+                      handshake_timeout=cfg.timeouts.handshake, phase_timeout=cfg.timeouts.phase,
+                      apply_timeout=cfg.timeouts.apply, commit_timeout=cfg.timeouts.commit)
+    ctx = tls.server_context(cfg.peer.cert, cfg.peer.key or None, cfg.peer.ca)
+
+    inflight = [0]
+    idle = trio.Event()
+
+    async def on_peer(stream, who):
+        inflight[0] += 1
+        try:
+            await handle_incoming(stream, who, backend=backend, registry=registry, caps_doc=caps, cfg=pcfg,
+                                  metrics=metrics)
+        finally:
+            inflight[0] -= 1
+            if not inflight[0]:
+                idle.set()
+
+    listener = tls.PeerListener(on_peer, ctx, cfg.peer.listen, cfg.peer.port,
+                                handshake_timeout=cfg.timeouts.handshake,
+                                allowed_peers=frozenset(cfg.peer.allowed_peers) or None)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as root:
+            ports = {"peer": await root.start(listener.run)}
+            if cfg.metrics.enabled:
+                ports["metrics"] = await root.start(partial(serve_metrics, metrics, cfg.metrics.listen,
+                                                            cfg.metrics.port))
+            wd = watchdog_interval()
+            if wd:
+                await root.start(_watchdog, wd)
+            sd_notify(f"READY=1\nSTATUS=serving peers on {cfg.peer.listen}:{ports['peer']}")
+            log.info("invariantd %s ready: peers %s:%s, metrics %s", cfg.node, cfg.peer.listen, ports["peer"],
+                     ports.get("metrics", "off"))
+            task_status.started(ports)
+            async for sig in signals:
+                log.info("signal %s: draining for up to %ss", signal.Signals(sig).name, cfg.timeouts.drain)
+                sd_notify("STOPPING=1")
+                root.cancel_scope.deadline = min(root.cancel_scope.deadline,
+                                                 trio.current_time() + cfg.timeouts.drain)
+                if inflight[0]:
+                    idle = trio.Event()
+                    await idle.wait()                 # migrations in flight finish (or hit the deadline)
+                root.cancel_scope.cancel()
+                break
+    registry.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="invariantd", description="invariantd: arm64 vCPU-state migration daemon")
+    ap.add_argument("--config", "-c", default="/etc/invariantd/invariantd.toml")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"invariantd: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        trio.run(run, cfg)
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:           # startup failures (bad cert, port in use, /dev/kvm): one clear line
+        log.error("invariantd failed: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Mutual TLS between daemons: contexts against one cluster CA, the peer listener, outgoing connections.
+
+Every node has one certificate issued by the cluster CA, used as server and as client certificate. Both
+sides require and verify the other's certificate (TLS 1.3 only). The peer identity is the certificate's
+common name (or its first DNS SAN); `allowed_peers` can narrow who may connect.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger("invariantd.tls")
+
+
+class TlsError(Exception):
+    """The TLS connection could not be set up; the message says with whom and why."""
+
+
+def _base(purpose: ssl.Purpose, cert_file: str, key_file: str | None, ca_file: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(purpose, cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def server_context(cert_file: str, key_file: str | None, ca_file: str) -> ssl.SSLContext:
+    """Listener side: presents our certificate, requires a client certificate from the cluster CA."""
+    return _base(ssl.Purpose.CLIENT_AUTH, cert_file, key_file, ca_file)
+
+
+def client_context(cert_file: str, key_file: str | None, ca_file: str) -> ssl.SSLContext:
+    """Connecting side: verifies the server against the cluster CA (and its name), presents our certificate."""
+    ctx = _base(ssl.Purpose.SERVER_AUTH, cert_file, key_file, ca_file)
+    ctx.check_hostname = True
+    return ctx
+
+
+def peer_identity(stream: trio.SSLStream) -> str:
+    cert = stream.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return v
+    for kind, v in cert.get("subjectAltName", ()):
+        if kind in ("DNS", "email", "IP Address"):
+            return v
+    return "?"
+
+
+async def connect(host: str, port: int, ctx: ssl.SSLContext, *, server_hostname: str | None = None,
+                  timeout: float = 10.0) -> trio.SSLStream:
+    """TCP + TLS handshake with a deadline; TlsError names the peer and the reason."""
+    try:
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as e:
+        raise TlsError(f"cannot reach peer {host}:{port}: {e or 'timeout'}") from e
+    s = trio.SSLStream(tcp, ctx, server_hostname=server_hostname or host)
+    try:
+        with trio.fail_after(timeout):
+            await s.do_handshake()
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(tcp)
+        raise TlsError(f"TLS handshake with {host}:{port} timed out after {timeout}s") from None
+    except trio.BrokenResourceError as e:
+        await trio.aclose_forcefully(tcp)
+        cause = e.__cause__ or e
+        raise TlsError(f"TLS handshake with {host}:{port} failed: {cause} (is its certificate from our cluster CA, "
+                       f"and is ours from theirs?)") from e
+    return s
+
+
+Handler = Callable[[trio.SSLStream, str], Awaitable[None]]
+
+
+@dataclass
+class PeerListener:
+    """Accepts TCP, completes the TLS handshake with a deadline, checks the identity, runs handler(stream, peer)."""
+    handler: Handler
+    ctx: ssl.SSLContext
+    host: str = "127.0.0.1"
+    port: int = 7443
+    handshake_timeout: float = 10.0
+    allowed_peers: frozenset[str] | None = None
+    refused: list[str] = field(default_factory=list)      # recent refusals (bounded), for status and tests
+
+    def _refuse(self, why: str) -> None:
+        log.warning("peer refused: %s", why)
+        self.refused.append(why)
+        del self.refused[:-100]
+
+    async def _on_conn(self, tcp: trio.SocketStream) -> None:
+        try:
+            addr = tcp.socket.getpeername()
+            addr = f"{addr[0]}:{addr[1]}"
+        except OSError:
+            addr = "?"
+        s = trio.SSLStream(tcp, self.ctx, server_side=True)
+        try:
+            try:
+                with trio.fail_after(self.handshake_timeout):
+                    await s.do_handshake()
+            except trio.TooSlowError:
+                self._refuse(f"{addr}: TLS handshake timed out")
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self._refuse(f"{addr}: TLS handshake failed: {e.__cause__ or e}")
+                return
+            who = peer_identity(s)
+            if self.allowed_peers is not None and who not in self.allowed_peers:
+                self._refuse(f"{addr}: certificate {who!r} is not an allowed peer")
+                return
+            await self.handler(s, who)
+        finally:
+            await trio.aclose_forcefully(s)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; task_status.started(port) reports the bound port."""
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        bound = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(trio.serve_listeners, self._on_conn, listeners, handler_nursery=nursery))
+            task_status.started(bound)

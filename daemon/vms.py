@@ -1,0 +1,124 @@
+"""The VMs this daemon holds, and the one rule that matters: a VM is runnable on at most one host.
+
+States: running -> paused (migration out) -> released (destination committed; never runnable here again,
+        vCPU state kept until the operator removes it) | running again (migration failed: resumed)
+        incoming (applied and verified, paused) -> running (source released it) | in-doubt (the link broke
+        after we committed: kept paused, never run and never discarded without an operator)
+Pausing is bookkeeping here: this daemon does not run guest code; the VMM that does asks before running.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
+
+
+class VmState(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    RELEASED = "released"
+    INCOMING = "incoming"
+    IN_DOUBT = "in-doubt"
+
+
+class VmStateError(RuntimeError):
+    pass
+
+
+RUNNABLE = frozenset({VmState.RUNNING})
+
+
+@dataclass
+class ManagedVm:
+    vm_id: str
+    vm: Vm
+    vcpus: dict[int, Vcpu]
+    init: VcpuInit | None
+    state: VmState = VmState.RUNNING
+    history: list[str] = field(default_factory=list)
+
+    def _to(self, new: VmState, allowed: Sequence[VmState]) -> None:
+        if self.state not in allowed:
+            raise VmStateError(f"VM {self.vm_id}: cannot go {self.state.value} -> {new.value}")
+        self.history.append(f"{self.state.value}->{new.value}")
+        self.state = new
+
+    def pause(self) -> None:
+        self._to(VmState.PAUSED, (VmState.RUNNING,))
+
+    def resume(self) -> None:
+        """Source after a failed migration, or destination once the source released the VM."""
+        self._to(VmState.RUNNING, (VmState.PAUSED, VmState.INCOMING, VmState.IN_DOUBT))
+
+    def release(self) -> None:
+        self._to(VmState.RELEASED, (VmState.PAUSED,))
+
+    def in_doubt(self) -> None:
+        self._to(VmState.IN_DOUBT, (VmState.INCOMING,))
+
+    @property
+    def runnable(self) -> bool:
+        return self.state in RUNNABLE
+
+    def close(self) -> None:
+        try:
+            self.vm.close()
+        except Exception:
+            pass
+
+
+class VmRegistry:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.vms: dict[str, ManagedVm] = {}
+
+    def create(self, vm_id: str, vcpus: int = 1, init: VcpuInit | None = None,
+               regs: dict[int, Sequence[tuple[int, int]]] | None = None) -> ManagedVm:
+        """A fresh running VM on this host (demo / tests: the VM to migrate out)."""
+        if vm_id in self.vms:
+            raise VmStateError(f"VM {vm_id} exists")
+        vm = self.backend.create_vm()
+        try:
+            cpus: dict[int, Vcpu] = {}
+            for i in range(vcpus):
+                cpus[i] = vm.create_vcpu(i)
+            if self.backend.arch == "aarch64":
+                if init is None:
+                    pref = vm.preferred_target()
+                    init = VcpuInit(pref.target, (2,))          # PSCI 0.2
+                for v in cpus.values():
+                    v.init(init)
+            for i, rs in (regs or {}).items():
+                for r, val in rs:
+                    cpus[i].set_reg(r, val)
+        except BaseException:
+            vm.close()
+            raise
+        m = ManagedVm(vm_id, vm, cpus, init)
+        self.vms[vm_id] = m
+        return m
+
+    def adopt(self, vm_id: str, vm: Vm, vcpus: dict[int, Vcpu], init: VcpuInit | None,
+              state: VmState = VmState.INCOMING) -> ManagedVm:
+        if vm_id in self.vms and self.vms[vm_id].state is not VmState.RELEASED:
+            raise VmStateError(f"VM {vm_id} already held here in state {self.vms[vm_id].state.value}")
+        m = ManagedVm(vm_id, vm, vcpus, init, state)
+        self.vms[vm_id] = m
+        return m
+
+    def get(self, vm_id: str) -> ManagedVm:
+        try:
+            return self.vms[vm_id]
+        except KeyError:
+            raise VmStateError(f"no VM {vm_id!r} here (known: {', '.join(sorted(self.vms)) or 'none'})") from None
+
+    def remove(self, vm_id: str) -> None:
+        m = self.vms.pop(vm_id, None)
+        if m is not None:
+            m.close()
+
+    def close(self) -> None:
+        for vm_id in list(self.vms):
+            self.remove(vm_id)

@@ -1,0 +1,454 @@
+"""The negotiation engine (pure): VmProfile + destination HostCapabilities + Policy -> Plan.
+
+One verdict per register and per differing field, each with a reason a human can read and, when the guest
+will notice, what it will see change:
+  identical  same value on both sides
+  set        the destination takes the source value: writable there and safe by the field's rule
+             (catalog.check_write(), the kernel's arm64_check_features())
+  override   the destination's value is kept and the guest sees it; the policy allows that change
+  pin        MIDR/REVIDR/AIDR kept with KVM_CAP_ARM_WRITABLE_IMP_ID_REGS (cap 239, >= 6.15)
+  drop       the destination does not list the register and the source value is its reset value
+  refuse     none of the above: the VM cannot move there
+Kernel-era facts come from the destination document, not from version numbers where the document says more:
+writable masks absent (< 6.7) = any ID difference is either the destination value (override) or a refusal;
+cap 239 decides MIDR/REVIDR/AIDR (7.x reports a MIDR writable mask without the cap, and the write still fails).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from functools import lru_cache
+
+from . import errata
+from .catalog import Field, Safety, catalog, mask_index
+from . import regid
+from .policy import Policy, default_policy
+from .schemas import HostCapabilities, Plan, PlanEntry, Verdict, VmProfile
+
+DIGEST_TAG = b"invariantd/plan-digest@1\n"
+CAP239 = "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS"
+# VENDOR_HYP_BMAP_2 reads 0 on a new VM but accepts DISCOVER_IMPL_VER | DISCOVER_IMPL_CPUS
+# (Documentation/virt/kvm/arm/fw-pseudo-registers.rst, Linux 6.15).
+_BMAP2_SUPPORTED = 0b11
+_MIDR_SAME_PART = ("Implementer", "Architecture", "PartNum")
+# vCPU init features and the capability that must be offered for KVM_ARM_VCPU_INIT to accept them.
+_FEATURE_CAPS = {"PSCI_0_2": "KVM_CAP_ARM_PSCI_0_2", "EL1_32BIT": "KVM_CAP_ARM_EL1_32BIT",
+                 "PMU_V3": "KVM_CAP_ARM_PMU_V3", "SVE": "KVM_CAP_ARM_SVE",
+                 "PTRAUTH_ADDRESS": "KVM_CAP_ARM_PTRAUTH_ADDRESS", "PTRAUTH_GENERIC": "KVM_CAP_ARM_PTRAUTH_GENERIC"}
+
+
+@lru_cache(maxsize=None)
+def _meta(rid: int) -> tuple[str, str, int | None]:
+    """(name, class, writable-mask index) of a register id."""
+    cat = catalog()
+    d = regid.decode(rid)
+    return cat.name(rid), cat.reg_class(rid), (mask_index(d.encoding) if d.encoding else None)
+
+
+def _frag(e: PlanEntry) -> bytes:
+    """One entry's canonical encoding (part of the digest input)."""
+    return json.dumps([e.register, e.reg_id, e.field, e.source, e.destination, e.planned, e.verdict.value,
+                       e.reason, e.guest_sees], separators=(",", ":"), ensure_ascii=True).encode()
+
+
+# Per-register results are a pure function of (register, values, destination rule inputs, policy digest):
+# memoised, because a fleet repeats the same few host shapes many times. Bounded; cleared when full.
+_MEMO: dict = {}
+_DEST_ONLY = frozenset(("id", "imp_id", "cache"))
+_MEMO_MAX = 200_000
+
+
+_LAST_VM: list = [None, None]
+
+
+def _src_values(vm: VmProfile) -> dict[int, int]:
+    """dict(vm.values), reused while the same VmProfile object is planned against many hosts."""
+    if _LAST_VM[0] is not vm:
+        _LAST_VM[0], _LAST_VM[1] = vm, dict(vm.values)
+    return _LAST_VM[1]
+
+
+def _type(f: Field) -> str:
+    return f.kvm_safety.value.lower().replace("_", "-")
+
+
+def _wa2_fold(v: int) -> int:
+    return 3 if (v & 0xF) in (2, 3) else 0      # AVAIL / NOT_REQUIRED fold as the kernel does
+
+
+class _Ctx:
+    __slots__ = ("vm", "dest", "pol", "cat", "src", "dst", "dst_listed", "masks", "kernel", "cap239",
+                 "entries", "frags", "notes", "dview_midr", "errata_missing")
+
+    def __init__(self, vm: VmProfile, dest: HostCapabilities, pol: Policy) -> None:
+        self.vm, self.dest, self.pol, self.cat = vm, dest, pol, catalog()
+        self.src = _src_values(vm)
+        self.dst = dict(dest.values)
+        self.dst_listed = frozenset(dest.reg_list)
+        self.masks = dest.writable_masks
+        self.kernel = dest.kernel
+        self.cap239 = dest.cap(CAP239) > 0
+        self.entries: list[PlanEntry] = []
+        self.frags: list[bytes] = []
+        self.notes: list[str] = []
+
+    def add(self, name, rid, fld, s, d, planned, verdict, reason, sees="") -> None:
+        e = PlanEntry(name, rid, fld, s, d, planned, verdict, reason, sees)
+        self.entries.append(e)
+        self.frags.append(_frag(e))
+
+
+def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = None) -> Plan:
+    pol = policy or default_policy()
+    c = _Ctx(vm, dest, pol)
+    cat = c.cat
+    midr_id, revidr_id = cat.id_of("MIDR_EL1"), cat.id_of("REVIDR_EL1")
+
+    # big.LITTLE: which cluster's MIDR the guest will see (without cap 239) and whose errata apply.
+    clusters = sorted(set(dest.cpu_midrs))
+    big_little = len(clusters) > 1
+    d_midr = c.dst.get(midr_id, 0)
+    s_midr = c.src.get(midr_id, 0)
+    assumed, cpus = d_midr, ()
+    if big_little:
+        assumed = s_midr if s_midr in clusters else (d_midr if d_midr in clusters else clusters[0])
+        cpus = tuple(i for i, m in enumerate(dest.cpu_midrs) if m == assumed)
+        listing = ", ".join(errata.describe_midr(m) for m in clusters)
+        if pol.big_little == "refuse":
+            c.add("MIDR_EL1", midr_id, "cluster", s_midr, assumed, d_midr, Verdict.REFUSE,
+                  f"destination is big.LITTLE ({listing}); policy refuses heterogeneous hosts")
+        else:
+            c.add("MIDR_EL1", midr_id, "cluster", s_midr, assumed, d_midr, Verdict.OVERRIDE,
+                  f"destination is big.LITTLE ({listing}); plan assumes the cluster {errata.describe_midr(assumed)} "
+                  f"on CPUs {', '.join(map(str, cpus))}: {pol.big_little_reason}",
+                  f"vCPUs confined to CPUs {', '.join(map(str, cpus))}")
+    c.dview_midr = assumed
+
+    # Errata: the physical implementation the guest will run on vs. every implementation it knows.
+    known = [(s_midr, c.src.get(revidr_id))] + [(m, None) for m in vm.seen_midrs] + \
+            [(i.midr, i.revidr) for i in vm.target_impls]
+    c.errata_missing = errata.missing([(assumed, c.dst.get(revidr_id))], known) if midr_id in c.src else []
+
+    src, dst, listed = c.src, c.dst, c.dst_listed
+    ids = sorted(src.keys() | {r for r in dst if r not in src and r in listed and _meta(r)[1] in _DEST_ONLY})
+    entries, frags, memo = c.entries, c.frags, _MEMO
+    per_field_key = (c.masks is None, c.kernel, dest.kernel_version, pol.digest)
+    errata_key = tuple(e.erratum for e in c.errata_missing)
+    for rid in ids:
+        name, cls, _ = _meta(rid)
+        s = src.get(rid)
+        d = dst.get(rid)
+        if s is not None and s == d and cls != "imp_id":     # fast path: identical and listed
+            if rid in listed:
+                e, fr = _identical(name, rid, s)
+                entries.append(e)
+                frags.append(fr)
+                continue
+        if s is None:
+            if d and cls == "id":
+                _idreg(c, rid, name, 0, d, note="not listed on the source kernel (read as 0 there); ")
+            continue
+        if rid not in listed:
+            _absent(c, rid, name, cls, s)
+        elif d is None:
+            c.add(name, rid, "", s, 0, s, Verdict.REFUSE, "the destination listed it but reported no value")
+        elif cls in ("id", "cache", "imp_id", "fw"):
+            if cls == "imp_id":
+                key = (rid, s, d, c.dview_midr, c.cap239, _mask(c, rid), errata_key, per_field_key)
+                fn = _impid
+            elif cls == "fw":
+                key = (rid, s, d, pol.digest)
+                fn = _fw
+            else:
+                key = (rid, s, d, _mask(c, rid), per_field_key)
+                fn = _idreg
+            hit = memo.get(key)
+            if hit is None:
+                start = len(entries)
+                fn(c, rid, name, s, d)
+                if len(memo) >= _MEMO_MAX:
+                    memo.clear()
+                memo[key] = (tuple(entries[start:]), tuple(frags[start:]))
+            else:
+                entries.extend(hit[0])
+                frags.extend(hit[1])
+        else:
+            c.add(name, rid, "", s, d, s, Verdict.SET, "per-vCPU state: restored as is")
+
+    # vCPU init features: the destination must offer each one (the target itself is never migrated).
+    caps = dict(dest.caps)
+    for feat in vm.features:
+        cap = _FEATURE_CAPS.get(feat)
+        if cap is None:
+            c.add("vcpu_init", 0, feat, 1, 0, 0, Verdict.REFUSE, f"vCPU feature {feat}: invariantd cannot check it yet")
+        elif cap not in caps:
+            c.notes.append(f"vCPU feature {feat}: the destination document does not report {cap}; "
+                           f"KVM_ARM_VCPU_INIT decides")
+        elif not caps[cap]:
+            c.add("vcpu_init", 0, feat, 1, 0, 0, Verdict.REFUSE,
+                  f"vCPU feature {feat} needs {cap}, which the destination does not offer")
+
+    # Source registers the VM profile lists without a value (drift candidates only).
+    if vm.reg_list:
+        for rid in sorted(set(vm.reg_list) - set(c.src) - c.dst_listed):
+            if rid in pol.drift:
+                c.add(cat.name(rid), rid, "", 0, 0, 0, Verdict.REFUSE,
+                      "absent on the destination and the VM profile carries no value to prove it is the reset value")
+
+    if c.errata_missing:
+        listing = "; ".join(f"{e.erratum}: {e.description}" for e in c.errata_missing)
+        verdict = Verdict.REFUSE if pol.errata_missing == "refuse" else Verdict.OVERRIDE
+        c.add("MIDR_EL1", midr_id, "errata", s_midr, assumed, c.dst.get(midr_id, 0), verdict,
+              f"destination {errata.describe_midr(assumed)} needs workarounds the guest never enabled: {listing}; "
+              f"{pol.errata_reason}",
+              "" if verdict is Verdict.REFUSE else f"runs without workarounds {', '.join(e.erratum for e in c.errata_missing)}")
+
+    if vm.target_impls:
+        bmap2 = cat.id_of("KVM_REG_ARM_VENDOR_HYP_BMAP_2")
+        if bmap2 in c.dst_listed:
+            c.notes.append("VMM: keep VENDOR_HYP_BMAP_2 = 0b11, forward SMCCC 0xC6000040/0xC6000041 to userspace and "
+                           "answer them with target_impls (unchanged for the VM's lifetime)")
+        else:
+            c.add("KVM_REG_ARM_VENDOR_HYP_BMAP_2", bmap2, "", 0b11, 0, 0, Verdict.REFUSE,
+                  "the VM publishes target implementations (errata discovery) but the destination kernel has no "
+                  "BMAP_2 (< 6.15)")
+
+    entries = tuple(c.entries)
+    verdicts = {e.verdict for e in entries}
+    migratable = Verdict.REFUSE not in verdicts
+    pinned = Verdict.PIN in verdicts and any(e.verdict is Verdict.PIN and not e.field for e in entries)
+    if pinned:
+        c.notes.append("VMM: enable KVM_CAP_ARM_WRITABLE_IMP_ID_REGS (239) on the VM before creating any vCPU")
+    visible = tuple(dict.fromkeys(_visible(entries)))
+    plan = Plan(vm_name=vm.name, destination=dest.name, policy=pol.label, migratable=migratable,
+                enable_cap239=pinned, target_impls=vm.target_impls, big_little=big_little,
+                assumed_cluster=assumed if big_little else 0, cluster_cpus=cpus, entries=entries,
+                guest_visible=visible, notes=tuple(c.notes))
+    return replace(plan, digest=plan_digest(plan, c.frags))
+
+
+@lru_cache(maxsize=1 << 14)
+def _identical(name: str, rid: int, s: int) -> tuple[PlanEntry, bytes]:
+    e = PlanEntry(name, rid, "", s, s, s, Verdict.IDENTICAL, "same value")
+    return e, _frag(e)
+
+
+def _visible(entries):
+    """Register-level descriptions where the register has one (e.g. MIDR), else its field entries."""
+    entries = [e for e in entries if e.guest_sees]
+    reg_level = {e.register for e in entries if not e.field}
+    for e in entries:
+        if e.guest_sees and (not e.field or e.register not in reg_level):
+            yield f"{e.register}{'.' + e.field if e.field else ''}: {e.guest_sees}"
+
+
+def _header(plan: Plan) -> bytes:
+    return json.dumps([plan.vm_name, plan.destination, plan.policy, plan.migratable, plan.enable_cap239,
+                       [[i.midr, i.revidr, i.aidr] for i in plan.target_impls], plan.big_little,
+                       plan.assumed_cluster, list(plan.cluster_cpus), list(plan.guest_visible), list(plan.notes)],
+                      separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def canonical_bytes(plan: Plan, frags: list[bytes] | None = None) -> bytes:
+    """The digest input: tag, a fixed-order JSON array of the plan's header fields, then one JSON array per
+    entry (integers as JSON numbers, verdicts by value), newline-separated. Independent of Cap'n Proto and
+    of dict ordering; a peer recomputes it from the decoded plan."""
+    if frags is None:
+        frags = [_frag(e) for e in plan.entries]
+    return DIGEST_TAG + _header(plan) + b"\n" + b"\n".join(frags)
+
+
+def plan_digest(plan: Plan, frags: list[bytes] | None = None) -> bytes:
+    return hashlib.sha256(canonical_bytes(plan, frags)).digest()
+
+
+# --- per register class --------------------------------------------------------------------------------
+
+def _absent(c: _Ctx, rid: int, name: str, cls: str, s: int) -> None:
+    drift = c.pol.drift.get(rid)
+    fw = c.cat.fwregs.get(rid)
+    if drift is not None:
+        if s == drift.reset:
+            c.add(name, rid, "", s, 0, 0, Verdict.DROP, f"not listed on the destination kernel {c.dest.kernel_version}; "
+                                                        f"value {s:#x} is the reset value: {drift.reason}")
+        else:
+            c.add(name, rid, "", s, 0, 0, Verdict.REFUSE,
+                  f"not listed on the destination kernel {c.dest.kernel_version} (ENOENT) and {s:#x} is not its "
+                  f"reset value {drift.reset:#x}")
+        return
+    if cls == "id" and s == 0:
+        c.add(name, rid, "", s, 0, 0, Verdict.DROP,
+              "ID slot not listed on the destination; 0 is the value of an unallocated/hidden ID register")
+        return
+    if fw is not None and fw.reset != "host" and s == int(fw.reset, 0):
+        c.add(name, rid, "", s, 0, 0, Verdict.DROP, f"not listed on the destination; {s:#x} is its reset value")
+        return
+    c.add(name, rid, "", s, 0, 0, Verdict.REFUSE,
+          f"not listed on the destination kernel {c.dest.kernel_version} (would fail with ENOENT) and no rule "
+          f"proves {s:#x} is its reset value")
+
+
+def _impid(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
+    is_midr = name == "MIDR_EL1"
+    seen = c.dview_midr if is_midr else d
+    fields = c.cat.fields_of(name)
+    if s == d and seen == s:
+        c.add(name, rid, "", s, d, s, Verdict.IDENTICAL, "same value")
+        return
+    if c.cap239 and c.pol.pin:
+        for f in fields:
+            if f.raw(s) != f.raw(d):
+                c.add(name, rid, f.name, f.raw(s), f.raw(d), f.raw(s), Verdict.PIN, "kept with cap 239")
+        c.add(name, rid, "", s, d, s, Verdict.PIN, f"{c.pol.pin_reason}; destination value {d:#x} is not shown to the guest")
+        return
+    rule = c.pol.imp_id[name]
+    why_fixed = (f"destination kernel {c.dest.kernel_version} does not offer cap 239"
+                 + (" (its writable-mask report for this register does not make it writable without the cap)"
+                    if c.masks is not None and _mask(c, rid) else "")
+                 + (" (policy: imp_id.pin = false)" if c.cap239 else ""))
+    problem = ""
+    if rule.override == "never":
+        problem = "policy allows no change of this register"
+    elif rule.override == "same-part" and is_midr:
+        diff = [f.name for f in fields if f.name in _MIDR_SAME_PART and f.raw(s) != f.raw(seen)]
+        if diff:
+            problem = f"different {'/'.join(diff)}: not a revision of the same part"
+        elif c.errata_missing:
+            problem = "the errata check fails (see the errata entry)"
+    sees = f"{errata.describe_midr(s)} -> {errata.describe_midr(seen)}" if is_midr else f"{s:#x} -> {seen:#x}"
+    verdict = Verdict.REFUSE if problem else Verdict.OVERRIDE
+    for f in fields:
+        if f.raw(s) != f.raw(seen):
+            c.add(name, rid, f.name, f.raw(s), f.raw(seen), f.raw(d), verdict,
+                  problem or "destination value shown to the guest", f"{f.raw(s):#x} -> {f.raw(seen):#x}")
+    if problem:
+        c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"{why_fixed}; {problem} ({rule.reason})")
+    else:
+        extra = "; errata check passed: the destination needs no workaround the guest lacks" if is_midr else ""
+        c.add(name, rid, "", s, d, d, Verdict.OVERRIDE, f"{why_fixed}; {rule.reason}{extra}", sees)
+
+
+def _mask(c: _Ctx, rid: int) -> int:
+    idx = _meta(rid)[2]
+    if c.masks is None or idx is None:
+        return 0
+    return c.masks[idx]
+
+
+def _direction(f: Field, fs: int, fd: int) -> str:
+    t = f.kvm_safety
+    if t is Safety.LOWER:
+        return "gain" if fd > fs else "loss"
+    if t is Safety.HIGHER:
+        return "gain" if fd < fs else "loss"
+    return "exact"
+
+
+def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None:
+    if s == d:
+        c.add(name, rid, "", s, d, s, Verdict.IDENTICAL, "same value")
+        return
+    pol, cat = c.pol, c.cat
+    syn = pol.synthetic.get(rid)
+    if syn is not None and c.kernel >= syn.since:
+        if s & ~syn.mask:
+            c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"{note}bits {s & ~syn.mask:#x} outside {syn.mask:#x}: {syn.reason}")
+        else:
+            c.add(name, rid, "", s, d, s, Verdict.SET, f"{note}{syn.reason}")
+        return
+    per_field = c.masks is not None
+    wmask = _mask(c, rid)
+    planned = s
+    refused = overridden = False
+    covered = 0
+    for f in cat.fields_of(name):
+        covered |= f.mask
+        if not (s ^ d) & f.mask:
+            continue
+        fs, fd = f.get(s), f.get(d)
+        writable = per_field and f.in_kernel(c.kernel) and (f.mask & wmask) == f.mask
+        if writable and f.safe_value(fs, fd) == fs:
+            c.add(name, rid, f.name, f.raw(s), f.raw(d), f.raw(s), Verdict.SET,
+                  f"{note}writable here and {_type(f)}-safe against the destination's {f.raw(d):#x}")
+            continue
+        if not per_field:
+            why = f"ID registers must match on kernel {c.dest.kernel_version} (no writable masks)"
+        elif not writable:
+            why = "not writable on the destination (outside its writable mask)"
+        else:
+            why = f"{f.raw(s):#x} is not {_type(f)}-safe against the destination's {f.raw(d):#x}"
+        direction = _direction(f, fs, fd)
+        rule = pol.field_rules.get((name, f.name))
+        action = rule.action if rule else getattr(pol, direction)
+        reason = rule.reason if rule else getattr(pol, f"{direction}_reason")
+        label = {"gain": "destination offers more", "loss": "destination offers less",
+                 "exact": f"{_type(f)} field"}[direction]
+        if action == "allow":
+            planned = f.put(planned, f.raw(d))
+            overridden = True
+            c.add(name, rid, f.name, f.raw(s), f.raw(d), f.raw(d), Verdict.OVERRIDE,
+                  f"{note}{why}; {label}: {reason}", f"{f.raw(s):#x} -> {f.raw(d):#x}")
+        else:
+            refused = True
+            c.add(name, rid, f.name, f.raw(s), f.raw(d), f.raw(d), Verdict.REFUSE, f"{note}{why}; {label}: {reason}")
+    rest = (s ^ d) & ~covered & 0xFFFFFFFFFFFFFFFF
+    if rest:
+        if pol.exact == "allow":
+            planned = (planned & ~rest) | (d & rest)
+            overridden = True
+            c.add(name, rid, "(bits)", s & rest, d & rest, d & rest, Verdict.OVERRIDE,
+                  f"{note}bits {rest:#x} lie outside every catalogued field: {pol.exact_reason}",
+                  f"bits {rest:#x} change")
+        else:
+            refused = True
+            c.add(name, rid, "(bits)", s & rest, d & rest, d & rest, Verdict.REFUSE,
+                  f"{note}bits {rest:#x} differ and lie outside every catalogued field: {pol.exact_reason}")
+    if not refused:
+        # Safety net: the planned value must pass the destination kernel's own rule.
+        problems = (cat.check_write(name, planned, d, wmask, c.kernel) if per_field
+                    else ([] if planned == d else [(None, "value differs and this kernel accepts only its own")]))
+        if problems:
+            refused = True
+            c.add(name, rid, "(check)", planned, d, d, Verdict.REFUSE,
+                  "planned value fails the destination's rule: " + "; ".join(p for _, p in problems))
+    if refused:
+        c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"{note}at least one field cannot be carried (see fields)")
+    elif overridden:
+        c.add(name, rid, "", s, d, planned, Verdict.OVERRIDE, f"{note}merged: source fields where safe, destination "
+                                                              f"fields where the policy allows the guest to see them")
+    else:
+        c.add(name, rid, "", s, d, planned, Verdict.SET, f"{note}every differing field is writable and safe here")
+
+
+def _fw(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
+    if s == d:
+        c.add(name, rid, "", s, d, s, Verdict.IDENTICAL, "same value")
+        return
+    fw = c.cat.fwregs.get(rid)
+    kind = fw.kind if fw else "unknown"
+    if kind == "psci":
+        ok = s <= d and s in (0x2, 0x10000, 0x10001, 0x10002, 0x10003)
+        c.add(name, rid, "", s, d, s if ok else d, Verdict.SET if ok else Verdict.REFUSE,
+              f"PSCI version {s:#x} {'is offered by' if ok else 'is not offered by'} the destination (up to {d:#x})")
+    elif kind == "workaround":
+        wa2 = name.endswith("WORKAROUND_2")
+        fs, fd = (_wa2_fold(s), _wa2_fold(d)) if wa2 else (s, d)
+        if s >> 5 or (s >> 4 and not wa2):
+            c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"level {s:#x} does not fit the register")
+        elif fs <= fd:
+            c.add(name, rid, "", s, d, s, Verdict.SET,
+                  f"source level {s:#x} is not above the destination's {d:#x}: the guest keeps what it was told")
+        else:
+            c.add(name, rid, "", s, d, d, Verdict.REFUSE,
+                  f"source level {s:#x} is above the destination's {d:#x}: the destination is less mitigated "
+                  f"(KVM refuses with EINVAL)")
+    elif kind == "bitmap":
+        supported = d | (_BMAP2_SUPPORTED if name.endswith("BMAP_2") else 0)
+        if s & ~supported:
+            c.add(name, rid, "", s, d, d, Verdict.REFUSE,
+                  f"hypercall bits {s & ~supported:#x} are not offered by the destination ({supported:#x})")
+        else:
+            c.add(name, rid, "", s, d, s, Verdict.SET, f"hypercall bits {s:#x} are all offered by the destination")
+    else:
+        c.add(name, rid, "", s, d, d, Verdict.REFUSE, "unknown firmware register kind: cannot prove the write is safe")

@@ -1,0 +1,529 @@
+"""The peer session, sans-IO (h11 style): bytes in -> events out, events in -> bytes out. No networking here.
+
+    s = Session(SOURCE)
+    wire = s.send(Hello(versions=(1,), role="source"))      # bytes for the transport
+    s.receive_data(data)                                     # b"" = the peer closed
+    ev = s.next_event()                                      # an event, NEED_DATA, or ConnectionClosed()
+
+Conversation (one shared state; S = source, D = destination):
+
+    START -S:Hello-> GREETING -D:Hello-> GREETED -D:Capabilities-> CAPS_KNOWN -S:PlanProposal-> PROPOSED
+    -D:PlanAccept-> AGREED -D:Preflight-> READY -S:VcpuChunk-> STREAMING (-S:VcpuChunk-> STREAMING)
+    -S:StreamEnd-> STREAMED -D:Commit-> COMMITTING -S:Commit-> DONE
+    any state but DONE/ABORTED -(either):Abort-> ABORTED
+
+The D Commit means "applied and verified, paused"; the S Commit means "source released its VM: run it".
+The session checks what it can without I/O: roles, order, a common version, the plan digest (sha256 of
+the plan bytes) echoed by PlanAccept, per-chunk checksums, chunk numbering per vCPU, the whole-set digest
+in StreamEnd and both Commits. Any violation by the peer raises RemoteProtocolError naming it; by us,
+LocalProtocolError. Either makes ERROR sticky. After ABORTED, messages that crossed the Abort on the wire
+are still returned (so the caller can log them) but change nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Sequence, Union
+
+from . import regid
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .framing import FrameDecoder, Limits
+
+PROTOCOL_VERSIONS = (1,)
+SOURCE, DESTINATION = "source", "destination"
+CHECKSUMS = ("crc32", "sha256")
+
+
+class _Sentinel(type):
+    def __repr__(cls) -> str:
+        return cls.__name__
+
+
+def _sentinel(name: str) -> type:
+    return _Sentinel(name, (), {})
+
+
+NEED_DATA = _sentinel("NEED_DATA")
+START, GREETING, GREETED, CAPS_KNOWN, PROPOSED, AGREED, READY, STREAMING, STREAMED, COMMITTING, DONE, ABORTED, \
+    ERROR = (_sentinel(n) for n in ("START", "GREETING", "GREETED", "CAPS_KNOWN", "PROPOSED", "AGREED", "READY",
+                                     "STREAMING", "STREAMED", "COMMITTING", "DONE", "ABORTED", "ERROR"))
+
+
+def _need(cond: bool, msg: str, what: str = "invalid-message") -> None:
+    if not cond:
+        raise LocalProtocolError(msg, what)
+
+
+def _text(v: str, name: str, limit: int = 4096) -> None:
+    _need(isinstance(v, str) and len(v) <= limit, f"{name} must be text of at most {limit} characters")
+
+
+def _u32(v: int, name: str) -> None:
+    _need(isinstance(v, int) and 0 <= v < 1 << 32, f"{name} {v!r} is not a u32")
+
+
+# --- events ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Hello:
+    versions: tuple[int, ...]
+    role: str
+    node: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "versions", tuple(self.versions))
+        _need(0 < len(self.versions) <= 64 and all(isinstance(v, int) and 0 < v < 1 << 16 for v in self.versions),
+              f"Hello.versions {self.versions!r} must list 1..64 versions in 1..65535")
+        _need(self.role in (SOURCE, DESTINATION), f"Hello.role {self.role!r} is neither source nor destination")
+        _text(self.node, "Hello.node", 256)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    format: str
+    doc: bytes
+
+    def __post_init__(self) -> None:
+        _text(self.format, "Capabilities.format", 256)
+        _need(isinstance(self.doc, bytes), "Capabilities.doc must be bytes")
+
+
+def _sha256(b: bytes) -> bytes:
+    return hashlib.sha256(b).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class PlanProposal:
+    migration_id: str
+    vm_id: str
+    vcpus: int
+    format: str
+    plan: bytes
+    digest: bytes = b""          # filled in (sha256 of plan) when left empty
+
+    def __post_init__(self) -> None:
+        _text(self.migration_id, "PlanProposal.migration_id", 256)
+        _text(self.vm_id, "PlanProposal.vm_id", 256)
+        _text(self.format, "PlanProposal.format", 256)
+        _need(isinstance(self.vcpus, int) and 1 <= self.vcpus <= 4096, f"PlanProposal.vcpus {self.vcpus!r} "
+                                                                       f"outside 1..4096")
+        _need(isinstance(self.plan, bytes), "PlanProposal.plan must be bytes")
+        if not self.digest:
+            object.__setattr__(self, "digest", _sha256(self.plan))
+        _need(self.digest == _sha256(self.plan), "PlanProposal.digest is not the sha256 of the plan bytes",
+              "bad-digest")
+
+
+@dataclass(frozen=True, slots=True)
+class PlanAccept:
+    migration_id: str
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        _text(self.migration_id, "PlanAccept.migration_id", 256)
+        _need(isinstance(self.digest, bytes) and len(self.digest) == 32, "PlanAccept.digest must be 32 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Preflight:
+    ok: bool
+    detail: str = ""
+    events: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "events", tuple(self.events))
+        _need(isinstance(self.ok, bool), "Preflight.ok must be a bool")
+        _text(self.detail, "Preflight.detail", 65536)
+        _need(len(self.events) <= 4096, "Preflight.events: more than 4096 entries")
+        for e in self.events:
+            _text(e, "Preflight.events[]", 4096)
+
+
+def chunk_bytes(vcpu: int, chunk: int, reg_ids: Sequence[int], values: bytes) -> bytes:
+    """The bytes a chunk's checksum and the whole-set digest cover."""
+    return struct.pack(f"<II{len(reg_ids)}Q", vcpu, chunk, *reg_ids) + values
+
+
+def _checksum(kind: str, data: bytes) -> bytes:
+    if kind == "crc32":
+        return struct.pack("<I", zlib.crc32(data))
+    return _sha256(data)
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuChunk:
+    vm_id: str
+    vcpu: int
+    chunk: int
+    reg_ids: tuple[int, ...]
+    values: bytes
+    checksum_kind: str = "crc32"
+    checksum: bytes = b""         # computed when left empty
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reg_ids", tuple(self.reg_ids))
+        _text(self.vm_id, "VcpuChunk.vm_id", 256)
+        _u32(self.vcpu, "VcpuChunk.vcpu")
+        _u32(self.chunk, "VcpuChunk.chunk")
+        _need(self.checksum_kind in CHECKSUMS, f"VcpuChunk.checksum_kind {self.checksum_kind!r} unknown")
+        _need(isinstance(self.values, bytes), "VcpuChunk.values must be bytes")
+        total = 0
+        for r in self.reg_ids:
+            _need(isinstance(r, int) and 0 <= r < 1 << 64, f"register id {r!r} is not a u64")
+            size_code = (r & regid.KVM_REG_SIZE_MASK) >> regid.KVM_REG_SIZE_SHIFT
+            _need(size_code <= regid.SIZE_U2048, f"register {r:#018x}: size code {size_code} above U2048",
+                  "bad-register")
+            total += regid.size_bytes(r)
+        _need(total == len(self.values), f"VcpuChunk {self.vcpu}/{self.chunk}: {len(self.values)} value bytes for "
+                                         f"registers needing {total}", "bad-chunk")
+        want = _checksum(self.checksum_kind, self.covered())
+        if not self.checksum:
+            object.__setattr__(self, "checksum", want)
+        _need(self.checksum == want, f"VcpuChunk {self.vcpu}/{self.chunk}: {self.checksum_kind} checksum mismatch",
+              "bad-checksum")
+
+    def covered(self) -> bytes:
+        return chunk_bytes(self.vcpu, self.chunk, self.reg_ids, self.values)
+
+    @classmethod
+    def build(cls, vm_id: str, vcpu: int, chunk: int, regs: Sequence[tuple[int, int]],
+              checksum_kind: str = "crc32") -> "VcpuChunk":
+        ids = tuple(r for r, _ in regs)
+        try:
+            values = b"".join(int(v).to_bytes(regid.size_bytes(r), "little") for r, v in regs)
+        except OverflowError as e:
+            raise LocalProtocolError(f"register value does not fit its size: {e}", "bad-chunk") from None
+        return cls(vm_id, vcpu, chunk, ids, values, checksum_kind)
+
+    def registers(self) -> list[tuple[int, int]]:
+        out, off = [], 0
+        for r in self.reg_ids:
+            n = regid.size_bytes(r)
+            out.append((r, int.from_bytes(self.values[off:off + n], "little")))
+            off += n
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    vm_id: str
+    vcpus: int
+    chunks: int
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        _text(self.vm_id, "StreamEnd.vm_id", 256)
+        _u32(self.vcpus, "StreamEnd.vcpus")
+        _u32(self.chunks, "StreamEnd.chunks")
+        _need(isinstance(self.digest, bytes) and len(self.digest) == 32, "StreamEnd.digest must be 32 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    migration_id: str
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        _text(self.migration_id, "Commit.migration_id", 256)
+        _need(isinstance(self.digest, bytes) and len(self.digest) == 32, "Commit.digest must be 32 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    reason: str
+    code: str = ""
+
+    def __post_init__(self) -> None:
+        _text(self.reason, "Abort.reason", 65536)
+        _text(self.code, "Abort.code", 64)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed the connection at a frame boundary."""
+
+
+Event = Union[Hello, Capabilities, PlanProposal, PlanAccept, Preflight, VcpuChunk, StreamEnd, Commit, Abort]
+
+# --- the wire codec (Cap'n Proto readers/builders never leave this section) ------------------------------------
+_WIRE_NAMES = {Hello: "hello", Capabilities: "capabilities", PlanProposal: "planProposal", PlanAccept: "planAccept",
+               Preflight: "preflight", VcpuChunk: "vcpuChunk", StreamEnd: "streamEnd", Commit: "commit",
+               Abort: "abort"}
+
+
+@lru_cache(maxsize=1)
+def _schema():
+    import capnp   # lazy: the state machine and events do not need it
+    path = resources.files(__package__).joinpath("schemas", "peer.capnp")
+    with resources.as_file(path) as p:
+        return capnp.load(str(p))
+
+
+def encode(event: Event) -> bytes:
+    msg = _schema().Message.new_message()
+    name = _WIRE_NAMES[type(event)]
+    m = msg.init(name)
+    if isinstance(event, Hello):
+        m.versions = list(event.versions)
+        m.role = event.role
+        m.node = event.node
+    elif isinstance(event, Capabilities):
+        m.format, m.doc = event.format, event.doc
+    elif isinstance(event, PlanProposal):
+        m.migrationId, m.vmId, m.vcpus, m.format = event.migration_id, event.vm_id, event.vcpus, event.format
+        m.plan, m.digest = event.plan, event.digest
+    elif isinstance(event, (PlanAccept, Commit)):
+        m.migrationId, m.digest = event.migration_id, event.digest
+    elif isinstance(event, Preflight):
+        m.ok, m.detail, m.events = event.ok, event.detail, list(event.events)
+    elif isinstance(event, VcpuChunk):
+        m.vmId, m.vcpu, m.chunk = event.vm_id, event.vcpu, event.chunk
+        m.regIds = list(event.reg_ids)
+        m.values, m.checksumKind, m.checksum = event.values, event.checksum_kind, event.checksum
+    elif isinstance(event, StreamEnd):
+        m.vmId, m.vcpus, m.chunks, m.digest = event.vm_id, event.vcpus, event.chunks, event.digest
+    elif isinstance(event, Abort):
+        m.reason, m.code = event.reason, event.code
+    return msg.to_bytes()
+
+
+def _decode_reader(r) -> Event:
+    w = r.which()
+    m = getattr(r, w)
+    if w == "hello":
+        return Hello(tuple(m.versions), str(m.role), m.node)
+    if w == "capabilities":
+        return Capabilities(m.format, bytes(m.doc))
+    if w == "planProposal":
+        return PlanProposal(m.migrationId, m.vmId, m.vcpus, m.format, bytes(m.plan), bytes(m.digest))
+    if w == "planAccept":
+        return PlanAccept(m.migrationId, bytes(m.digest))
+    if w == "preflight":
+        return Preflight(m.ok, m.detail, tuple(m.events))
+    if w == "vcpuChunk":
+        return VcpuChunk(m.vmId, m.vcpu, m.chunk, tuple(m.regIds), bytes(m.values), str(m.checksumKind),
+                         bytes(m.checksum))
+    if w == "streamEnd":
+        return StreamEnd(m.vmId, m.vcpus, m.chunks, bytes(m.digest))
+    if w == "commit":
+        return Commit(m.migrationId, bytes(m.digest))
+    if w == "abort":
+        return Abort(m.reason, m.code)
+    raise LocalProtocolError(f"unknown message kind {w!r}", "unknown-message")
+
+
+def decode(frame: bytes, limits: Limits = Limits()) -> Event:
+    """One frame -> one event. Anything wrong -> RemoteProtocolError naming it."""
+    schema = _schema()
+    try:
+        with schema.Message.from_bytes(frame, traversal_limit_in_words=limits.traversal_limit_in_words,
+                                       nesting_limit=limits.nesting_limit) as r:
+            if r.which() == "vcpuChunk" and len(r.vcpuChunk.regIds) > limits.max_registers_per_chunk:
+                raise LocalProtocolError(f"VcpuChunk carries {len(r.vcpuChunk.regIds)} registers; the limit is "
+                                         f"{limits.max_registers_per_chunk}", "chunk-too-large")
+            return _decode_reader(r)
+    except LocalProtocolError as e:
+        raise RemoteProtocolError(str(e), e.what) from e
+    except ProtocolError:
+        raise
+    except UnicodeDecodeError as e:
+        raise RemoteProtocolError(f"message text is not UTF-8: {e.reason}", "malformed-message") from None
+    except Exception as e:    # capnp.KjException and anything the decoder raises on hostile input
+        desc = getattr(e, "description", None) or str(e) or type(e).__name__
+        raise RemoteProtocolError(f"undecodable Cap'n Proto message: {desc.splitlines()[0][:300]}",
+                                  "malformed-message") from None
+
+
+# --- the state machine --------------------------------------------------------------------------------------------
+S, D = SOURCE, DESTINATION
+TRANSITIONS: dict[tuple[type, str, type], type] = {
+    (START, S, Hello): GREETING,
+    (GREETING, D, Hello): GREETED,
+    (GREETED, D, Capabilities): CAPS_KNOWN,
+    (CAPS_KNOWN, S, PlanProposal): PROPOSED,
+    (PROPOSED, D, PlanAccept): AGREED,
+    (AGREED, D, Preflight): READY,
+    (READY, S, VcpuChunk): STREAMING,
+    (STREAMING, S, VcpuChunk): STREAMING,
+    (READY, S, StreamEnd): STREAMED,
+    (STREAMING, S, StreamEnd): STREAMED,
+    (STREAMED, D, Commit): COMMITTING,
+    (COMMITTING, S, Commit): DONE,
+}
+ABORTABLE = frozenset({START, GREETING, GREETED, CAPS_KNOWN, PROPOSED, AGREED, READY, STREAMING, STREAMED,
+                       COMMITTING})
+
+
+class Session:
+    def __init__(self, role: str, limits: Limits = Limits(), versions: Sequence[int] = PROTOCOL_VERSIONS) -> None:
+        if role not in (SOURCE, DESTINATION):
+            raise LocalProtocolError(f"role {role!r} is neither source nor destination")
+        self.our_role = role
+        self.their_role = DESTINATION if role == SOURCE else SOURCE
+        self.limits = limits
+        self.versions = tuple(versions)
+        self.state: type = START
+        self.version: int | None = None
+        self.their_hello: Hello | None = None
+        self.capabilities: Capabilities | None = None
+        self.proposal: PlanProposal | None = None
+        self.abort: Abort | None = None
+        self.aborted_by: str | None = None
+        self.error: ProtocolError | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._decoder = FrameDecoder(limits)
+        self._eof = False
+        self._digest = hashlib.sha256()
+        self._chunks = 0
+        self._next_chunk: dict[int, int] = {}
+        self._stream_digest: bytes | None = None
+
+    # --- public API
+    def receive_data(self, data: bytes) -> None:
+        if self._eof and data:
+            raise LocalProtocolError("receive_data after end of stream")
+        if not data:
+            self._eof = True
+            return
+        self.bytes_received += len(data)
+        self._decoder.feed(data)
+
+    def next_event(self):
+        if self.state is ERROR:
+            raise RemoteProtocolError(f"session is in ERROR state ({self.error})", "error-state")
+        try:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                if not self._eof:
+                    return NEED_DATA
+                if self._decoder.pending:
+                    raise RemoteProtocolError(f"connection closed inside a frame ({self._decoder.pending} bytes "
+                                              f"pending)", "truncated-frame")
+                return ConnectionClosed()
+            event = decode(frame, self.limits)
+            self._process(self.their_role, event)
+            return event
+        except LocalProtocolError as e:
+            self._fail(e)
+            raise RemoteProtocolError(str(e), e.what) from e
+        except RemoteProtocolError as e:
+            self._fail(e)
+            raise
+
+    def send(self, event: Event) -> bytes:
+        if self.state is ERROR:
+            raise LocalProtocolError(f"session is in ERROR state ({self.error})", "error-state")
+        if type(event) not in _WIRE_NAMES:
+            raise LocalProtocolError(f"cannot send {type(event).__name__}")
+        try:
+            data = encode(event)
+            if len(data) > self.limits.max_frame_bytes:
+                raise LocalProtocolError(f"{type(event).__name__} encodes to {len(data)} bytes; the frame limit is "
+                                         f"{self.limits.max_frame_bytes} (send smaller chunks)", "frame-too-large")
+            self._process(self.our_role, event)
+        except LocalProtocolError as e:
+            self._fail(e)
+            raise
+        self.bytes_sent += len(data)
+        return data
+
+    def send_failed(self) -> None:
+        """The transport could not deliver what send() returned: the session cannot continue."""
+        self._fail(LocalProtocolError("send failed", "send-failed"))
+
+    def stream_end(self) -> StreamEnd:
+        """The StreamEnd for everything sent so far (source side)."""
+        if self.proposal is None:
+            raise LocalProtocolError("no plan proposal yet")
+        return StreamEnd(self.proposal.vm_id, self.proposal.vcpus, self._chunks, self._digest.digest())
+
+    @property
+    def stream_digest(self) -> bytes | None:
+        """The whole-set digest once StreamEnd passed (either direction)."""
+        return self._stream_digest
+
+    # --- internals
+    def _fail(self, e: ProtocolError) -> None:
+        self.state = ERROR
+        self.error = self.error or e
+
+    def _process(self, sender: str, ev: Event) -> None:
+        who = "we" if sender == self.our_role else "the peer"
+        if isinstance(ev, Abort):
+            if self.state in ABORTABLE:
+                self.state, self.abort, self.aborted_by = ABORTED, ev, sender
+                return
+            if self.state is ABORTED:
+                return
+            raise LocalProtocolError(f"Abort from {sender} in state {self.state!r}", "unexpected-message")
+        if self.state is ABORTED:
+            if sender == self.our_role:
+                raise LocalProtocolError(f"cannot send {type(ev).__name__}: the migration was aborted",
+                                         "unexpected-message")
+            return            # crossed the Abort on the wire: delivered, ignored by the state machine
+        new = TRANSITIONS.get((self.state, sender, type(ev)))
+        if new is None:
+            raise LocalProtocolError(f"{type(ev).__name__} from {sender} ({who}) is not allowed in state "
+                                     f"{self.state!r}", "unexpected-message")
+        getattr(self, "_check_" + type(ev).__name__)(sender, ev)
+        self.state = new
+
+    def _check_Hello(self, sender: str, ev: Hello) -> None:
+        _need(ev.role == sender, f"Hello claims role {ev.role!r} but comes from the {sender}", "wrong-role")
+        if sender == self.their_role:
+            self.their_hello = ev
+            common = set(ev.versions) & set(self.versions)
+            _need(bool(common), f"no common protocol version: peer speaks {list(ev.versions)}, we speak "
+                                f"{list(self.versions)}", "version-mismatch")
+            self.version = max(common)
+
+    def _check_Capabilities(self, sender: str, ev: Capabilities) -> None:
+        self.capabilities = ev
+
+    def _check_PlanProposal(self, sender: str, ev: PlanProposal) -> None:
+        self.proposal = ev
+
+    def _check_PlanAccept(self, sender: str, ev: PlanAccept) -> None:
+        p = self.proposal
+        _need(ev.migration_id == p.migration_id, f"PlanAccept for migration {ev.migration_id!r}, proposed "
+                                                 f"{p.migration_id!r}", "wrong-migration")
+        _need(ev.digest == p.digest, "PlanAccept digest differs from the proposed plan's: the two daemons did not "
+                                     "compute the same plan", "plan-digest-mismatch")
+
+    def _check_Preflight(self, sender: str, ev: Preflight) -> None:
+        pass
+
+    def _check_VcpuChunk(self, sender: str, ev: VcpuChunk) -> None:
+        p = self.proposal
+        _need(ev.vm_id == p.vm_id, f"VcpuChunk for VM {ev.vm_id!r}; the plan is for {p.vm_id!r}", "wrong-vm")
+        _need(ev.vcpu < p.vcpus, f"VcpuChunk for vCPU {ev.vcpu}; the plan has {p.vcpus} vCPUs", "bad-chunk")
+        want = self._next_chunk.get(ev.vcpu, 0)
+        _need(ev.chunk == want, f"vCPU {ev.vcpu}: chunk {ev.chunk} arrived, expected {want}", "chunk-order")
+        _need(len(ev.reg_ids) <= self.limits.max_registers_per_chunk,
+              f"VcpuChunk carries {len(ev.reg_ids)} registers; the limit is {self.limits.max_registers_per_chunk}",
+              "chunk-too-large")
+        self._next_chunk[ev.vcpu] = want + 1
+        self._chunks += 1
+        self._digest.update(ev.covered())
+
+    def _check_StreamEnd(self, sender: str, ev: StreamEnd) -> None:
+        p = self.proposal
+        _need(ev.vm_id == p.vm_id and ev.vcpus == p.vcpus, f"StreamEnd for {ev.vm_id!r}/{ev.vcpus} vCPUs does not "
+                                                           f"match the plan ({p.vm_id!r}/{p.vcpus})", "bad-stream-end")
+        missing = sorted(set(range(p.vcpus)) - set(self._next_chunk))
+        _need(not missing, f"StreamEnd before any chunk of vCPU(s) {missing[:16]}", "incomplete-stream")
+        _need(ev.chunks == self._chunks, f"StreamEnd counts {ev.chunks} chunks; {self._chunks} were streamed",
+              "incomplete-stream")
+        _need(ev.digest == self._digest.digest(), "StreamEnd digest does not match the chunks streamed",
+              "stream-digest-mismatch")
+        self._stream_digest = ev.digest
+
+    def _check_Commit(self, sender: str, ev: Commit) -> None:
+        _need(ev.migration_id == self.proposal.migration_id, f"Commit for migration {ev.migration_id!r}",
+              "wrong-migration")
+        _need(ev.digest == self._stream_digest, "Commit digest differs from the streamed set's digest",
+              "commit-digest-mismatch")

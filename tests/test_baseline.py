@@ -1,0 +1,115 @@
+"""Cluster baseline: a VM profile every input host accepts (proved by the plan and by the simulator)."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from invariantd.protocol import schemas as S
+from invariantd.protocol.baseline import baseline
+from invariantd.protocol.catalog import catalog
+from invariantd.protocol.negotiate import negotiate
+from test_negotiate import A72_R0P3, A72_R0P4, A72_R1P0, BASE, host, make_doc, sim_apply
+
+CAT = catalog()
+
+
+def field_put(reg, fname, raw, base=None):
+    f = next(x for x in CAT.fields_of(reg) if x.name == fname)
+    return f.put(BASE.get(reg, 0) if base is None else base, raw)
+
+
+def assert_accepted_everywhere(b, docs):
+    for d in docs:
+        plan = negotiate(b.profile, host(d))
+        assert plan.migratable, [(e.register, e.field, e.reason) for e in plan.entries if e.verdict.value == "refuse"]
+        sim_apply(plan, d)
+
+
+def test_lowers_fields_by_safety_type_and_says_why():
+    docs = [make_doc("7.3", {"ID_AA64ISAR0_EL1": field_put("ID_AA64ISAR0_EL1", "AES", 2),
+                             "CTR_EL0": field_put("CTR_EL0", "DminLine", 4)}),
+            make_doc("7.3", {"ID_AA64ISAR0_EL1": field_put("ID_AA64ISAR0_EL1", "AES", 1),
+                             "CTR_EL0": field_put("CTR_EL0", "DminLine", 5)})]
+    b = baseline([host(d) for d in docs], name="fleet-a", revision=7)
+    assert b.profile.name == "fleet-a" and b.profile.revision == 7 and b.accepted_everywhere
+    lowered = {(c.register, c.field): c for c in b.lowered}
+    assert lowered[("ID_AA64ISAR0_EL1", "AES")].chosen == 1 and "LOWER" in lowered[("ID_AA64ISAR0_EL1", "AES")].reason
+    assert lowered[("CTR_EL0", "DminLine")].chosen == 4
+    assert_accepted_everywhere(b, docs)
+
+
+def test_impid_uniform_with_cap239_and_errata_discovery_list():
+    docs = [make_doc("7.3", {"MIDR_EL1": m}) for m in (A72_R0P3, A72_R0P4, A72_R1P0)]
+    b = baseline([host(d) for d in docs])
+    assert b.accepted_everywhere
+    assert dict(b.profile.values)[CAT.id_of("MIDR_EL1")] == A72_R0P3
+    assert {i.midr for i in b.profile.target_impls} == {A72_R0P3, A72_R0P4, A72_R1P0}
+    assert dict(b.profile.values)[CAT.id_of("KVM_REG_ARM_VENDOR_HYP_BMAP_2")] == 0b11
+    assert_accepted_everywhere(b, docs)
+
+
+def test_hosts_without_masks_that_differ_are_conflicts():
+    reg = "ID_AA64ISAR0_EL1"
+    docs = [make_doc("6.1", {reg: field_put(reg, "AES", 2)}, masks=None),
+            make_doc("6.1", {reg: field_put(reg, "AES", 1)}, masks=None)]
+    b = baseline([host(d) for d in docs])
+    assert not b.accepted_everywhere
+    c = b.conflicts[0]
+    assert (c.register, c.field) == (reg, "AES") and "cannot take" in c.reason
+
+
+def test_firmware_levels_lowered():
+    wa1 = "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_1"
+    docs = [make_doc("6.12", {wa1: 2}), make_doc("6.12", {wa1: 1})]
+    b = baseline([host(d) for d in docs])
+    assert dict(b.profile.values)[CAT.id_of(wa1)] == 1
+    assert_accepted_everywhere(b, docs)
+
+
+def test_registers_not_on_every_host_are_omitted_with_reason():
+    docs = [make_doc("6.12", listed_extra=("TCR2_EL1",)), make_doc("6.13")]
+    b = baseline([host(d) for d in docs])
+    assert any(o.startswith("TCR2_EL1") for o in b.omitted)
+    assert_accepted_everywhere(b, docs)
+
+
+_KNOBS = [("ID_AA64ISAR0_EL1", "AES"), ("ID_AA64ISAR0_EL1", "SHA1"), ("ID_AA64PFR0_EL1", "CSV2"),
+          ("ID_AA64MMFR0_EL1", "PARANGE"), ("ID_AA64MMFR1_EL1", "PAN"), ("CTR_EL0", "DminLine"),
+          ("ID_AA64DFR0_EL1", "PMUVer")]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hosts=st.lists(st.tuples(st.sampled_from(["6.12", "7.3"]),
+                                st.lists(st.integers(0, 3), min_size=len(_KNOBS), max_size=len(_KNOBS)),
+                                st.sampled_from([A72_R0P3, A72_R0P4, A72_R1P0])), min_size=1, max_size=4))
+def test_property_baseline_accepted_by_every_host(hosts):
+    docs = []
+    for kernel, draws, midr in hosts:
+        vals = {"MIDR_EL1": midr}
+        for (reg, fname), v in zip(_KNOBS, draws):
+            vals[reg] = field_put(reg, fname, v, vals.get(reg))
+        docs.append(make_doc(kernel, vals))
+    b = baseline([host(d) for d in docs])
+    # feature fields always combine; only MIDR may conflict (hosts without cap 239 show their own), and the
+    # plan then overrides it per destination (same part, errata identical): every host still accepts.
+    assert b.accepted_everywhere, b.conflicts
+    assert bool(b.varies) == (len({m for _, _, m in hosts}) > 1 and any(k == "6.12" for k, _, _ in hosts))
+    assert all(c.register == "MIDR_EL1" for c in b.varies)
+    assert_accepted_everywhere(b, docs)
+
+
+def _probe(spec):
+    from invariantd.daemon.probe import probe
+    from invariantd.daemon.sim import ProfileError, SimHost
+    try:
+        return probe(SimHost(spec), profile=spec)
+    except ProfileError as e:
+        pytest.skip(f"host profile {spec} not available: {e}")
+
+
+def test_baseline_over_real_a72_profiles_7x():
+    specs = ["cortex-a72-r0p3@7.3", "cortex-a72-r0p4@7.3", "cortex-a72-r1p0@7.3"]
+    docs = [_probe(s) for s in specs]
+    b = baseline([host(d) for d in docs], name="a72-fleet")
+    assert b.accepted_everywhere and len(b.profile.target_impls) == 3
+    assert_accepted_everywhere(b, docs)

@@ -1,0 +1,97 @@
+"""`invariantctl plan` / `baseline` via client/plan_cmd.register (wired here on a local parser, so the test
+does not depend on client/cli.py's wiring). Exit codes: 0 migratable, 3 refused, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from invariantd.client import plan_cmd
+from invariantd.client.cli import CliError
+from test_negotiate import A72_R0P4, N1_R4P1, make_doc
+
+
+def run(argv, capsys):
+    p = argparse.ArgumentParser(prog="invariantctl")
+    plan_cmd.register(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(argv)
+    try:
+        code = args.func(args)
+    except CliError as e:
+        return e.code, "", str(e)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def files(tmp_path):
+    def write(name, doc):
+        p = tmp_path / name
+        p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        return str(p)
+    return write
+
+
+def test_plan_pins_on_7x_exit_0(files, capsys):
+    a, b = files("a.json", make_doc("7.3")), files("b.json", make_doc("7.3", {"MIDR_EL1": A72_R0P4}))
+    code, out, _ = run(["plan", "--from", a, "--to", b], capsys)
+    assert code == 0
+    assert "MIDR_EL1" in out and " pin " in out and "MIGRATABLE" in out and "guest-visible changes: none" in out
+
+
+def test_plan_refused_exit_3_with_reasons(files, capsys):
+    a, b = files("a.json", make_doc("6.12")), files("b.json", make_doc("6.12", {"MIDR_EL1": N1_R4P1}))
+    code, out, _ = run(["plan", "--from", a, "--to", b], capsys)
+    assert code == 3 and "REFUSED" in out and "PartNum" in out
+
+
+def test_plan_json_and_vm_profile_input(files, capsys):
+    a, b = files("a.json", make_doc("6.1", masks=None)), files("b.json", make_doc("6.1", {"MIDR_EL1": A72_R0P4}, masks=None))
+    code, out, _ = run(["plan", "--from", a, "--to", b, "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["format"] == "invariantd/plan@1" and doc["migratable"] and len(doc["digest"]) == 64
+    assert any(e["register"] == "MIDR_EL1" and e["verdict"] == "override" for e in doc["entries"])
+    # baseline output is a VM profile usable as --from
+    code, out, _ = run(["baseline", a, b, "--name", "lab", "--json"], capsys)
+    assert code == 0
+    vm = files("vm.json", out)
+    code, out, _ = run(["plan", "--from", vm, "--to", b], capsys)
+    assert code == 0 and "plan: VM lab" in out
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "malformed JSON"),
+    ({"format": "something/else@1"}, "format is 'something/else@1'"),
+])
+def test_bad_input_exit_2_names_the_problem(files, capsys, content, match):
+    good = files("good.json", make_doc("7.3"))
+    bad = files("bad.json", content)
+    code, _, err = run(["plan", "--from", bad, "--to", good], capsys)
+    assert code == 2 and match in err and "--from" in err
+    code, _, err = run(["plan", "--from", good, "--to", bad], capsys)
+    assert code == 2 and match in err and "--to" in err
+
+
+def test_unknown_register_in_vm_profile(files, capsys):
+    vm = {"format": "invariantd/vm-profile@1", "name": "x", "values": {"MIDR_EL1": "0x410fd083", "BOGUS_EL1": "0x0"}}
+    code, _, err = run(["plan", "--from", files("vm.json", vm), "--to", files("b.json", make_doc("7.3"))], capsys)
+    assert code == 2 and "unknown register 'BOGUS_EL1'" in err
+
+
+def test_bad_policy_and_missing_file(files, capsys):
+    a = files("a.json", make_doc("7.3"))
+    pol = files("p.toml", '[errata]\nmissing = "maybe"\n')
+    code, _, err = run(["plan", "--from", a, "--to", a, "--policy", pol], capsys)
+    assert code == 2 and "errata.missing" in err
+    code, _, err = run(["plan", "--from", a + ".nope", "--to", a], capsys)
+    assert code == 2 and "no such file" in err
+
+
+def test_baseline_conflict_exit_3(files, capsys):
+    from test_baseline import field_put
+    reg = "ID_AA64ISAR0_EL1"
+    a = files("a.json", make_doc("6.1", {reg: field_put(reg, "AES", 2)}, masks=None))
+    b = files("b.json", make_doc("6.1", {reg: field_put(reg, "AES", 1)}, masks=None))
+    code, out, _ = run(["baseline", a, b], capsys)
+    assert code == 3 and "CONFLICT ID_AA64ISAR0_EL1.AES" in out

@@ -1,0 +1,236 @@
+"""End to end on loopback: two daemons' peer code over mutual TLS (trustme CA), simulated arm64 hosts."""
+from __future__ import annotations
+
+import struct
+from functools import partial
+
+import pytest
+import trio
+import trustme
+
+from fixtures import synthetic_doc
+from invariantd.daemon import tls
+from invariantd.daemon.apply import ACCEPT_DESTINATION, ApplyPolicy
+from invariantd.daemon.metrics import Metrics
+from invariantd.daemon.peer import PeerConfig, PeerError, handle_incoming, migrate_out
+from invariantd.daemon.probe import probe
+from invariantd.daemon.sim.host import SimHost, eras
+from invariantd.daemon.vms import VmRegistry, VmState
+from invariantd.protocol import session as ps
+from invariantd.protocol.catalog import catalog
+from invariantd.protocol.framing import Limits
+
+MIDR = catalog().id_of("MIDR_EL1")
+CFG = PeerConfig(chunk_registers=32, handshake_timeout=5, phase_timeout=5, apply_timeout=5, commit_timeout=5)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+    files = {}
+    for name, authority, ident in (("ca", ca, None), ("other-ca", other, None)):
+        authority.cert_pem.write_to_path(str(d / f"{name}.pem"))
+        files[name] = str(d / f"{name}.pem")
+    for name, authority in (("node-a", ca), ("node-b", ca), ("rogue", other)):
+        cert = authority.issue_cert("localhost", "127.0.0.1", common_name=name)
+        p = d / f"{name}.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(p))
+        files[name] = str(p)
+    return files
+
+
+class Node:
+    def __init__(self, host: SimHost, pki, name="node-b", ca="ca"):
+        self.host, self.registry, self.metrics = host, VmRegistry(host), Metrics()
+        self.server_ctx = tls.server_context(pki[name], None, pki[ca])
+        self.client_ctx = tls.client_context(pki[name], None, pki[ca])
+        self.results: list = []
+        self.done = trio.Event()
+        self.caps = probe(host)
+
+    async def handler(self, stream, peer):
+        try:
+            self.results.append(await handle_incoming(stream, peer, backend=self.host, registry=self.registry,
+                                                      caps_doc=self.caps, cfg=CFG, metrics=self.metrics))
+        finally:
+            self.done.set()
+
+    async def listen(self, nursery, **kw) -> tuple[tls.PeerListener, int]:
+        lst = tls.PeerListener(self.handler, self.server_ctx, "127.0.0.1", 0, handshake_timeout=5, **kw)
+        port = await nursery.start(lst.run)
+        return lst, port
+
+
+def sim(kernel="6.12", era=None, **kw) -> SimHost:
+    return SimHost(doc=synthetic_doc(kernel, **kw), era=eras()[era] if era else None)
+
+
+def source(pki, host=None, vcpus=2) -> Node:
+    n = Node(host or sim(), pki, "node-a")
+    n.registry.create("vm-1", vcpus)
+    return n
+
+
+async def test_identical_hosts_commit(nursery, pki):
+    a, b = source(pki), Node(sim(), pki)
+    lst, port = await b.listen(nursery)
+    stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    res = await migrate_out(stream, a.registry, "vm-1", cfg=CFG, metrics=a.metrics)
+    await stream.aclose()
+    with trio.fail_after(5):
+        await b.done.wait()
+    assert res.result == "committed" and a.registry.get("vm-1").state is VmState.RELEASED
+    [r] = b.results
+    assert r.result == "committed" and r.digest == res.digest
+    vm_b = b.registry.get("vm-1")
+    assert vm_b.state is VmState.RUNNING and sorted(vm_b.vcpus) == [0, 1]
+    src = a.registry.get("vm-1").vcpus[1]
+    ids = src.reg_list()
+    src_regs = dict(zip(ids, src.get_regs(ids)[0]))
+    dst = vm_b.vcpus[1]
+    assert {r: dst.get_reg(r) for r in src_regs} == src_regs
+    assert b.metrics.migrations.labels("committed")._value.get() == 1
+    assert a.metrics.stream_bytes.labels("sent")._value.get() > 0
+
+
+async def test_midr_override_across_revisions(nursery, pki):
+    a = source(pki, sim("6.1", midr=0x410FD083))
+    b = Node(sim("6.1", era="patched", midr=0x410FD084), pki)
+    _, port = await b.listen(nursery)
+    stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    planner = lambda vm, regs, caps: ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION})
+    res = await migrate_out(stream, a.registry, "vm-1", cfg=CFG, planner=planner)
+    with trio.fail_after(5):
+        await b.done.wait()
+    assert res.result == "committed"
+    [r] = b.results
+    assert {(e.register, e.errno, e.action) for e in r.events} == {("MIDR_EL1", "EINVARIANT", "override-destination")}
+    assert b.registry.get("vm-1").vcpus[0].get_reg(MIDR) == 0x410FD084
+    assert b.metrics.invariant_overrides.labels("MIDR_EL1", "override-destination")._value.get() == 2
+
+
+async def test_preflight_refusal_resumes_source(nursery, pki):
+    a = source(pki, sim("6.1", midr=0x410FD083))
+    b = Node(sim("6.1", era="patched", midr=0x410FD084), pki)
+    _, port = await b.listen(nursery)
+    stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    with pytest.raises(PeerError) as ei:
+        await migrate_out(stream, a.registry, "vm-1", cfg=CFG)          # no override for MIDR
+    with trio.fail_after(5):
+        await b.done.wait()
+    assert ei.value.kind == "preflight" and "MIDR_EL1" in str(ei.value) and "EINVARIANT" in str(ei.value)
+    assert a.registry.get("vm-1").state is VmState.RUNNING and b.registry.vms == {} and b.results == [None]
+
+
+class CutAfter(trio.abc.Stream):
+    """Passes messages through; the n-th send is cut in the middle of its frame and the connection dropped."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.sends = inner, n, 0
+
+    async def send_all(self, data):
+        self.sends += 1
+        if self.sends == self.n:
+            await self.inner.send_all(data[: len(data) // 2])
+            await trio.aclose_forcefully(self.inner)
+            raise trio.BrokenResourceError("cut by test")
+        await self.inner.send_all(data)
+
+    async def receive_some(self, n=None):
+        return await self.inner.receive_some(n)
+
+    async def wait_send_all_might_not_block(self):
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+
+async def test_cut_mid_stream_source_resumes_destination_discards(nursery, pki):
+    a, b = source(pki), Node(sim(), pki)
+    _, port = await b.listen(nursery)
+    stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    with pytest.raises(PeerError) as ei:
+        # sends: Hello, PlanProposal, chunks 0-2, then chunk 3 is cut half-way
+        await migrate_out(CutAfter(stream, 6), a.registry, "vm-1", cfg=CFG, metrics=a.metrics)
+    with trio.fail_after(5):
+        await b.done.wait()
+    assert ei.value.kind == "closed"
+    assert a.registry.get("vm-1").state is VmState.RUNNING             # resumed, intact
+    assert a.registry.get("vm-1").history == ["running->paused", "paused->running"]
+    assert b.results == [None] and b.registry.vms == {}                 # nothing half-applied kept
+    assert b.metrics.migrations.labels("aborted")._value.get() == 1
+
+
+async def test_client_cert_from_wrong_ca_refused(nursery, pki):
+    a = source(pki)
+    rogue_ctx = tls.client_context(pki["rogue"], None, pki["ca"])      # trusts our CA, but its cert is not ours
+    b = Node(sim(), pki)
+    lst, port = await b.listen(nursery)
+    with pytest.raises((tls.TlsError, PeerError)):
+        stream = await tls.connect("127.0.0.1", port, rogue_ctx, server_hostname="localhost")
+        await migrate_out(stream, a.registry, "vm-1", cfg=CFG)
+    with trio.fail_after(5):
+        while not lst.refused:
+            await trio.sleep(0.01)
+    assert "TLS handshake failed" in lst.refused[0]
+    assert a.registry.get("vm-1").state is VmState.RUNNING and b.results == []
+
+
+async def test_server_cert_from_wrong_ca_refused(nursery, pki):
+    a = source(pki)
+    rogue = Node(sim(), pki, "rogue", "other-ca")
+    _, port = await rogue.listen(nursery)
+    with pytest.raises(tls.TlsError, match="certificate verify failed|CERTIFICATE_VERIFY_FAILED"):
+        await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+
+
+async def test_allowed_peers_enforced(nursery, pki):
+    b = Node(sim(), pki)
+    lst, port = await b.listen(nursery, allowed_peers=frozenset({"node-z"}))
+    a = source(pki)
+    stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    with pytest.raises(PeerError):
+        await migrate_out(stream, a.registry, "vm-1", cfg=CFG)
+    assert "'node-a' is not an allowed peer" in lst.refused[0]
+    assert a.registry.get("vm-1").state is VmState.RUNNING
+
+
+async def _raw_exchange(port, pki, payload: bytes) -> ps.Abort:
+    ctx = tls.client_context(pki["node-a"], None, pki["ca"])
+    s = await tls.connect("127.0.0.1", port, ctx, server_hostname="localhost")
+    await s.send_all(payload)
+    data = b""
+    with trio.fail_after(5):
+        try:
+            while chunk := await s.receive_some(65536):
+                data += chunk
+        except trio.BrokenResourceError:
+            pass
+    frames, rest = [], data
+    from invariantd.protocol.framing import FrameDecoder
+    dec = FrameDecoder()
+    dec.feed(rest)
+    while (f := dec.next_frame()) is not None:
+        frames.append(ps.decode(f))
+    return frames[-1]
+
+
+async def test_malformed_frame_refused_with_clear_error(nursery, pki):
+    b = Node(sim(), pki)
+    _, port = await b.listen(nursery)
+    ab = await _raw_exchange(port, pki, struct.pack("<II", 0, 2) + b"\xff" * 16)
+    with trio.fail_after(5):
+        await b.done.wait()
+    assert isinstance(ab, ps.Abort) and ab.code == "protocol" and "undecodable" in ab.reason
+    assert b.results == [None]
+
+
+async def test_oversized_frame_refused_with_clear_error(nursery, pki):
+    b = Node(sim(), pki)
+    _, port = await b.listen(nursery)
+    ab = await _raw_exchange(port, pki, struct.pack("<II", 0, 1 << 28))      # announces a 2 GiB segment
+    assert ab.code == "protocol" and "frame-too-large" in ab.reason and "the limit is" in ab.reason
+    ab = await _raw_exchange(port, pki, struct.pack("<I", 4000))
+    assert "too-many-segments" in ab.reason
