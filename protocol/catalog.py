@@ -107,6 +107,19 @@ class FwReg:
     since: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Drift:
+    register: str
+    reg_id: int
+    resets: tuple[int, ...]
+    since: tuple[int, ...]
+    reason: str
+
+    @property
+    def reset(self) -> int:
+        return self.resets[0]
+
+
 def mask_index(enc: tuple[int, int, int, int, int]) -> int | None:
     op0, op1, crn, crm, op2 = enc
     if op0 != 3 or crn != 0 or op1 not in (0, 1, 3) or crm > 7:
@@ -140,6 +153,11 @@ class Catalog:
         for r in _rows("fwregs.tsv"):
             rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))
             self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]))
+        self.drift: dict[int, Drift] = {}
+        for r in _rows("drift.tsv"):
+            rid = self.id_of(r["register"])
+            self.drift[rid] = Drift(r["register"], rid, tuple(int(x, 0) for x in r["resets"].split(";")),
+                                    _kver(r["since"]), r["why"])
         overrides = {(r["register"], r["field"]): r for r in _rows("kvm_overrides.tsv")}
         self.fields: dict[str, tuple[Field, ...]] = {}
         acc: dict[str, list[Field]] = {}

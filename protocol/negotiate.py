@@ -269,13 +269,13 @@ def _absent(c: _Ctx, rid: int, name: str, cls: str, s: int) -> None:
     drift = c.pol.drift.get(rid)
     fw = c.cat.fwregs.get(rid)
     if drift is not None:
-        if s == drift.reset:
+        if s in drift.resets:
             c.add(name, rid, "", s, 0, 0, Verdict.DROP, f"not listed on the destination kernel {c.dest.kernel_version}; "
                                                         f"value {s:#x} is the reset value: {drift.reason}")
         else:
             c.add(name, rid, "", s, 0, 0, Verdict.REFUSE,
                   f"not listed on the destination kernel {c.dest.kernel_version} (ENOENT) and {s:#x} is not its "
-                  f"reset value {drift.reset:#x}")
+                  f"reset value ({', '.join(f'{r:#x}' for r in drift.resets)})")
         return
     if cls == "id" and s == 0:
         c.add(name, rid, "", s, 0, 0, Verdict.DROP,

@@ -34,14 +34,6 @@ class FieldRule:
 
 
 @dataclass(frozen=True, slots=True)
-class Drift:
-    register: str
-    reg_id: int
-    reset: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Synthetic:
     register: str
     reg_id: int
@@ -68,7 +60,7 @@ class Policy:
     field_rules: dict               # (register, field) -> FieldRule
     big_little: str
     big_little_reason: str
-    drift: dict                     # reg_id -> Drift
+    drift: dict                     # reg_id -> catalog.Drift (kernel data, the same for every policy)
     synthetic: dict                 # reg_id -> Synthetic
     digest: str                     # sha256 of the merged policy document
 
@@ -77,7 +69,7 @@ class Policy:
         return f"{self.name}@{self.version} sha256:{self.digest[:16]}"
 
 
-_TOP = {"name", "version", "imp_id", "errata", "features", "big_little", "drift", "synthetic"}
+_TOP = {"name", "version", "imp_id", "errata", "features", "big_little", "synthetic"}
 
 
 def _merge(base: dict, over: dict, path: str = "") -> dict:
@@ -133,13 +125,7 @@ def from_doc(doc: dict) -> Policy:
             frules[(reg, fld)] = FieldRule(reg, fld, _choice(r.get("action"), ("allow", "refuse"),
                                                              f"features.field {reg}.{fld}.action"),
                                            str(r.get("reason", "")))
-        drift = {}
-        for r in d.get("drift", []):
-            try:
-                rid = cat.id_of(r["register"])
-            except KeyError:
-                raise PolicyError(f"policy: drift: unknown register {r.get('register')!r}") from None
-            drift[rid] = Drift(r["register"], rid, int(r.get("reset", 0)), str(r.get("reason", "")))
+        drift = cat.drift      # kernel facts (protocol/data/drift.tsv), not a policy choice
         synth = {}
         for r in d.get("synthetic", []):
             try:

@@ -96,3 +96,23 @@ def test_a72_to_neoverse_n1_lists_every_differing_field(kernel):
             assert "(bits)" in fields, name
     err = entry(plan, "MIDR_EL1", "errata")
     assert err.verdict is Verdict.REFUSE and "spectre-bhb-loop-k24" in err.reason
+
+
+def test_older_kernel_to_newer_kernel_drops_the_drift_registers():
+    """6.12 lists TCR2/PIR/PIRE0 for every vCPU (PIR/PIRE0 at KVM's UNKNOWN fill); 6.13+ hides them."""
+    k = newest_7x()
+    plan, dst = plan_for("cortex-a72-r0p3@6.12", f"cortex-a72-r0p4@{k}")
+    dropped = sorted(e.register for e in plan.entries if e.verdict is Verdict.DROP)
+    assert dropped == ["PIRE0_EL1", "PIR_EL1", "TCR2_EL1"]
+    assert entry(plan, "PIR_EL1").source == 0x1DE7EC7EDBADC0DE
+    assert plan.migratable and plan.enable_cap239
+    sim_apply(plan, dst)
+
+
+def test_a_drift_register_holding_guest_state_refuses():
+    k = newest_7x()
+    extra = frozenset(default_policy().drift)
+    src = probe_doc("cortex-a72-r0p3@6.12")
+    src["values"][f"{catalog().id_of('TCR2_EL1'):#x}"] = "0x1"
+    plan = negotiate(S.load_source(src, extra), S.host_from_doc(probe_doc(f"cortex-a72-r0p4@{k}"), extra))
+    assert entry(plan, "TCR2_EL1").verdict is Verdict.REFUSE and not plan.migratable
