@@ -66,6 +66,7 @@ def generate(doc: dict) -> list[Case]:
     m = values.get(midr, 0)
     cases = [
         Case("reglist/count", "reglist", [("reglist",)]),
+        Case("reglist/e2big-sizing", "reglist", [("reglist-raw", "zero"), ("reglist-raw", "short"), ("reglist-raw", "exact")]),
         Case("before-init/get-midr", "lifecycle", [("get-noinit", midr)]),
         Case("unknown/unlisted-sysreg", "errno", [("get", regid.sysreg(3, 0, 15, 15, 7))]),
         Case("unknown/bad-id-bits", "errno", [("get", midr | (1 << 40))]),
@@ -170,6 +171,14 @@ def run_case(backend, case: Case, caps: dict) -> list[list]:
             elif op == "reglist":
                 st, v = _ok(vcpu.reg_list)
                 out.append(["reglist", st, None if v is None else len(v)])
+            elif op == "reglist-raw":       # one KVM_GET_REG_LIST with room for 0, count-1 or count ids
+                count = len(_ok(vcpu.reg_list)[1] or [])
+                cap = {"zero": 0, "short": max(count - 1, 0), "exact": count}[step[1]]
+                try:
+                    got = vcpu.get_reg_list(cap)
+                    out.append(["reglist-raw", "OK", len(got)])
+                except KvmError as e:
+                    out.append(["reglist-raw", e.errno_name, e.required])
             elif op == "masks":
                 st, v = _ok(vm.writable_masks)
                 out.append(["masks", st, None if v is None else {str(i): f"{m:#x}" for i, m in enumerate(v) if m}])

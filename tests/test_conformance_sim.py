@@ -84,6 +84,9 @@ def test_every_generated_case_follows_the_rules(spec):
     assert cases["unknown/unlisted-sysreg"][0][1] == "ENOENT"
     assert cases["unknown/bad-id-bits"][0][1] == "EINVAL"
     assert cases["reglist/count"] == [["reglist", "OK", len(doc["reg_list"])]]
+    n = len(doc["reg_list"])
+    assert cases["reglist/e2big-sizing"] == [["reglist-raw", "E2BIG", n], ["reglist-raw", "E2BIG", n],
+                                             ["reglist-raw", "OK", n]]
     assert cases["after-run/isar0-same"][-1][1] == "OK"
     frozen = cases["after-run/isar0-lowered"][1][1]
     assert frozen == ("EBUSY" if era.id_write == "per_field" else "EINVAL")

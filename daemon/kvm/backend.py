@@ -21,6 +21,21 @@ class VcpuInit:
         return w
 
 
+def reg_list_handshake(vcpu: "Vcpu") -> list[int]:
+    """KVM_GET_REG_LIST the way KVM wants it: ask with n=0, learn the count from E2BIG, ask again."""
+    import errno
+    from .errors import KvmError
+    capacity = 0
+    for _ in range(4):
+        try:
+            return vcpu.get_reg_list(capacity)
+        except KvmError as e:
+            if e.errno_value != errno.E2BIG or e.required is None or e.required <= capacity:
+                raise
+            capacity = e.required
+    raise KvmError("KVM_GET_REG_LIST", errno.E2BIG, detail="the register count kept growing")
+
+
 class Vcpu(Protocol):
     index: int
 
@@ -28,7 +43,8 @@ class Vcpu(Protocol):
     def finalize(self, feature: int) -> None: ...
     def get_reg(self, reg_id: int) -> int: ...
     def set_reg(self, reg_id: int, value: int) -> None: ...
-    def reg_list(self) -> list[int]: ...
+    def get_reg_list(self, capacity: int) -> list[int]: ...   # one ioctl; E2BIG with .required
+    def reg_list(self) -> list[int]: ...                       # the E2BIG sizing handshake
     def get_regs(self, ids: Sequence[int]) -> tuple[list[int], list[int]]: ...     # (values, errnos)
     def set_regs(self, ids: Sequence[int], values: Sequence[int]) -> list[int]: ...  # errnos
     def run_once(self) -> str: ...

@@ -21,8 +21,10 @@ _HINTS = {
 class KvmError(OSError):
     """One failed KVM call: the ioctl, the register (name and id in hex) where there is one, the errno."""
 
-    def __init__(self, op: str, err: int, reg_id: int | None = None, detail: str = "") -> None:
+    def __init__(self, op: str, err: int, reg_id: int | None = None, detail: str = "",
+                 required: int | None = None) -> None:
         self.op = op
+        self.required = required          # KVM_GET_REG_LIST E2BIG: the count the kernel asked for
         self.errno_value = err
         self.reg_id = reg_id
         self.reg_name = catalog().name(reg_id) if reg_id is not None else None
@@ -50,4 +52,4 @@ class KvmError(OSError):
         return s
 
     def __reduce__(self):
-        return (KvmError, (self.op, self.errno_value, self.reg_id, self.detail))
+        return (KvmError, (self.op, self.errno_value, self.reg_id, self.detail, self.required))

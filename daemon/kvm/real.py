@@ -18,7 +18,7 @@ import cffi
 
 from ...protocol import kvmabi as abi
 from ...protocol import regid
-from .backend import VcpuInit
+from .backend import VcpuInit, reg_list_handshake
 from .errors import KvmError
 
 _CDEF = """
@@ -134,22 +134,20 @@ class RealVcpu:
         self._reg[0], self._reg[1] = reg_id, _addr(self._one)
         _call(self.fd, "KVM_SET_ONE_REG", _addr(self._reg), reg_id)
 
+    def get_reg_list(self, capacity: int) -> list[int]:
+        """One KVM_GET_REG_LIST with room for `capacity` ids; E2BIG carries the count KVM wants in .required."""
+        buf = ffi.new("uint64_t[]", 1 + capacity)
+        buf[0] = capacity
+        r = lib().ivd_ioctl(self.fd, abi.KVM_GET_REG_LIST, _addr(buf))
+        if r == -_errno.E2BIG:
+            raise KvmError("KVM_GET_REG_LIST", _errno.E2BIG, required=buf[0],
+                           detail=f"room for {capacity}, kernel needs {buf[0]}")
+        if r < 0:
+            raise KvmError("KVM_GET_REG_LIST", -r)
+        return [buf[1 + i] for i in range(buf[0])]
+
     def reg_list(self) -> list[int]:
-        """KVM_GET_REG_LIST with the E2BIG sizing handshake (n=0 first, then the size KVM asked for)."""
-        n = 0
-        for _ in range(4):
-            buf = ffi.new("uint64_t[]", 1 + n)
-            buf[0] = n
-            r = lib().ivd_ioctl(self.fd, abi.KVM_GET_REG_LIST, _addr(buf))
-            if r == -_errno.E2BIG:
-                if buf[0] <= n:
-                    raise KvmError("KVM_GET_REG_LIST", _errno.E2BIG, detail=f"kernel asked for {buf[0]} entries")
-                n = buf[0]
-                continue
-            if r < 0:
-                raise KvmError("KVM_GET_REG_LIST", -r)
-            return [buf[1 + i] for i in range(buf[0])]
-        raise KvmError("KVM_GET_REG_LIST", _errno.E2BIG, detail="register count kept growing")
+        return reg_list_handshake(self)
 
     def get_regs_into(self, bufs: RegBuffers) -> int:
         return lib().ivd_get_regs(self.fd, bufs.ids, bufs.data, bufs.offs, bufs.n, bufs.errs)

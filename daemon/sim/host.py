@@ -18,7 +18,7 @@ from typing import Sequence
 from ...protocol import kvmabi as abi
 from ...protocol import regid
 from ...protocol.catalog import Catalog, catalog, mask_index
-from ..kvm.backend import VcpuInit
+from ..kvm.backend import VcpuInit, reg_list_handshake
 from ..kvm.errors import KvmError
 
 
@@ -303,12 +303,18 @@ class SimVcpu:
         self._check("KVM_GET_ONE_REG", reg_id)
         return self._store(reg_id)[reg_id]
 
-    def reg_list(self) -> list[int]:
+    def get_reg_list(self, capacity: int) -> list[int]:
         if self.features is None:
             raise KvmError("KVM_GET_REG_LIST", E.ENOEXEC)
         if _SVE_FEATURE in self.features and not self.finalized:
             raise KvmError("KVM_GET_REG_LIST", E.EPERM, detail="SVE not finalized")
+        if capacity < len(self.listed):
+            raise KvmError("KVM_GET_REG_LIST", E.E2BIG, required=len(self.listed),
+                           detail=f"room for {capacity}, kernel needs {len(self.listed)}")
         return list(self.listed)
+
+    def reg_list(self) -> list[int]:
+        return reg_list_handshake(self)
 
     def get_regs(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
         vals, errs = [], []
