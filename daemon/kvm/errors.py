@@ -43,7 +43,8 @@ class KvmError(OSError):
 
     def __str__(self) -> str:
         reg = f" {self.reg_name} ({self.reg_id:#018x})" if self.reg_id is not None else ""
-        msg = os.strerror(self.errno_value) if self.errno_value < 200 else "invariant register mismatch"
+        msg = ("invariant register mismatch" if self.errno_value == kvmabi.EINVARIANT
+               else os.strerror(self.errno_value))
         s = f"{self.op}{reg}: {self.errno_name} ({msg})"
         if self.detail:
             s += f": {self.detail}"

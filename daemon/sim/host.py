@@ -117,10 +117,6 @@ def _hexmap(d: dict) -> dict[int, int]:
     return {int(k, 16): int(v, 16) for k, v in d.items()}
 
 
-class _Stored(Exception):
-    """Internal: a precheck rewrote the value and stored it already."""
-
-
 class SimHost:
     kind = "sim"
     arch = "aarch64"
@@ -350,10 +346,7 @@ class SimVcpu:
         group = regid.decode(reg_id).group
         era = self.vm.host.era
         if cls in ("id", "imp_id", "cache"):
-            try:
-                self._set_idlike(op, reg_id, cls, value, cur)
-            except _Stored:
-                return
+            value = self._set_idlike(op, reg_id, cls, value, cur)
         elif group == "fw":
             self._set_fw(op, reg_id, value, cur)
             if "WORKAROUND" in cat.name(reg_id):
@@ -390,13 +383,14 @@ class SimVcpu:
         elif value > host_level:
             raise KvmError(op, E.EINVAL, reg_id, f"destination is less mitigated ({value} > host {host_level})")
 
-    def _set_idlike(self, op: str, reg_id: int, cls: str, value: int, cur: int) -> None:
+    def _set_idlike(self, op: str, reg_id: int, cls: str, value: int, cur: int) -> int:
+        """Check an ID / imp-ID / cache register write as the era's kernel would; return the value KVM stores."""
         host, vm, era, cat = self.vm.host, self.vm, self.vm.host.era, self.vm.host.catalog
         name = cat.name(reg_id)
         reset = host.values.get(reg_id, 0)
         if cls == "imp_id":
             if value == cur:
-                return
+                return value
             if era.imp_id != "cap239" or not vm.cap239:
                 raise KvmError(op, era.invariant_errno, reg_id,
                                "implementation ID registers are invariant here" if era.imp_id != "cap239" else
@@ -405,13 +399,13 @@ class SimVcpu:
                 raise KvmError(op, E.EBUSY, reg_id)
             if value & ~_IMP_MASK[name]:
                 raise KvmError(op, E.EINVAL, reg_id, "bits outside the writable mask")
-            return
+            return value
         if name == "CLIDR_EL1" and era.clidr == "synthetic":
             if value != cur and vm.has_ran:
                 raise KvmError(op, era.frozen_errno, reg_id)
             if value & ~0x00007FFFFFFFFFFF:
                 raise KvmError(op, E.EINVAL, reg_id, "RES0 bits set")
-            return
+            return value
         if era.id_write == "exact":
             invariant = cls == "cache"
             legacy = [f for f in cat.fields_of(name) if f"{name}.{f.name}" in era.legacy_writable]
@@ -419,12 +413,12 @@ class SimVcpu:
             for f in legacy:
                 mask |= f.mask
             if value == cur:
-                return
+                return value
             problems = cat.check_write(name, value, reset, mask) if legacy else [(None, "differs")]
             if problems:
                 raise KvmError(op, era.invariant_errno if invariant else E.EINVAL, reg_id,
                                problems[0][1] if legacy else "ID registers must match the host on this kernel")
-            return
+            return value
         stored = value
         for fname, lo, refuse, rewrite, since, why in prechecks().get(name, ()):
             if host.kernel_tuple < since:
@@ -434,14 +428,13 @@ class SimVcpu:
                 raise KvmError(op, E.EINVAL, reg_id, f"{fname}={f.raw(value):#x}: {why}")
             if rewrite and f.raw(value) == rewrite[0]:
                 stored = f.put(stored, rewrite[1])
-        if stored != value:
-            self._set_idlike(op, reg_id, cls, stored, cur)
-            self._store(reg_id)[reg_id] = stored
-            raise _Stored()
+        if stored != value:     # a rewritten value goes through the generic rule as what KVM stores
+            return self._set_idlike(op, reg_id, cls, stored, cur)
         if value == cur:
-            return
+            return value
         if vm.has_ran:
             raise KvmError(op, era.frozen_errno, reg_id)
         problems = cat.check_write(name, value, reset, host.mask_for(reg_id), self.vm.host.kernel_tuple)
         if problems:
             raise KvmError(op, E.EINVAL, reg_id, "; ".join(p for _, p in problems))
+        return value
