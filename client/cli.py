@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except KvmError as e:
         print(f"invariantctl: {e}", file=sys.stderr)
         return EXIT_KVM
+    except BrokenPipeError:             # `invariantctl probe | head`: the reader left, not an error
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":
