@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_probe)
     from . import plan_cmd
     plan_cmd.register(sub)
+    from . import ctl; ctl.register(sub)  # noqa: E702
     lb = sub.add_parser("lab", help="real arm64 KVM kernels under QEMU: write simulator profiles, run conformance")
     lsub = lb.add_subparsers(dest="cmd_lab", required=True)
     for name, hlp in (("profile", "boot each kernel x CPU model, probe it, write the simulator's host profile"),

@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Sequence
 from ..protocol import kvmabi as abi
 from ..protocol import regid
 from ..protocol.catalog import catalog
+from ..protocol.schemas import Plan, Verdict, VmProfile
 from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
 from .kvm.errors import KvmError
 
@@ -71,11 +72,15 @@ class ApplyPolicy:
         reset_unknown pattern); an ENOENT register is dropped when its value is one of them. Any
         feature-ID slot the catalog does not name (op0=3, op1=0, CRn=0, CRm=1..7) is droppable at 0.
     transient_retries: how many times EINTR/EAGAIN is retried per register.
+    extra_writes: reg_id -> value written in the VM-wide phase on every vCPU although the source did not
+        stream the register (the plan sets a register the source kernel did not list, e.g. an ID register
+        that read as 0 there and must read 0 here too).
     """
     overrides: Mapping[int, int | str] = field(default_factory=dict)
     enable_cap239: bool = False
     drop_if_reset: Mapping[int, int | tuple[int, ...]] = field(default_factory=default_drop_if_reset)
     transient_retries: int = 3
+    extra_writes: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.drop_if_reset, (set, frozenset)):
@@ -106,6 +111,7 @@ class ApplyPolicy:
             "drop_if_reset": {f"{r:#018x}": ([f"{x:#x}" for x in v] if isinstance(v, (tuple, list)) else f"{v:#x}")
                               for r, v in sorted(self.drop_if_reset.items())},
             "transient_retries": self.transient_retries,
+            "extra_writes": {f"{r:#018x}": f"{v:#x}" for r, v in sorted(self.extra_writes.items())},
         }
 
     @classmethod
@@ -119,6 +125,7 @@ class ApplyPolicy:
                                for k, v in d["drop_if_reset"].items()}
                 if "drop_if_reset" in d else default_drop_if_reset(),
                 transient_retries=int(d.get("transient_retries", 3)),
+                extra_writes={int(k, 16): int(v, 16) for k, v in d.get("extra_writes", {}).items()},
             )
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed apply policy: {e}") from None
@@ -380,6 +387,9 @@ def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]],
                 ap.phase = phase
                 for i in indices:
                     regs = [(r, v) for r, v in regsets[i] if vm_wide(r) == want and r not in skip]
+                    if want and policy.extra_writes:
+                        present = {r for r, _ in regsets[i]}
+                        regs += [(r, v) for r, v in policy.extra_writes.items() if r not in present]
                     w, d = ap.batch(vcpus[i], regs)
                     written[i].update(w)
                     dropped[i] += d
@@ -426,4 +436,69 @@ def read_vm(vcpus: Mapping[int, Vcpu], ids: Sequence[int] | None = None) -> dict
             if e:
                 raise KvmError("KVM_GET_ONE_REG", e, r, f"vCPU {i}")
         out[i] = list(zip(rl, vals))
+    return out
+
+
+# --- the negotiation engine's Plan -> ApplyPolicy ---------------------------------------------------------------
+def policy_from_plan(plan: Plan, vm: VmProfile | None = None, *, transient_retries: int = 3) -> ApplyPolicy:
+    """What apply_vm may do, derived from the plan's register-level verdicts (field rows explain them, the
+    register row carries the value):
+
+        identical  nothing: the source value applies as is
+        set        nothing when planned == source (the kernel must take it); else override -> planned
+        override   overrides[reg] = planned (per-field merged ID value, or the destination's MIDR/REVIDR/AIDR);
+                   used only when the kernel refuses the source value (EINVAL on ID-like / EINVARIANT)
+        pin        enable_cap239 (before the first vCPU); the source value must then be accepted: no override
+        drop       drop_if_reset[reg] = reset values (the plan's proven source value, plus the known reset
+                   patterns of that register, e.g. KVM's UNKNOWN fill): dropped only on ENOENT at such a value
+        refuse     ValueError: a refused plan is never applied
+    Registers the plan writes that the source VM did not carry (absent from vm.values: the source kernel did
+    not list them) become extra_writes. Registers the plan does not mention get no override and no drop.
+    """
+    if not plan.migratable:
+        refused = sorted({e.register for e in plan.entries if e.verdict is Verdict.REFUSE})
+        raise ValueError(f"plan for {plan.vm_name} is refused ({', '.join(refused)}): nothing to apply")
+    src = dict(vm.values) if vm is not None else None
+    known = default_drop_if_reset()
+    overrides: dict[int, int] = {}
+    drops: dict[int, tuple[int, ...]] = {}
+    extra: dict[int, int] = {}
+    for e in plan.entries:
+        if e.field or not e.reg_id:
+            continue                        # field rows and vcpu_init rows: the register row decides
+        v = e.verdict
+        if v is Verdict.DROP:
+            alt = known.get(e.reg_id, ())
+            alt = alt if isinstance(alt, tuple) else (alt,)
+            drops[e.reg_id] = tuple(dict.fromkeys((e.source, *alt)))
+            continue
+        if src is not None and e.reg_id not in src:
+            extra[e.reg_id] = e.planned     # planned although the source never listed it
+            continue
+        if v in (Verdict.SET, Verdict.OVERRIDE) and e.planned != e.source:
+            overrides[e.reg_id] = e.planned
+    return ApplyPolicy(overrides=overrides, enable_cap239=plan.enable_cap239, drop_if_reset=drops,
+                       transient_retries=transient_retries, extra_writes=extra)
+
+
+def plan_deviations(plan: Plan, written: Mapping[int, int], dropped: Iterable[int] = (), *,
+                    vcpu: int | None = None) -> list[str]:
+    """Where an apply ended differently from the plan: a planned register holding another value than the
+    plan's, a dropped register the plan keeps, a kept register the plan drops. Registers not applied are
+    not judged here (the caller decides what must be present)."""
+    dropped = set(dropped)
+    where = f"vCPU {vcpu} " if vcpu is not None else ""
+    out = []
+    for e in plan.entries:
+        if e.field or not e.reg_id or e.verdict is Verdict.REFUSE:
+            continue
+        if e.verdict is Verdict.DROP:
+            if e.reg_id in written:
+                out.append(f"{where}{e.register}: the plan drops it, the kernel took {written[e.reg_id]:#x}")
+        elif e.reg_id in dropped:
+            out.append(f"{where}{e.register}: dropped (ENOENT) but the plan keeps it at {e.planned:#x} "
+                       f"({e.verdict.value})")
+        elif e.reg_id in written and written[e.reg_id] != e.planned:
+            out.append(f"{where}{e.register}: the plan says {e.planned:#x} ({e.verdict.value}), applied "
+                       f"{written[e.reg_id]:#x}")
     return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,7 @@ class PeerSection:
     key: str = ""
     ca: str = ""                            # PEM: the cluster CA
     allowed_peers: tuple[str, ...] = ()     # certificate CNs; empty = any certificate of the cluster CA
-    chunk_registers: int = 256
+    chunk_registers: int = 4096
     checksum: str = "crc32"
 
 
@@ -33,6 +33,32 @@ class MetricsSection:
     enabled: bool = True
     listen: str = "127.0.0.1"
     port: int = 9464
+
+
+@dataclass(frozen=True)
+class RpcSection:
+    """The orchestrator RPC (protocol/schemas/rpc.capnp). Loopback / unix socket without TLS by default;
+    tls = true: mutual TLS with the peer link's certificate and CA (required when listen is not loopback)."""
+    enabled: bool = True
+    listen: str = "127.0.0.1"
+    port: int = 7444
+    unix: str = ""                          # path: also (or, with port = 0 and listen = "", only) a unix socket
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """[peers] name = "host:port" (its peer listener), or name = { address = "host:port", rpc = "host:port",
+    server_name = "..." } (rpc: its orchestrator RPC, used to fetch its capabilities for `plan`)."""
+    name: str
+    host: str
+    port: int
+    rpc: str = ""
+    server_name: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,52 @@ class Config:
     peer: PeerSection = field(default_factory=PeerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    rpc: RpcSection = field(default_factory=RpcSection)
+    peers: tuple[PeerEntry, ...] = ()
+
+    def find_peer(self, name: str) -> PeerEntry | None:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        return None
+
+
+def split_hostport(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    try:
+        p = int(port)
+    except ValueError:
+        p = -1
+    if not sep or not host or not 0 < p < 65536:
+        raise ConfigError(f"{what}: expected \"host:port\", got {text!r}")
+    return host.strip("[]"), p
+
+
+def _peers(data) -> tuple[PeerEntry, ...]:
+    if not isinstance(data, dict):
+        raise ConfigError("peers: expected a table of name = \"host:port\"")
+    out = []
+    for name, v in data.items():
+        if isinstance(v, str):
+            host, port = split_hostport(v, f"peers.{name}")
+            out.append(PeerEntry(name, host, port))
+            continue
+        if not isinstance(v, dict):
+            raise ConfigError(f"peers.{name}: expected \"host:port\" or a table with address (and rpc)")
+        unknown = sorted(set(v) - {"address", "rpc", "server_name"})
+        if unknown:
+            raise ConfigError(f"peers.{name}: unknown key(s) {', '.join(unknown)} (known: address, rpc, server_name)")
+        if not isinstance(v.get("address"), str):
+            raise ConfigError(f"peers.{name}.address: expected \"host:port\"")
+        host, port = split_hostport(v["address"], f"peers.{name}.address")
+        rpc = v.get("rpc", "")
+        sn = v.get("server_name", "")
+        if not isinstance(rpc, str) or not isinstance(sn, str):
+            raise ConfigError(f"peers.{name}: rpc and server_name must be strings")
+        if rpc:
+            split_hostport(rpc, f"peers.{name}.rpc")
+        out.append(PeerEntry(name, host, port, rpc, sn))
+    return tuple(out)
 
 
 def _build(cls, data: dict, where: str):
@@ -95,9 +167,11 @@ def parse(text: str, source: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     try:
+        peers = _peers(data.pop("peers", {}))
         cfg = _build(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    cfg = replace(cfg, peers=peers)
     if cfg.backend.kind not in ("sim", "kvm"):
         raise ConfigError(f"{source}: backend.kind must be 'sim' or 'kvm', not {cfg.backend.kind!r}")
     if cfg.backend.kind == "sim" and not cfg.backend.sim_profile:
@@ -106,7 +180,20 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: peer.checksum must be crc32 or sha256")
     if not (cfg.peer.cert and cfg.peer.ca):
         raise ConfigError(f"{source}: peer.cert and peer.ca are required (mutual TLS is not optional)")
+    if cfg.rpc.enabled and not cfg.rpc.tls and cfg.rpc.port and not is_loopback(cfg.rpc.listen):
+        raise ConfigError(f"{source}: rpc.listen = {cfg.rpc.listen!r} is not loopback: set rpc.tls = true "
+                          f"(mutual TLS with the peer certificate) or listen on 127.0.0.1 / a unix socket")
     return cfg
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def load(path: str) -> Config:

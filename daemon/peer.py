@@ -10,13 +10,18 @@ Preflight (trial apply of the VM-wide registers on a scratch VM) -> receive chun
 verify -> adopt the VM paused -> Commit -> run it only when the source's Commit arrives. A failure before
 our Commit discards the VM (closed, never run); a broken link after it leaves the VM paused "in-doubt".
 
-Plans: until the negotiation engine's Plan is wired in, the plan travels as canonical JSON in format
-PLAN_FORMAT (the ApplyPolicy plus the source's VM-wide register values and vCPU features); `planner`
-(source) and `plan_checker` (destination) are the injection points for the real engine.
+Plans: both daemons run the negotiation engine (protocol/negotiate.py). The destination sends its
+HostCapabilities (Cap'n Proto); the source builds the VmProfile of its VM (ID / imp-ID / cache / FW register
+values and vCPU features, plus the drift registers) and computes the Plan. A refused plan aborts here, with
+the plan's reasons in the Abort, before anything moves. Otherwise the PlanProposal carries the VmProfile,
+the source's Plan and its digest (negotiate.plan_digest); the destination recomputes the plan from the same
+VmProfile and its own capabilities and policy, refuses when it is refused or when the digests differ (naming
+the first differing entry), and echoes the digest in PlanAccept. The plan becomes the apply engine's
+ApplyPolicy through apply.policy_from_plan; pre-flight and the final apply are judged against the plan's
+values (apply.plan_deviations).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import uuid
@@ -25,10 +30,16 @@ from typing import Callable, Mapping, Sequence
 
 import trio
 
+from ..protocol import kvmabi as abi
+from ..protocol import schemas as S
 from ..protocol import session as ps
+from ..protocol.catalog import catalog
 from ..protocol.errors import ProtocolError, RemoteProtocolError
 from ..protocol.framing import Limits
-from .apply import ApplyError, ApplyPolicy, apply_vm, read_vm, vm_wide
+from ..protocol.negotiate import negotiate, plan_digest
+from ..protocol.policy import Policy, default_policy
+from . import probe
+from .apply import ApplyError, apply_vm, plan_deviations, policy_from_plan, read_vm, vm_wide
 from .kvm.backend import Backend
 from .kvm.errors import KvmError
 from .metrics import Metrics
@@ -36,8 +47,9 @@ from .vms import ManagedVm, VmRegistry, VmState
 
 log = logging.getLogger("invariantd.peer")
 
-PLAN_FORMAT = "invariantd/apply-plan@1"
-CAPS_FORMAT = "invariantd/host-capabilities@1+json"
+PLAN_FORMAT = "invariantd/plan@1"                       # invariantd.capnp Plan; digest = negotiate.plan_digest
+CAPS_FORMAT = "invariantd/host-capabilities@1+capnp"    # invariantd.capnp HostCapabilities
+RECEIVE_BYTES = 256 * 1024
 
 
 class PeerError(Exception):
@@ -52,13 +64,14 @@ class PeerError(Exception):
 @dataclass(frozen=True)
 class PeerConfig:
     node: str = "invariantd"
-    chunk_registers: int = 256
+    chunk_registers: int = 4096          # per chunk; a vCPU's whole set (~300 registers) in one message
     checksum: str = "crc32"
     limits: Limits = Limits()
     handshake_timeout: float = 10.0
     phase_timeout: float = 30.0          # plan, preflight, each received message while streaming
     apply_timeout: float = 60.0          # destination apply + verify (source waits this long for Commit)
     commit_timeout: float = 30.0
+    send_batch_bytes: int = 256 * 1024   # chunks coalesced per TLS write
 
 
 @dataclass
@@ -70,54 +83,85 @@ class MigrationResult:
     digest: bytes = b""
 
 
-# --- the plan document (until the negotiation engine's Plan replaces it) -------------------------------------
-def make_plan(policy: ApplyPolicy, regsets: Mapping[int, Sequence[tuple[int, int]]], features: Sequence[int],
-              caps_digest: str) -> bytes:
-    vm_wide_regs = {f"{r:#018x}": f"{v:#x}" for r, v in regsets[min(regsets)] if vm_wide(r)}
-    doc = {"format": PLAN_FORMAT, "policy": policy.to_dict(), "vcpus": len(regsets),
-           "features": sorted(features), "vm_wide": vm_wide_regs, "destination_caps_sha256": caps_digest}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+# --- plans: the negotiation engine on both sides ----------------------------------------------------------------
+def _feature_names(init) -> tuple[str, ...]:
+    names = {v: k for k, v in abi.VCPU_FEATURES.items()}
+    return tuple(names.get(f, str(f)) for f in (init.features if init is not None else ()))
 
 
-@dataclass(frozen=True)
-class PlanDoc:
-    policy: ApplyPolicy
-    vcpus: int
-    features: tuple[int, ...]
-    vm_wide: tuple[tuple[int, int], ...]
-    caps_digest: str
-
-
-def parse_plan(fmt: str, plan: bytes) -> PlanDoc:
-    if fmt != PLAN_FORMAT:
-        raise ValueError(f"plan format {fmt!r} is not understood here (want {PLAN_FORMAT})")
+def vm_profile(vm_id: str, init, regsets: Mapping[int, Sequence[tuple[int, int]]], backend: Backend,
+               policy: Policy) -> S.VmProfile:
+    """The negotiation input for a VM held here: VM-wide register values (ID / imp-ID / cache / FW, read on
+    vCPU 0), the drift registers (per vCPU: a value that is not a reset value wins, so the plan refuses
+    rather than the apply aborting later), the register list, the vCPU features, what the guest saw."""
+    first = list(regsets[min(regsets)])
+    keep = frozenset(policy.drift)
+    cat = catalog()
+    values = {r: v for r, v in first if r in keep or cat.reg_class(r) in S.PLANNED_CLASSES}
+    for rid, d in policy.drift.items():
+        resets = getattr(d, "resets", None) or (d.reset,)
+        for regs in regsets.values():
+            for r, v in regs:
+                if r == rid and v not in resets:
+                    values[rid] = v
     try:
-        d = json.loads(plan)
-        return PlanDoc(ApplyPolicy.from_dict(d["policy"]), int(d["vcpus"]), tuple(int(f) for f in d["features"]),
-                       tuple((int(k, 16), int(v, 16)) for k, v in d["vm_wide"].items()),
-                       str(d["destination_caps_sha256"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"malformed plan document: {e}") from None
+        midrs = tuple(sorted(set(backend.cpu_midrs())))
+        kernel = probe.kernel_version(backend.kernel_release())
+    except Exception:       # a backend that cannot say: the plan then knows less about what the guest saw
+        midrs, kernel = (), ""
+    return S.VmProfile(name=vm_id, revision=1, features=_feature_names(init), values=tuple(sorted(values.items())),
+                       reg_list=tuple(r for r, _ in first), seen_midrs=midrs, source_kernel=kernel)
 
 
-def caps_digest(doc_bytes: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(doc_bytes).hexdigest()
+def refusal_reasons(plan: S.Plan, limit: int = 40) -> str:
+    """The refused entries of a plan, one 'REGISTER[.FIELD]: reason' per entry (field rows first)."""
+    rows = [f"{e.register}{'.' + e.field if e.field else ''}: {e.reason}"
+            for e in plan.entries if e.verdict is S.Verdict.REFUSE]
+    more = f"; ... {len(rows) - limit} more" if len(rows) > limit else ""
+    return "; ".join(rows[:limit]) + more
 
 
-Planner = Callable[[ManagedVm, Mapping[int, Sequence[tuple[int, int]]], dict], ApplyPolicy]
+def explain_mismatch(ours: S.Plan, theirs: S.Plan | None) -> str:
+    """Why two plans' digests differ, as precisely as the decoded plans allow."""
+    if theirs is None:
+        return "the source's plan could not be decoded"
+    if ours.policy != theirs.policy:
+        return f"different policies: source {theirs.policy!r}, destination {ours.policy!r}"
+    for k in ("vm_name", "destination", "migratable", "enable_cap239", "big_little", "assumed_cluster"):
+        if getattr(ours, k) != getattr(theirs, k):
+            return f"{k}: source {getattr(theirs, k)!r}, destination {getattr(ours, k)!r}"
+    for a, b in zip(theirs.entries, ours.entries):
+        if a != b:
+            return (f"first differing entry: source {a.register}{'.' + a.field if a.field else ''} "
+                    f"{a.verdict.value} {a.planned:#x} ({a.reason}), destination {b.register}"
+                    f"{'.' + b.field if b.field else ''} {b.verdict.value} {b.planned:#x} ({b.reason})")
+    if len(ours.entries) != len(theirs.entries):
+        return f"source plan has {len(theirs.entries)} entries, destination {len(ours.entries)}"
+    return "same entries but different header (notes / guest-visible summary / engine version)"
 
 
-def identity_planner(vm: ManagedVm, regsets, caps: dict) -> ApplyPolicy:
-    """No overrides: registers must apply as they are (plus the known drift drops)."""
-    return ApplyPolicy()
+def stream_deviations(vm: S.VmProfile, regsets: Mapping[int, Sequence[tuple[int, int]]]) -> list[str]:
+    """VM-wide registers streamed with other values than the VmProfile the plan was computed from."""
+    want = {r: v for r, v in vm.values if vm_wide(r)}
+    cat = catalog()
+    out = []
+    for i, regs in sorted(regsets.items()):
+        got = dict(regs)
+        for r, v in want.items():
+            if got.get(r) != v:
+                have = got.get(r)
+                out.append(f"vCPU {i} {cat.name(r)}: streamed {'nothing' if have is None else f'{have:#x}'}, "
+                           f"the plan's VM profile says {v:#x}")
+                if len(out) >= 16:
+                    return out
+    return out
 
 
-PlanChecker = Callable[[PlanDoc, dict], None]
-
-
-def default_plan_checker(plan: PlanDoc, caps: dict) -> None:
-    """Hook for the negotiation engine to recompute the plan here; raises ValueError to refuse."""
+def _features(vm: S.VmProfile) -> tuple[int, ...] | None:
+    try:
+        return tuple(abi.VCPU_FEATURES[f] for f in vm.features) or None
+    except KeyError as e:
+        raise PeerError("plan", f"unknown vCPU feature {e.args[0]!r} in the VM profile") from None
 
 
 # --- the I/O shell ----------------------------------------------------------------------------------------------
@@ -135,12 +179,35 @@ class Conn:
         if self.metrics:
             self.metrics.stream("sent", len(data))
 
+    async def send_many(self, events, batch_bytes: int = 256 * 1024) -> None:
+        """Several events, coalesced into writes of about batch_bytes (one TLS write per batch, not per event)."""
+        buf: list[bytes] = []
+        size = 0
+        for ev in events:
+            data = self.session.send(ev)
+            buf.append(data)
+            size += len(data)
+            if size >= batch_bytes:
+                await self._write(b"".join(buf))
+                buf, size = [], 0
+        if buf:
+            await self._write(b"".join(buf))
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except BaseException:
+            self.session.send_failed()
+            raise
+        if self.metrics:
+            self.metrics.stream("sent", len(data))
+
     async def receive(self):
         while True:
             ev = self.session.next_event()
             if ev is not ps.NEED_DATA:
                 return ev
-            data = await self.stream.receive_some(65536)
+            data = await self.stream.receive_some(RECEIVE_BYTES)
             if self.metrics:
                 self.metrics.stream("received", len(data))
             self.session.receive_data(data)
@@ -190,20 +257,47 @@ def _wrap(e: BaseException) -> PeerError | None:
     return None
 
 
+def _regsets(chunks: Sequence[ps.VcpuChunk]) -> dict[int, list[tuple[int, int]]]:
+    out: dict[int, list[tuple[int, int]]] = {}
+    for c in chunks:
+        out.setdefault(c.vcpu, []).extend(c.registers())
+    return out
+
+
 def _chunks(vm_id: str, regsets, n: int, checksum: str):
     for vcpu, regs in sorted(regsets.items()):
         for k in range(max(1, math.ceil(len(regs) / n))):
             yield ps.VcpuChunk.build(vm_id, vcpu, k, regs[k * n:(k + 1) * n], checksum)
 
 
+Planner = Callable[[S.VmProfile, S.HostCapabilities, Policy], S.Plan]
+PlanChecker = Callable[[S.Plan, S.VmProfile], None]
+
+
+def decode_caps(ev: ps.Capabilities) -> S.HostCapabilities:
+    if ev.format != CAPS_FORMAT:
+        raise PeerError("protocol", f"destination capabilities in format {ev.format!r}; this daemon reads "
+                                    f"{CAPS_FORMAT!r} (upgrade the older daemon)")
+    try:
+        return S.host_from_bytes(ev.doc)
+    except S.SchemaError as e:
+        raise PeerError("protocol", f"destination capabilities: {e}") from None
+
+
 async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str, *, cfg: PeerConfig = PeerConfig(),
-                      metrics: Metrics | None = None, planner: Planner = identity_planner,
-                      migration_id: str | None = None) -> MigrationResult:
-    """Source side over an established (TLS) stream. Raises PeerError; the VM is then running here again."""
+                      metrics: Metrics | None = None, planner: Planner | None = None,
+                      migration_id: str | None = None, policy: Policy | None = None,
+                      on_plan: Callable[[S.Plan], None] | None = None) -> MigrationResult:
+    """Source side over an established (TLS) stream. Raises PeerError; the VM is then running here again.
+
+    policy: the negotiation policy (default: the shipped default; the destination must use the same one,
+    the plan digest covers it). planner: the negotiation engine (negotiate) unless a test injects another.
+    on_plan: called with the plan before it is proposed (refused plans included)."""
     mvm = registry.get(vm_id)
     mid = migration_id or uuid.uuid4().hex
     conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits), metrics)
     m = metrics or Metrics()
+    pol = policy or default_policy()
     mvm.pause()
     released = False
     try:
@@ -211,28 +305,40 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             await conn.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.SOURCE, cfg.node))
             await conn.expect(ps.Hello)
             caps_ev = await conn.expect(ps.Capabilities)
-        try:
-            caps = json.loads(caps_ev.doc)
-        except ValueError as e:
-            raise PeerError("protocol", f"destination capabilities are not JSON: {e}") from None
+        dest = decode_caps(caps_ev)
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
             try:
                 regsets = read_vm(mvm.vcpus)
             except KvmError as e:
                 raise PeerError("vm", f"cannot read the source VM: {e}") from None
-            policy = planner(mvm, regsets, caps)
-            plan = make_plan(policy, regsets, mvm.init.features if mvm.init else (), caps_digest(caps_ev.doc))
-            prop = ps.PlanProposal(mid, vm_id, len(regsets), PLAN_FORMAT, plan)
+            vm = vm_profile(vm_id, mvm.init, regsets, registry.backend, pol)
+            plan = (planner or negotiate)(vm, dest, pol)
+            m.record_verdicts(e.verdict.value for e in plan.entries if not e.field)
+            if on_plan is not None:
+                on_plan(plan)
+            if not plan.migratable:
+                raise PeerError("plan", f"plan refused for {dest.name}: {refusal_reasons(plan)}")
+            prop = ps.PlanProposal(mid, vm_id, len(regsets), PLAN_FORMAT, S.plan_to_bytes(plan), plan.digest,
+                                   S.vm_to_bytes(vm))
             await conn.send(prop)
+            # encode and checksum every chunk now, while the destination checks the plan and pre-flights
+            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum))
             await conn.expect(ps.PlanAccept)
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
             pf = await conn.expect(ps.Preflight)
         if not pf.ok:
             raise PeerError("preflight", f"destination refused the plan in pre-flight: {pf.detail}")
         with m.phase("stream"):
-            for chunk in _chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum):
+            batch = max(1, cfg.send_batch_bytes)
+            i = 0
+            while i < len(chunks):          # fail_after per batch: a stalled peer is noticed per ~batch_bytes
+                j, size = i, 0
+                while j < len(chunks) and size < batch:
+                    size += len(chunks[j].values) + 8 * len(chunks[j].reg_ids)
+                    j += 1
                 with trio.fail_after(cfg.phase_timeout):
-                    await conn.send(chunk)
+                    await conn.send_many(chunks[i:j], batch)
+                i = j
             end = conn.session.stream_end()
             await conn.send(end)
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):
@@ -266,38 +372,66 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
 
 async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backend, registry: VmRegistry,
                           caps_doc: dict, cfg: PeerConfig = PeerConfig(), metrics: Metrics | None = None,
-                          plan_checker: PlanChecker = default_plan_checker) -> MigrationResult | None:
+                          plan_checker: PlanChecker | None = None,
+                          policy: Policy | None = None) -> MigrationResult | None:
     """Destination side of one connection. Returns the result, or None when the migration did not complete
-    (the reason is logged and was sent to the source)."""
+    (the reason is logged and was sent to the source).
+
+    caps_doc: this host's capability document (daemon/probe.py); sent as HostCapabilities and used to
+    recompute the plan. policy: the negotiation policy (default: the shipped one; must be the source's).
+    plan_checker(plan, vm_profile): an extra veto after the plan was agreed (raise ValueError to refuse)."""
     conn = Conn(stream, ps.Session(ps.DESTINATION, cfg.limits), metrics)
     m = metrics or Metrics()
+    pol = policy or default_policy()
     result = None
     mvm: ManagedVm | None = None
     committed = False
     try:
+        try:
+            host = S.host_from_doc(caps_doc, frozenset(pol.drift))
+        except S.SchemaError as e:
+            raise PeerError("plan", f"this host's capability document cannot be negotiated: {e}") from None
         with m.phase("handshake"), trio.fail_after(cfg.handshake_timeout):
             await conn.expect(ps.Hello)
             await conn.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.DESTINATION, cfg.node))
-            doc = json.dumps(caps_doc, sort_keys=True, separators=(",", ":")).encode()
-            await conn.send(ps.Capabilities(CAPS_FORMAT, doc))
+            await conn.send(ps.Capabilities(CAPS_FORMAT, S.host_to_bytes(host)))
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
             prop = await conn.expect(ps.PlanProposal)
             try:
-                plan = parse_plan(prop.format, prop.plan)
-                if plan.caps_digest != caps_digest(doc):
-                    raise ValueError("the plan was computed against other capabilities than ours")
-                if plan.vcpus != prop.vcpus:
-                    raise ValueError(f"plan says {plan.vcpus} vCPUs, proposal {prop.vcpus}")
-                plan_checker(plan, caps_doc)
+                if prop.format != PLAN_FORMAT:
+                    raise ValueError(f"plan format {prop.format!r} is not understood here (want {PLAN_FORMAT})")
+                try:
+                    vm = S.vm_from_bytes(prop.vm_profile)
+                except S.SchemaError as e:
+                    raise ValueError(f"VM profile: {e}") from None
+                plan = negotiate(vm, host, pol)
+                m.record_verdicts(e.verdict.value for e in plan.entries if not e.field)
+                if not plan.migratable:
+                    raise ValueError(f"refused here: {refusal_reasons(plan)}")
+                if plan.digest != prop.digest:
+                    try:
+                        theirs = S.plan_from_bytes(prop.plan)
+                    except S.SchemaError:
+                        theirs = None
+                    raise ValueError(f"plan digest mismatch (source {prop.digest.hex()[:16]}, destination "
+                                     f"{plan.digest.hex()[:16]}): {explain_mismatch(plan, theirs)}")
+                feats = _features(vm)
+                apply_policy = policy_from_plan(plan, vm)
+                if plan_checker is not None:
+                    plan_checker(plan, vm)
             except ValueError as e:
                 raise PeerError("plan", f"plan refused: {e}") from None
-            await conn.send(ps.PlanAccept(prop.migration_id, prop.digest))
+            await conn.send(ps.PlanAccept(prop.migration_id, plan.digest))
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
+            # Trial apply of the planned VM-wide registers (+ drift registers) on a scratch VM: the source's
+            # values through the same retry path the real apply takes, ending where the plan says.
+            trial_regs = {0: list(vm.values)}
             try:
                 trial = await trio.to_thread.run_sync(
-                    lambda: apply_vm(backend, {0: list(plan.vm_wide)}, plan.policy, features=plan.features or None))
+                    lambda: apply_vm(backend, trial_regs, apply_policy, features=feats))
                 trial.close()               # trial events go to the source in Preflight, not to metrics
-                bad = [str(x) for x in trial.mismatches]
+                bad = [str(x) for x in trial.mismatches] + plan_deviations(plan, trial.written[0],
+                                                                          trial.dropped[0])
                 ok, detail = not bad, "; ".join(bad) or "ok"
                 evs = tuple(f"{e.register} {e.errno} {e.action}" for e in trial.events)
             except ApplyError as e:
@@ -307,21 +441,31 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                 ev = await conn.receive()          # the source aborts; anything else is its problem
                 raise PeerError("preflight", f"pre-flight failed: {detail}" + (
                     "" if isinstance(ev, ps.Abort) else f" (source sent {type(ev).__name__})"))
-        regsets: dict[int, list[tuple[int, int]]] = {}
+        received: list[ps.VcpuChunk] = []
         with m.phase("stream"):
             while True:
                 with trio.fail_after(cfg.phase_timeout):
                     ev = await conn.expect(ps.VcpuChunk, ps.StreamEnd)
                 if isinstance(ev, ps.StreamEnd):
                     break
-                regsets.setdefault(ev.vcpu, []).extend(ev.registers())
+                received.append(ev)         # checked (checksum, order, digest); decoded to values at apply time
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):
+            regsets = await trio.to_thread.run_sync(_regsets, received)
+            bad = stream_deviations(vm, regsets)
+            if bad:
+                raise PeerError("apply", "the streamed registers are not the VM the plan was computed for: "
+                                + "; ".join(bad))
             res = await trio.to_thread.run_sync(
-                lambda: apply_vm(backend, regsets, plan.policy, features=plan.features or None))
+                lambda: apply_vm(backend, regsets, apply_policy, features=feats))
             m.record_apply_events(res.events)
-            if not res.ok:
+            bad = [str(x) for x in res.mismatches[:8]]
+            for i in sorted(res.written):
+                bad += plan_deviations(plan, res.written[i], res.dropped[i], vcpu=i)
+                if len(bad) >= 8:
+                    break
+            if bad:
                 res.close()
-                raise PeerError("apply", "read-back differs: " + "; ".join(str(x) for x in res.mismatches[:8]))
+                raise PeerError("apply", "applied state differs from the plan / read-back: " + "; ".join(bad[:8]))
             mvm = registry.adopt(prop.vm_id, res.vm, res.vcpus, None, VmState.INCOMING)
         with m.phase("commit"):
             digest = conn.session.stream_digest

@@ -1,4 +1,5 @@
-"""invariantd: the daemon. One trio root nursery: peer listener (mutual TLS), /metrics, sd_notify watchdog.
+"""invariantd: the daemon. One trio root nursery: peer listener (mutual TLS), orchestrator RPC (Cap'n Proto,
+daemon/rpc.py: pycapnp in its own thread, bridged to trio), /metrics, sd_notify watchdog.
 
     invariantd --config /etc/invariantd/invariantd.toml
 
@@ -71,7 +72,8 @@ def make_backend(cfg: Config):
 
 
 async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the daemon until cancelled or signalled. task_status.started({'peer': port, 'metrics': port})."""
+    """Run the daemon until cancelled or signalled.
+    task_status.started({'peer': port, 'metrics': port, 'rpc': port, 'rpc_unix': path}) (what is enabled)."""
     backend = backend or make_backend(cfg)
     registry = VmRegistry(backend)
     metrics = Metrics()
@@ -84,6 +86,14 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
 
     inflight = [0]
     idle = trio.Event()
+    orch = None
+    if cfg.rpc.enabled:
+        from .rpc import Orchestrator
+        key = cfg.peer.key or None
+        orch = Orchestrator(cfg, backend=backend, registry=registry, caps=caps, metrics=metrics, peer_cfg=pcfg,
+                            client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca),
+                            rpc_client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca) if cfg.rpc.tls
+                            else None)
 
     async def on_peer(stream, who):
         inflight[0] += 1
@@ -101,6 +111,13 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             ports = {"peer": await root.start(listener.run)}
+            if orch is not None:
+                from .rpc import serve_rpc
+                rpc_ctx = tls.server_context(cfg.peer.cert, cfg.peer.key or None, cfg.peer.ca) if cfg.rpc.tls \
+                    else None
+                ports.update(await root.start(partial(serve_rpc, orch, cfg.rpc.listen,
+                                                      cfg.rpc.port if cfg.rpc.listen else None, cfg.rpc.unix,
+                                                      rpc_ctx)))
             if cfg.metrics.enabled:
                 ports["metrics"] = await root.start(partial(serve_metrics, metrics, cfg.metrics.listen,
                                                             cfg.metrics.port))
@@ -108,8 +125,9 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
             if wd:
                 await root.start(_watchdog, wd)
             sd_notify(f"READY=1\nSTATUS=serving peers on {cfg.peer.listen}:{ports['peer']}")
-            log.info("invariantd %s ready: peers %s:%s, metrics %s", cfg.node, cfg.peer.listen, ports["peer"],
-                     ports.get("metrics", "off"))
+            log.info("invariantd %s ready: peers %s:%s, metrics %s, rpc %s", cfg.node, cfg.peer.listen,
+                     ports["peer"], ports.get("metrics", "off"),
+                     ports.get("rpc", ports.get("rpc_unix", "off")))
             task_status.started(ports)
             async for sig in signals:
                 log.info("signal %s: draining for up to %ss", signal.Signals(sig).name, cfg.timeouts.drain)
@@ -119,6 +137,8 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                 if inflight[0]:
                     idle = trio.Event()
                     await idle.wait()                 # migrations in flight finish (or hit the deadline)
+                while orch is not None and orch.inflight:
+                    await trio.sleep(0.05)            # outgoing migrations too
                 root.cancel_scope.cancel()
                 break
     registry.close()

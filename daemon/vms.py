@@ -5,6 +5,14 @@ States: running -> paused (migration out) -> released (destination committed; ne
         incoming (applied and verified, paused) -> running (source released it) | in-doubt (the link broke
         after we committed: kept paused, never run and never discarded without an operator)
 Pausing is bookkeeping here: this daemon does not run guest code; the VMM that does asks before running.
+
+The VM handle is deliberately abstract: a ManagedVm holds a backend `Vm` and `Vcpu` objects (kvm/backend.py
+protocols), nothing about who created them. Today they come from create() (the daemon's own VM: demo, tests,
+orchestrator createVm) or from the apply engine (incoming). Adopting the vCPUs of an external VMM (QEMU,
+cloud-hypervisor, firecracker) later is another constructor of the same objects: wrap the VM fd and the vCPU
+fds the VMM passes over a unix socket (SCM_RIGHTS) in RealKvm's Vm/Vcpu classes (fds it does not own, so
+close() must not close them), and register them with adopt(..., origin="adopted", state=RUNNING). Everything
+downstream (read_vm, migrate_out, the RPC's inspectVm) only uses the protocol methods.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ class ManagedVm:
     init: VcpuInit | None
     state: VmState = VmState.RUNNING
     history: list[str] = field(default_factory=list)
+    origin: str = "created"                 # created | incoming | adopted (see the module note)
 
     def _to(self, new: VmState, allowed: Sequence[VmState]) -> None:
         if self.state not in allowed:
@@ -101,10 +110,13 @@ class VmRegistry:
         return m
 
     def adopt(self, vm_id: str, vm: Vm, vcpus: dict[int, Vcpu], init: VcpuInit | None,
-              state: VmState = VmState.INCOMING) -> ManagedVm:
+              state: VmState = VmState.INCOMING, origin: str = "incoming") -> ManagedVm:
         if vm_id in self.vms and self.vms[vm_id].state is not VmState.RELEASED:
             raise VmStateError(f"VM {vm_id} already held here in state {self.vms[vm_id].state.value}")
-        m = ManagedVm(vm_id, vm, vcpus, init, state)
+        old = self.vms.pop(vm_id, None)
+        if old is not None:
+            old.close()                     # a released VM migrating back: its stale handle goes
+        m = ManagedVm(vm_id, vm, vcpus, init, state, origin=origin)
         self.vms[vm_id] = m
         return m
 

@@ -13,8 +13,8 @@ Conversation (one shared state; S = source, D = destination):
     any state but DONE/ABORTED -(either):Abort-> ABORTED
 
 The D Commit means "applied and verified, paused"; the S Commit means "source released its VM: run it".
-The session checks what it can without I/O: roles, order, a common version, the plan digest (sha256 of
-the plan bytes) echoed by PlanAccept, per-chunk checksums, chunk numbering per vCPU, the whole-set digest
+The session checks what it can without I/O: roles, order, a common version, the plan digest (the
+negotiation engine's, which the destination recomputes from the proposal's VM profile) echoed by PlanAccept, per-chunk checksums, chunk numbering per vCPU, the whole-set digest
 in StreamEnd and both Commits. Any violation by the peer raises RemoteProtocolError naming it; by us,
 LocalProtocolError. Either makes ERROR sticky. After ABORTED, messages that crossed the Abort on the wire
 are still returned (so the caller can log them) but change nothing.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Sequence, Union
@@ -102,7 +102,8 @@ class PlanProposal:
     vcpus: int
     format: str
     plan: bytes
-    digest: bytes = b""          # filled in (sha256 of plan) when left empty
+    digest: bytes = b""          # the plan digest its format defines; sha256 of `plan` when left empty
+    vm_profile: bytes = b""      # the negotiation input the destination recomputes the plan from
 
     def __post_init__(self) -> None:
         _text(self.migration_id, "PlanProposal.migration_id", 256)
@@ -111,9 +112,10 @@ class PlanProposal:
         _need(isinstance(self.vcpus, int) and 1 <= self.vcpus <= 4096, f"PlanProposal.vcpus {self.vcpus!r} "
                                                                        f"outside 1..4096")
         _need(isinstance(self.plan, bytes), "PlanProposal.plan must be bytes")
+        _need(isinstance(self.vm_profile, bytes), "PlanProposal.vm_profile must be bytes")
         if not self.digest:
             object.__setattr__(self, "digest", _sha256(self.plan))
-        _need(self.digest == _sha256(self.plan), "PlanProposal.digest is not the sha256 of the plan bytes",
+        _need(isinstance(self.digest, bytes) and len(self.digest) == 32, "PlanProposal.digest must be 32 bytes",
               "bad-digest")
 
 
@@ -143,7 +145,7 @@ class Preflight:
 
 
 def chunk_bytes(vcpu: int, chunk: int, reg_ids: Sequence[int], values: bytes) -> bytes:
-    """The bytes a chunk's checksum and the whole-set digest cover."""
+    """The bytes a chunk's checksum covers: u32 vcpu, u32 chunk, u64 register ids, values (little-endian)."""
     return struct.pack(f"<II{len(reg_ids)}Q", vcpu, chunk, *reg_ids) + values
 
 
@@ -153,8 +155,51 @@ def _checksum(kind: str, data: bytes) -> bytes:
     return _sha256(data)
 
 
+_SIZE_FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What a register-id list implies, computed once per distinct list (every vCPU of a VM repeats it)."""
+    ids: tuple[int, ...]
+    ids_le: bytes                 # the ids as packed u64 LE (the wire form and the checksum input)
+    total: int                    # value bytes the ids need
+    fmt: str                      # struct format of the values ('Q' ... or 'Ns' for registers wider than 8)
+    wide: tuple[int, ...]         # positions of the registers wider than 8 bytes
+    sizes: tuple[int, ...]
+
+
+@lru_cache(maxsize=64)          # bounded: a hostile peer's distinct id lists cannot grow it
+def _layout_le(ids_le: bytes) -> _Layout:
+    if len(ids_le) % 8:
+        raise LocalProtocolError(f"register id list of {len(ids_le)} bytes is not a list of u64", "bad-chunk")
+    ids = struct.unpack(f"<{len(ids_le) // 8}Q", ids_le)
+    sizes, fmt, wide = [], ["<"], []
+    for i, r in enumerate(ids):
+        size_code = (r & regid.KVM_REG_SIZE_MASK) >> regid.KVM_REG_SIZE_SHIFT
+        _need(size_code <= regid.SIZE_U2048, f"register {r:#018x}: size code {size_code} above U2048",
+              "bad-register")
+        n = regid.size_bytes(r)
+        sizes.append(n)
+        if n in _SIZE_FMT:
+            fmt.append(_SIZE_FMT[n])
+        else:
+            fmt.append(f"{n}s")
+            wide.append(i)
+    return _Layout(ids, ids_le, sum(sizes), "".join(fmt), tuple(wide), tuple(sizes))
+
+
+@lru_cache(maxsize=64)
+def _layout_ids(ids: tuple[int, ...]) -> _Layout:
+    for r in ids:
+        _need(isinstance(r, int) and 0 <= r < 1 << 64, f"register id {r!r} is not a u64")
+    return _layout_le(struct.pack(f"<{len(ids)}Q", *ids))
+
+
 @dataclass(frozen=True, slots=True)
 class VcpuChunk:
+    """Registers of one vCPU. On the wire the ids travel packed (regIdsLe); reg_ids is their tuple.
+    Validation per distinct id list is cached (_layout_*): a chunk costs a checksum and a lookup."""
     vm_id: str
     vcpu: int
     chunk: int
@@ -162,23 +207,24 @@ class VcpuChunk:
     values: bytes
     checksum_kind: str = "crc32"
     checksum: bytes = b""         # computed when left empty
+    ids_le: bytes = field(default=b"", repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "reg_ids", tuple(self.reg_ids))
         _text(self.vm_id, "VcpuChunk.vm_id", 256)
         _u32(self.vcpu, "VcpuChunk.vcpu")
         _u32(self.chunk, "VcpuChunk.chunk")
         _need(self.checksum_kind in CHECKSUMS, f"VcpuChunk.checksum_kind {self.checksum_kind!r} unknown")
         _need(isinstance(self.values, bytes), "VcpuChunk.values must be bytes")
-        total = 0
-        for r in self.reg_ids:
-            _need(isinstance(r, int) and 0 <= r < 1 << 64, f"register id {r!r} is not a u64")
-            size_code = (r & regid.KVM_REG_SIZE_MASK) >> regid.KVM_REG_SIZE_SHIFT
-            _need(size_code <= regid.SIZE_U2048, f"register {r:#018x}: size code {size_code} above U2048",
-                  "bad-register")
-            total += regid.size_bytes(r)
-        _need(total == len(self.values), f"VcpuChunk {self.vcpu}/{self.chunk}: {len(self.values)} value bytes for "
-                                         f"registers needing {total}", "bad-chunk")
+        if self.reg_ids or not self.ids_le:
+            lay = _layout_ids(tuple(self.reg_ids))
+            _need(not self.ids_le or self.ids_le == lay.ids_le, "VcpuChunk: regIds and regIdsLe differ",
+                  "bad-chunk")
+        else:
+            lay = _layout_le(self.ids_le)
+        object.__setattr__(self, "reg_ids", lay.ids)
+        object.__setattr__(self, "ids_le", lay.ids_le)
+        _need(lay.total == len(self.values), f"VcpuChunk {self.vcpu}/{self.chunk}: {len(self.values)} value bytes "
+                                             f"for registers needing {lay.total}", "bad-chunk")
         want = _checksum(self.checksum_kind, self.covered())
         if not self.checksum:
             object.__setattr__(self, "checksum", want)
@@ -186,25 +232,28 @@ class VcpuChunk:
               "bad-checksum")
 
     def covered(self) -> bytes:
-        return chunk_bytes(self.vcpu, self.chunk, self.reg_ids, self.values)
+        return b"".join((struct.pack("<II", self.vcpu, self.chunk), self.ids_le, self.values))
 
     @classmethod
     def build(cls, vm_id: str, vcpu: int, chunk: int, regs: Sequence[tuple[int, int]],
               checksum_kind: str = "crc32") -> "VcpuChunk":
         ids = tuple(r for r, _ in regs)
+        lay = _layout_ids(ids)
+        vals = [v for _, v in regs]
         try:
-            values = b"".join(int(v).to_bytes(regid.size_bytes(r), "little") for r, v in regs)
-        except OverflowError as e:
+            for i in lay.wide:
+                vals[i] = int(vals[i]).to_bytes(lay.sizes[i], "little")
+            values = struct.pack(lay.fmt, *vals)
+        except (OverflowError, struct.error) as e:
             raise LocalProtocolError(f"register value does not fit its size: {e}", "bad-chunk") from None
-        return cls(vm_id, vcpu, chunk, ids, values, checksum_kind)
+        return cls(vm_id, vcpu, chunk, (), values, checksum_kind, ids_le=lay.ids_le)
 
     def registers(self) -> list[tuple[int, int]]:
-        out, off = [], 0
-        for r in self.reg_ids:
-            n = regid.size_bytes(r)
-            out.append((r, int.from_bytes(self.values[off:off + n], "little")))
-            off += n
-        return out
+        lay = _layout_le(self.ids_le)
+        vals = list(struct.unpack(lay.fmt, self.values))
+        for i in lay.wide:
+            vals[i] = int.from_bytes(vals[i], "little")
+        return list(zip(lay.ids, vals))
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,14 +323,14 @@ def encode(event: Event) -> bytes:
         m.format, m.doc = event.format, event.doc
     elif isinstance(event, PlanProposal):
         m.migrationId, m.vmId, m.vcpus, m.format = event.migration_id, event.vm_id, event.vcpus, event.format
-        m.plan, m.digest = event.plan, event.digest
+        m.plan, m.digest, m.vmProfile = event.plan, event.digest, event.vm_profile
     elif isinstance(event, (PlanAccept, Commit)):
         m.migrationId, m.digest = event.migration_id, event.digest
     elif isinstance(event, Preflight):
         m.ok, m.detail, m.events = event.ok, event.detail, list(event.events)
     elif isinstance(event, VcpuChunk):
         m.vmId, m.vcpu, m.chunk = event.vm_id, event.vcpu, event.chunk
-        m.regIds = list(event.reg_ids)
+        m.regIdsLe = event.ids_le
         m.values, m.checksumKind, m.checksum = event.values, event.checksum_kind, event.checksum
     elif isinstance(event, StreamEnd):
         m.vmId, m.vcpus, m.chunks, m.digest = event.vm_id, event.vcpus, event.chunks, event.digest
@@ -298,14 +347,15 @@ def _decode_reader(r) -> Event:
     if w == "capabilities":
         return Capabilities(m.format, bytes(m.doc))
     if w == "planProposal":
-        return PlanProposal(m.migrationId, m.vmId, m.vcpus, m.format, bytes(m.plan), bytes(m.digest))
+        return PlanProposal(m.migrationId, m.vmId, m.vcpus, m.format, bytes(m.plan), bytes(m.digest),
+                            bytes(m.vmProfile))
     if w == "planAccept":
         return PlanAccept(m.migrationId, bytes(m.digest))
     if w == "preflight":
         return Preflight(m.ok, m.detail, tuple(m.events))
     if w == "vcpuChunk":
         return VcpuChunk(m.vmId, m.vcpu, m.chunk, tuple(m.regIds), bytes(m.values), str(m.checksumKind),
-                         bytes(m.checksum))
+                         bytes(m.checksum), bytes(m.regIdsLe))
     if w == "streamEnd":
         return StreamEnd(m.vmId, m.vcpus, m.chunks, bytes(m.digest))
     if w == "commit":
@@ -321,9 +371,12 @@ def decode(frame: bytes, limits: Limits = Limits()) -> Event:
     try:
         with schema.Message.from_bytes(frame, traversal_limit_in_words=limits.traversal_limit_in_words,
                                        nesting_limit=limits.nesting_limit) as r:
-            if r.which() == "vcpuChunk" and len(r.vcpuChunk.regIds) > limits.max_registers_per_chunk:
-                raise LocalProtocolError(f"VcpuChunk carries {len(r.vcpuChunk.regIds)} registers; the limit is "
-                                         f"{limits.max_registers_per_chunk}", "chunk-too-large")
+            if r.which() == "vcpuChunk":
+                c = r.vcpuChunk
+                n = max(len(c.regIds), len(c.regIdsLe) // 8)
+                if n > limits.max_registers_per_chunk:
+                    raise LocalProtocolError(f"VcpuChunk carries {n} registers; the limit is "
+                                             f"{limits.max_registers_per_chunk}", "chunk-too-large")
             return _decode_reader(r)
     except LocalProtocolError as e:
         raise RemoteProtocolError(str(e), e.what) from e

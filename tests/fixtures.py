@@ -51,7 +51,7 @@ def synthetic_doc(kernel: str = "6.12", midr: int | None = None, **overrides: in
     for i in range(14 if kernel != "6.1" else 3):
         ids[regid.demux_ccsidr(i)] = 0x701FE01A
     masks = None if kernel == "6.1" else (MASKS_73 if kernel >= "7" else MASKS_612)
-    caps = {"KVM_CAP_ONE_REG": 1, "KVM_CAP_ARM_VM_IPA_SIZE": 44, "KVM_CAP_ARM_PMU_V3": 1,
+    caps = {"KVM_CAP_ONE_REG": 1, "KVM_CAP_ARM_VM_IPA_SIZE": 44, "KVM_CAP_ARM_PMU_V3": 1, "KVM_CAP_ARM_PSCI_0_2": 1,
             "KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES": 0 if masks is None else 1,
             "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS": 1 if kernel >= "7" else 0}
     return {

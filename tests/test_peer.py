@@ -1,6 +1,8 @@
 """End to end on loopback: two daemons' peer code over mutual TLS (trustme CA), simulated arm64 hosts."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import struct
 from functools import partial
 
@@ -10,7 +12,6 @@ import trustme
 
 from fixtures import synthetic_doc
 from invariantd.daemon import tls
-from invariantd.daemon.apply import ACCEPT_DESTINATION, ApplyPolicy
 from invariantd.daemon.metrics import Metrics
 from invariantd.daemon.peer import PeerConfig, PeerError, handle_incoming, migrate_out
 from invariantd.daemon.probe import probe
@@ -95,28 +96,33 @@ async def test_identical_hosts_commit(nursery, pki):
 
 
 async def test_midr_override_across_revisions(nursery, pki):
+    """The engine plans the MIDR override (same part, next revision); the patched destination refuses the
+    source MIDR with EINVARIANT and the apply retries with the plan's value."""
     a = source(pki, sim("6.1", midr=0x410FD083))
     b = Node(sim("6.1", era="patched", midr=0x410FD084), pki)
     _, port = await b.listen(nursery)
     stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
-    planner = lambda vm, regs, caps: ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION})
-    res = await migrate_out(stream, a.registry, "vm-1", cfg=CFG, planner=planner)
+    res = await migrate_out(stream, a.registry, "vm-1", cfg=CFG)
     with trio.fail_after(5):
         await b.done.wait()
     assert res.result == "committed"
     [r] = b.results
-    assert {(e.register, e.errno, e.action) for e in r.events} == {("MIDR_EL1", "EINVARIANT", "override-destination")}
+    assert {(e.register, e.errno, e.action) for e in r.events} == {("MIDR_EL1", "EINVARIANT", "override-plan")}
     assert b.registry.get("vm-1").vcpus[0].get_reg(MIDR) == 0x410FD084
-    assert b.metrics.invariant_overrides.labels("MIDR_EL1", "override-destination")._value.get() == 2
+    assert b.metrics.invariant_overrides.labels("MIDR_EL1", "override-plan")._value.get() == 2
 
 
 async def test_preflight_refusal_resumes_source(nursery, pki):
+    """Stale capabilities: the destination advertises r0p3 (what it was probed as) but its kernel now holds
+    r0p4. The plan says 'identical', the trial apply on the scratch vCPU meets EINVARIANT with no override
+    allowed: pre-flight fails, the source resumes, nothing moves."""
     a = source(pki, sim("6.1", midr=0x410FD083))
     b = Node(sim("6.1", era="patched", midr=0x410FD084), pki)
+    b.caps = probe(sim("6.1", era="patched", midr=0x410FD083))
     _, port = await b.listen(nursery)
     stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
     with pytest.raises(PeerError) as ei:
-        await migrate_out(stream, a.registry, "vm-1", cfg=CFG)          # no override for MIDR
+        await migrate_out(stream, a.registry, "vm-1", cfg=CFG)
     with trio.fail_after(5):
         await b.done.wait()
     assert ei.value.kind == "preflight" and "MIDR_EL1" in str(ei.value) and "EINVARIANT" in str(ei.value)
@@ -153,7 +159,7 @@ async def test_cut_mid_stream_source_resumes_destination_discards(nursery, pki):
     stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
     with pytest.raises(PeerError) as ei:
         # sends: Hello, PlanProposal, chunks 0-2, then chunk 3 is cut half-way
-        await migrate_out(CutAfter(stream, 6), a.registry, "vm-1", cfg=CFG, metrics=a.metrics)
+        await migrate_out(CutAfter(stream, 6), a.registry, "vm-1", cfg=replace(CFG, send_batch_bytes=1), metrics=a.metrics)
     with trio.fail_after(5):
         await b.done.wait()
     assert ei.value.kind == "closed"

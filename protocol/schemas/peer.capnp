@@ -1,8 +1,8 @@
 @0x9d05b9bbd5860262;
 # invariantd peer protocol: the messages two daemons exchange over mutual TLS during one migration.
 # Each message is one standard Cap'n Proto stream frame (segment table + segments) holding a Message.
-# Documents owned by other schemas (HostCapabilities, Plan) travel as opaque Data (capnp or canonical
-# JSON bytes, named by a format string), so this schema does not depend on them.
+# Documents owned by other schemas (HostCapabilities, VmProfile, Plan: invariantd.capnp) travel as opaque
+# Data named by a format string, so this schema does not depend on them.
 #
 # Conversation (S = source, D = destination):
 #   S Hello -> D Hello -> D Capabilities -> S PlanProposal -> D PlanAccept -> D Preflight
@@ -17,7 +17,7 @@ struct Hello {
 }
 
 struct Capabilities {
-  format @0 :Text;                # e.g. "invariantd/host-capabilities@1"
+  format @0 :Text;                # "invariantd/host-capabilities@1+capnp" = invariantd.capnp HostCapabilities
   doc @1 :Data;                   # the document bytes in that format
 }
 
@@ -25,9 +25,12 @@ struct PlanProposal {
   migrationId @0 :Text;
   vmId @1 :Text;
   vcpus @2 :UInt32;
-  format @3 :Text;                # format of `plan`
-  plan @4 :Data;
-  digest @5 :Data;                # sha256 of `plan`; both sides must agree before state moves
+  format @3 :Text;                # format of `plan`: "invariantd/plan@1" = invariantd.capnp Plan
+  plan @4 :Data;                  # the source's plan (for diagnostics: the destination recomputes its own)
+  digest @5 :Data;                # the plan digest as its format defines it (plan@1: negotiate.plan_digest);
+                                  # the destination recomputes it from vmProfile and its own capabilities
+                                  # and echoes it in PlanAccept: both sides agree before any state moves
+  vmProfile @6 :Data;             # the negotiation input: invariantd.capnp VmProfile of the source VM
 }
 
 struct PlanAccept {
@@ -45,10 +48,12 @@ struct VcpuChunk {
   vmId @0 :Text;
   vcpu @1 :UInt32;
   chunk @2 :UInt32;               # 0, 1, 2... per vCPU
-  regIds @3 :List(UInt64);
+  regIds @3 :List(UInt64);       # ids as a list (older writers); see regIdsLe
   values @4 :Data;                # each register's KVM_REG_SIZE(id) bytes, little-endian, in regIds order
   checksumKind @5 :ChecksumKind;
-  checksum @6 :Data;              # over vcpu, chunk, regIds and values (see protocol/session.py)
+  checksum @6 :Data;              # over vcpu, chunk, register ids and values (see protocol/session.py)
+  regIdsLe @7 :Data;              # the register ids as packed u64 little-endian (what writers send; readers
+                                  # accept regIds instead when this is empty). Both forms: must agree.
   enum ChecksumKind { crc32 @0; sha256 @1; }
 }
 

@@ -1,0 +1,341 @@
+"""invariantctl orchestration subcommands: talk to a running invariantd over its Cap'n Proto RPC.
+
+  caps [HOST]                 capability document of the daemon (or of its peer HOST)
+  vms                         VMs the daemon holds
+  create-vm NAME --vcpus N    create a VM (simulated host or real /dev/kvm, whatever the daemon runs on)
+  inspect-vm NAME             state, vCPUs, features, ID register summary
+  peers                       the daemon's configured peers
+  plan-vm VM --to HOST        the negotiation plan for moving VM to peer HOST (the offline planner stays
+                              `plan --from CAPS --to CAPS`)
+  migrate VM --to HOST        migrate, with a progress bar (--json: one JSON document at the end)
+  status [MIGRATION]          one migration, or all of them
+  cancel MIGRATION            cancel before the destination commits (the VM resumes on the source)
+  demo [--real]               two daemons on loopback, one VM, one migration via RPC (see client/demo.py)
+
+Daemon address: --daemon HOST:PORT or unix:/path; default $INVARIANTD_ADDR or 127.0.0.1:7444.
+Mutual TLS (when the daemon's rpc.tls = true): --ca/--cert/--key or $INVARIANTD_CA/_CERT/_KEY.
+
+Exit codes: 0 ok · 1 daemon bug (internal) · 2 usage / bad request / not found / conflict · 3 plan refused ·
+4 daemon or peer unreachable · 5 KVM / apply error · 7 migration failed, aborted, cancelled or in doubt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+from .rpc_client import EXIT_CODES, Client, RpcError, client_ssl, default_addr
+
+EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_KVM, EXIT_FAILED = 0, 2, 3, 4, 5, 7
+EPILOG = __doc__[__doc__.index("Exit codes"):]
+
+
+def _client(args) -> Client:
+    ca = args.ca or os.environ.get("INVARIANTD_CA")
+    cert = args.cert or os.environ.get("INVARIANTD_CERT")
+    key = args.key or os.environ.get("INVARIANTD_KEY")
+    try:
+        ctx = client_ssl(cert, key, ca)
+    except (OSError, ValueError) as e:
+        raise RpcError("badRequest", f"TLS files: {e}") from None
+    return Client(args.daemon or default_addr(), ctx, server_hostname=args.server_name)
+
+
+def _dump(obj) -> None:
+    json.dump(obj, sys.stdout, indent=1, default=lambda b: b.hex() if isinstance(b, bytes) else str(b))
+    sys.stdout.write("\n")
+
+
+def _handled(fn):
+    def wrapper(args) -> int:
+        try:
+            return fn(args)
+        except RpcError as e:
+            if getattr(args, "json", False):
+                _dump({"error": {"kind": e.kind, "message": e.message}, "exit_code": e.exit_code})
+            print(f"invariantctl: {e}", file=sys.stderr)
+            return e.exit_code
+    return wrapper
+
+
+# --- output helpers ---------------------------------------------------------------------------------------------
+def print_plan_doc(doc: dict, verbose: bool = False, out=None) -> None:
+    """The plan table (same layout as `invariantctl plan`) from a plan document (schemas.plan_to_doc)."""
+    out = out or sys.stdout
+    w = lambda s="": print(s, file=out)   # noqa: E731
+    w(f"plan: VM {doc['vm']} -> {doc['destination']}   policy {doc['policy']}")
+    hdr = ("register", "field", "source", "destination", "verdict", "reason")
+    w(f"{hdr[0]:<36} {hdr[1]:<14} {hdr[2]:<20} {hdr[3]:<20} {hdr[4]:<9} {hdr[5]}")
+    same = 0
+    for e in doc["entries"]:
+        if e["verdict"] == "identical" and not verbose:
+            same += 1
+            continue
+        s, d = int(e["source"], 16), int(e["destination"], 16)
+        s, d = (f"{s:#x}", f"{d:#x}") if e["field"] else (f"{s:#018x}", f"{d:#018x}")
+        w(f"{e['register']:<36} {e['field'] or '-':<14} {s:<20} {d:<20} {e['verdict']:<9} {e['reason']}")
+    if same:
+        w(f"({same} registers identical on both sides)")
+    w("guest-visible changes: " + ("none" if not doc["guest_visible"] else ""))
+    for g in doc["guest_visible"]:
+        w(f"  - {g}")
+    for n in doc["notes"]:
+        w(f"note: {n}")
+    w(f"digest: sha256:{doc['digest']}")
+    if doc["migratable"]:
+        w("result: MIGRATABLE" + (" (enable cap 239 before creating vCPUs)" if doc["enable_cap239"] else ""))
+    else:
+        bad = sorted({e["register"] for e in doc["entries"] if e["verdict"] == "refuse"})
+        w(f"result: REFUSED ({len(bad)} register(s): {', '.join(bad)})")
+
+
+def _vm_line(v: dict) -> str:
+    return (f"{v['name']:<24} {v['state']:<10} {v['vcpus']:>5}  {v['arch']:<8} {v['origin']:<9} "
+            f"{','.join(v['features']) or '-'}")
+
+
+@contextmanager
+def progress_bar(out=None):
+    """A rich progress bar for a migration; yields (update(status_dict), progress)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    console = Console(file=out or sys.stderr)
+    with Progress(TextColumn("[bold]{task.fields[phase]:<10}"), BarColumn(),
+                  TextColumn("vCPUs {task.completed:.0f}/{task.total:.0f}"),
+                  TextColumn("{task.fields[regs]} regs"), TextColumn("{task.fields[sent]} B sent"),
+                  TimeElapsedColumn(), console=console, transient=False) as prog:
+        task = prog.add_task("migrate", total=1, phase="connecting", regs=0, sent=0)
+
+        def update(st: dict) -> None:
+            prog.update(task, total=max(1, st["vcpus_total"]), completed=st["vcpus_done"], phase=st["phase"],
+                        regs=st["registers_sent"], sent=st["bytes_sent"])
+        yield update, prog
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+@_handled
+def cmd_caps(args) -> int:
+    with _client(args) as c:
+        doc = c.caps(args.host or "")
+    if args.json:
+        _dump(doc)
+        return EXIT_OK
+    print(f"{args.host or 'daemon'}: {doc.get('source')} {doc.get('profile') or ''}  arch {doc.get('arch')}  "
+          f"kernel {doc.get('kernel_release')}  KVM API {doc.get('api_version')}  "
+          f"ONE_REG {'yes' if doc.get('one_reg', doc.get('caps', {}).get('KVM_CAP_ONE_REG')) else 'no'}")
+    print("caps: " + ", ".join(f"{k.replace('KVM_CAP_', '')}={v}" for k, v in (doc.get("caps") or {}).items()))
+    if doc.get("arch") == "aarch64":
+        print(f"per-CPU MIDR: {', '.join(doc.get('cpu_midrs') or []) or 'n/a'}   registers listed: "
+              f"{len(doc.get('reg_list') or [])}   writable masks: "
+              f"{'not offered' if doc.get('writable_masks') is None else len(doc['writable_masks'])}")
+    return EXIT_OK
+
+
+@_handled
+def cmd_vms(args) -> int:
+    with _client(args) as c:
+        vms = c.list_vms()
+    if args.json:
+        _dump(vms)
+        return EXIT_OK
+    print(f"{'name':<24} {'state':<10} {'vCPUs':>5}  {'arch':<8} {'origin':<9} features")
+    for v in vms:
+        print(_vm_line(v))
+    if not vms:
+        print("(no VMs)")
+    return EXIT_OK
+
+
+@_handled
+def cmd_create_vm(args) -> int:
+    with _client(args) as c:
+        v = c.create_vm(args.name, args.vcpus, args.feature or ())
+    if args.json:
+        _dump(v)
+    else:
+        print(f"created {v['name']}: {v['vcpus']} vCPU(s), {v['arch']}, features {','.join(v['features']) or '-'}, "
+              f"state {v['state']}")
+    return EXIT_OK
+
+
+@_handled
+def cmd_inspect_vm(args) -> int:
+    with _client(args) as c:
+        v = c.inspect_vm(args.name)
+    if args.json:
+        _dump(v)
+        return EXIT_OK
+    print(_vm_line(v))
+    print(f"history: {' '.join(v['history']) or '-'}   registers on vCPU 0: {v['register_count']}")
+    if v["id_registers"]:
+        print(f"{'register':<34} {'value':<20} fields")
+        for r in v["id_registers"]:
+            print(f"{r['name']:<34} {r['value']:<20} {r['fields']}")
+    return EXIT_OK
+
+
+@_handled
+def cmd_peers(args) -> int:
+    with _client(args) as c:
+        p = c.peers()
+    if args.json:
+        _dump(p)
+        return EXIT_OK
+    print(f"node {p['node']}")
+    for x in p["peers"]:
+        print(f"  {x['name']:<20} peer {x['address']:<24} rpc {x['rpc'] or '-'}")
+    if not p["peers"]:
+        print("  (no peers configured)")
+    return EXIT_OK
+
+
+@_handled
+def cmd_plan_vm(args) -> int:
+    with _client(args) as c:
+        p = c.plan(args.vm, args.to)
+    if args.json:
+        _dump(p)
+    else:
+        print_plan_doc(p["plan"], verbose=args.all)
+    return EXIT_OK if p["migratable"] else EXIT_REFUSED
+
+
+def _status_line(st: dict) -> str:
+    err = f"  {st['error']['kind']}: {st['error']['message']}" if st["error"] else ""
+    return (f"{st['id']}  {st['vm']} -> {st['to']}  {st['state']:<9} phase {st['phase']:<9} vCPUs "
+            f"{st['vcpus_done']}/{st['vcpus_total']}  {st['bytes_sent']} B sent  {st['elapsed_ms']} ms{err}")
+
+
+def _end_code(st: dict) -> int:
+    if st["state"] == "committed":
+        return EXIT_OK
+    if st["state"] == "running":
+        return EXIT_OK
+    kind = (st["error"] or {}).get("kind", "migrationFailed")
+    code = EXIT_CODES.get(kind, EXIT_FAILED)
+    return code if code in (EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_KVM) else EXIT_FAILED
+
+
+@_handled
+def cmd_migrate(args) -> int:
+    import time
+    with _client(args) as c:
+        mid = c.migrate(args.vm, args.to)
+        if args.no_wait:
+            if args.json:
+                _dump({"id": mid})
+            else:
+                print(mid)
+            return EXIT_OK
+        deadline = time.monotonic() + args.timeout
+        if args.json or not sys.stderr.isatty() and not args.progress:
+            st = c.wait(mid, int(args.timeout * 1000))
+        else:
+            with progress_bar() as (update, _):
+                while True:
+                    st = c.status(mid)
+                    update(st)
+                    if st["state"] != "running" or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+    if args.json:
+        _dump(st)
+    else:
+        print(_status_line(st))
+    if st["state"] == "running":
+        print(f"invariantctl: still running after {args.timeout}s; follow with `invariantctl status {mid}`",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return _end_code(st)
+
+
+@_handled
+def cmd_status(args) -> int:
+    with _client(args) as c:
+        sts = [c.status(args.migration)] if args.migration else c.list_migrations()
+    if args.json:
+        _dump(sts[0] if args.migration else sts)
+    else:
+        for st in sts:
+            print(_status_line(st))
+        if not sts:
+            print("(no migrations)")
+    return _end_code(sts[0]) if args.migration else EXIT_OK
+
+
+@_handled
+def cmd_cancel(args) -> int:
+    with _client(args) as c:
+        st = c.cancel(args.migration)
+    if args.json:
+        _dump(st)
+    else:
+        print(_status_line(st))
+    return EXIT_OK if st["state"] == "cancelled" else _end_code(st)
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoError, run_demo
+    try:
+        return run_demo(real=args.real, as_json=args.json, progress=not args.no_progress)
+    except DemoError as e:
+        print(f"invariantctl demo: {e}", file=sys.stderr)
+        return e.code
+
+
+def register(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("daemon connection")
+    g.add_argument("--daemon", metavar="ADDR", default=None,
+                   help="HOST:PORT or unix:/path (default $INVARIANTD_ADDR or 127.0.0.1:7444)")
+    g.add_argument("--ca", metavar="PEM", help="cluster CA: enables mutual TLS (or $INVARIANTD_CA)")
+    g.add_argument("--cert", metavar="PEM", help="client certificate (+ key) (or $INVARIANTD_CERT)")
+    g.add_argument("--key", metavar="PEM", help="client key when not in --cert (or $INVARIANTD_KEY)")
+    g.add_argument("--server-name", metavar="NAME", help="TLS name to verify (default: the address's host)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    kw = dict(parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = sub.add_parser("caps", help="capability document of the daemon or of one of its peers", **kw)
+    p.add_argument("host", nargs="?", default="", metavar="HOST", help="peer name (default: the daemon itself)")
+    p.set_defaults(func=cmd_caps)
+    p = sub.add_parser("vms", help="VMs the daemon holds", **kw)
+    p.set_defaults(func=cmd_vms)
+    p = sub.add_parser("create-vm", help="create a VM on the daemon's backend", **kw)
+    p.add_argument("name")
+    p.add_argument("--vcpus", type=int, default=1, metavar="N")
+    p.add_argument("--feature", action="append", metavar="F", help="arm64 vCPU init feature (repeatable; "
+                                                                    "default: the host's base features)")
+    p.set_defaults(func=cmd_create_vm)
+    p = sub.add_parser("inspect-vm", help="one VM: state, vCPUs, features, ID registers", **kw)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_inspect_vm)
+    p = sub.add_parser("peers", help="the daemon's configured peers", **kw)
+    p.set_defaults(func=cmd_peers)
+    p = sub.add_parser("plan-vm", help="the plan for migrating a VM the daemon holds to one of its peers "
+                                       "(offline planner: `plan --from --to`)", **kw)
+    p.add_argument("vm")
+    p.add_argument("--to", required=True, metavar="HOST", help="peer name ([peers] in the daemon's config)")
+    p.add_argument("--all", action="store_true", help="also list identical registers")
+    p.set_defaults(func=cmd_plan_vm)
+    p = sub.add_parser("migrate", help="migrate a VM to a peer (progress bar; --json for a document)", **kw)
+    p.add_argument("vm")
+    p.add_argument("--to", required=True, metavar="HOST")
+    p.add_argument("--no-wait", action="store_true", help="print the migration id and return")
+    p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up waiting after S seconds")
+    p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("status", help="one migration (or all)", **kw)
+    p.add_argument("migration", nargs="?", default="")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("cancel", help="cancel a migration before the destination commits", **kw)
+    p.add_argument("migration")
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("demo", help="two daemons on loopback: create, plan, migrate a VM via RPC; metrics",
+                       description=__import__("invariantd.client.demo", fromlist=["x"]).__doc__,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", action="store_true", help="both daemons on this machine's /dev/kvm")
+    p.add_argument("--json", action="store_true", help="one JSON report instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,258 @@
+"""`invariantctl demo`: two daemons on loopback, one VM, one migration through the orchestrator RPC.
+
+Source: simulated cortex-a72-r0p3 on Linux 6.12. Destination: simulated cortex-a72-r0p4 on Linux 7.3 (same part,
+next revision, newer kernel: cap 239 keeps the guest's MIDR). Both daemons run in this process as trio tasks
+(the real daemon code: server.run with peer listener, RPC service and /metrics), with a throwaway mutual-TLS
+PKI made with `cryptography`. The VM is created, planned and migrated through the RPC client against the
+source daemon, exactly as an orchestrator would; both daemons' /metrics are scraped before and after.
+
+--real: both daemons on this machine's /dev/kvm (x86: the generic ONE_REG path; no arm64 negotiation).
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+SRC_PROFILE = "cortex-a72-r0p3@6.12"
+DST_PROFILE = "cortex-a72-r0p4@7.3"
+VM_NAME = "demo-vm"
+VCPUS = 2
+
+
+# --- throwaway PKI ----------------------------------------------------------------------------------------------
+def make_pki(directory: str | os.PathLike, nodes=("node-a", "node-b", "operator")) -> dict[str, str]:
+    """A CA and one certificate per node (CN = node; SAN localhost, 127.0.0.1, ::1; server + client auth),
+    written as PEM files (key and chain in one file). Returns {"ca": path, node: path}. ECDSA P-256, 1 day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = Path(directory)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "invariantd demo CA")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(end)
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+               .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    files = {"ca": str(d / "ca.pem")}
+    (d / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    for n in nodes:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, n)]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.SubjectAlternativeName([
+                    x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        p = d / f"{n}.pem"
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            f.write(cert.public_bytes(pem))
+        files[n] = str(p)
+    return files
+
+
+# --- metrics deltas ---------------------------------------------------------------------------------------------
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.type in ("info", "gauge"):
+            continue
+        for s in fam.samples:
+            if s.name.endswith("_created") or s.name.endswith("_bucket"):
+                continue
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def deltas(before: dict, after: dict) -> list[dict]:
+    rows = []
+    for k, v in sorted(after.items()):
+        d = v - before.get(k, 0.0)
+        if d:
+            name, labels = k
+            rows.append({"metric": name, "labels": dict(labels), "delta": round(d, 6)})
+    return rows
+
+
+def _fmt_labels(labels: dict) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+
+
+# --- the demo ---------------------------------------------------------------------------------------------------
+def _config(node: str, pki: dict, backend_kind: str, profile: str, peers=()):
+    from ..daemon.config import Config, BackendConfig, PeerSection, MetricsSection, RpcSection, Timeouts
+    return Config(node=node, log_level="warning",
+                  backend=BackendConfig(kind=backend_kind, sim_profile=profile if backend_kind == "sim" else ""),
+                  peer=PeerSection(listen="127.0.0.1", port=0, cert=pki[node], ca=pki["ca"]),
+                  metrics=MetricsSection(enabled=True, listen="127.0.0.1", port=0),
+                  timeouts=Timeouts(handshake=10, phase=30, apply=60, commit=30, drain=5),
+                  rpc=RpcSection(enabled=True, listen="127.0.0.1", port=0, tls=True), peers=tuple(peers))
+
+
+class DemoError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def run_demo(*, real: bool = False, as_json: bool = False, out=None, progress: bool = True) -> int:
+    """Run the whole demo; returns the exit code (0 = migrated and committed)."""
+    import trio
+    out = out or sys.stdout
+    report: dict = {"mode": "real" if real else "sim"}
+
+    def say(s=""):
+        if not as_json:
+            print(s, file=out, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="invariantd-demo-") as tmp:
+        pki = make_pki(tmp)
+        result = trio.run(partial(_demo, pki, real, say, report, as_json, progress, out))
+    if as_json:
+        json.dump(report, out, indent=1, default=str)
+        out.write("\n")
+    return result
+
+
+async def _demo(pki, real, say, report, as_json, progress, out) -> int:
+    import trio
+    from ..daemon.config import PeerEntry
+    from ..daemon.server import make_backend, run
+    from .rpc_client import Client, RpcError, client_ssl
+
+    kind = "kvm" if real else "sim"
+    cfg_b = _config("node-b", pki, kind, DST_PROFILE)
+    src_label = "this host's /dev/kvm" if real else f"simulated {SRC_PROFILE}"
+    dst_label = "this host's /dev/kvm" if real else f"simulated {DST_PROFILE}"
+    code = 0
+    async with trio.open_nursery() as n:
+        try:
+            backend_b = make_backend(cfg_b)
+            ports_b = await n.start(partial(run, cfg_b, backend=backend_b))
+            peers = (PeerEntry("node-b", "127.0.0.1", ports_b["peer"], rpc=f"127.0.0.1:{ports_b['rpc']}",
+                               server_name="localhost"),)
+            cfg_a = replace(_config("node-a", pki, kind, SRC_PROFILE), peers=peers)
+            backend_a = make_backend(cfg_a)
+            ports_a = await n.start(partial(run, cfg_a, backend=backend_a))
+        except Exception as e:
+            n.cancel_scope.cancel()
+            raise DemoError(f"cannot start the daemons: {e}", 5 if real else 1) from e
+        report["daemons"] = {"source": {"node": "node-a", "host": src_label, **ports_a},
+                             "destination": {"node": "node-b", "host": dst_label, **ports_b}}
+        say(f"invariantd demo ({'real /dev/kvm' if real else 'simulated arm64 hosts'}), loopback, mutual TLS "
+            f"(throwaway CA)")
+        say(f"  source       node-a  {src_label:<34} peer :{ports_a['peer']}  rpc :{ports_a['rpc']}  "
+            f"metrics :{ports_a['metrics']}")
+        say(f"  destination  node-b  {dst_label:<34} peer :{ports_b['peer']}  rpc :{ports_b['rpc']}  "
+            f"metrics :{ports_b['metrics']}")
+
+        client = Client(f"127.0.0.1:{ports_a['rpc']}", client_ssl(pki["operator"], None, pki["ca"]),
+                        server_hostname="localhost", timeout=60)
+
+        def rpc(fn, *a):
+            return trio.to_thread.run_sync(lambda: fn(*a))
+        try:
+            before = {"source": await trio.to_thread.run_sync(scrape, ports_a["metrics"]),
+                      "destination": await trio.to_thread.run_sync(scrape, ports_b["metrics"])}
+            vm = await rpc(client.create_vm, VM_NAME, VCPUS)
+            report["vm"] = vm
+            say(f"\ncreated VM {vm['name']} on node-a: {vm['vcpus']} vCPUs, features "
+                f"{','.join(vm['features']) or '-'}, state {vm['state']}")
+            if not real:
+                plan = await rpc(client.plan, VM_NAME, "node-b")
+                report["plan"] = plan
+                say("")
+                from .ctl import print_plan_doc
+                print_plan_doc(plan["plan"], out=out) if not as_json else None
+            else:
+                say("plan: skipped (negotiation plans arm64 ID registers; this host is not arm64 - the generic "
+                    "ONE_REG path applies the registers as they are)")
+            mid = await rpc(client.migrate, VM_NAME, "node-b")
+            say(f"\nmigrating {VM_NAME} node-a -> node-b (migration {mid})")
+            st = await _follow(client, mid, progress and not as_json, out)
+            report["migration"] = st
+            if st["state"] == "committed":
+                say(f"outcome: COMMITTED in {st['elapsed_ms']} ms - {st['vcpus_done']}/{st['vcpus_total']} vCPUs, "
+                    f"{st['registers_sent']} registers, {st['bytes_sent']} bytes sent / {st['bytes_received']} "
+                    f"received on the peer link; plan digest {st['plan_digest'][:16]}...")
+            else:
+                err = st["error"] or {"kind": "migrationFailed", "message": "?"}
+                say(f"outcome: {st['state'].upper()} in phase {st['phase']}: {err['message']}")
+                from .rpc_client import EXIT_CODES
+                code = EXIT_CODES.get(err["kind"], 7) or 7
+            b_client = Client(f"127.0.0.1:{ports_b['rpc']}", client_ssl(pki["operator"], None, pki["ca"]),
+                              server_hostname="localhost")
+            try:
+                src_vm = await rpc(client.inspect_vm, VM_NAME)
+                dst_vms = await rpc(b_client.list_vms)
+            finally:
+                b_client.close()
+            report["after"] = {"source_vm": {k: src_vm[k] for k in ("name", "state", "history")},
+                               "destination_vms": [{k: v[k] for k in ("name", "state", "origin", "history")}
+                                                   for v in dst_vms]}
+            say(f"  node-a holds {VM_NAME}: {src_vm['state']} ({' '.join(src_vm['history'])})")
+            for v in dst_vms:
+                say(f"  node-b holds {v['name']}: {v['state']} ({v['origin']}; {' '.join(v['history'])})")
+            await trio.sleep(0.05)
+            after = {"source": await trio.to_thread.run_sync(scrape, ports_a["metrics"]),
+                     "destination": await trio.to_thread.run_sync(scrape, ports_b["metrics"])}
+            report["metrics_deltas"] = {k: deltas(before[k], after[k]) for k in before}
+            say("\nmetrics that moved (after - before):")
+            for side in ("source", "destination"):
+                say(f"  {side} (node-{'a' if side == 'source' else 'b'}):")
+                for r in report["metrics_deltas"][side]:
+                    say(f"    {r['metric']}{_fmt_labels(r['labels'])}  +{r['delta']:g}")
+        except RpcError as e:
+            report["error"] = {"kind": e.kind, "message": e.message}
+            say(f"demo failed: {e}")
+            code = e.exit_code
+        finally:
+            await trio.to_thread.run_sync(client.close)
+            n.cancel_scope.cancel()
+    report["exit_code"] = code
+    return code
+
+
+async def _follow(client, mid: str, show: bool, out) -> dict:
+    """Poll status until the migration ends, with a rich progress bar when `show`."""
+    import trio
+    if not show:
+        return await trio.to_thread.run_sync(client.wait, mid, 60000)
+    from .ctl import progress_bar
+    with progress_bar(out) as (update, _):
+        while True:
+            st = await trio.to_thread.run_sync(client.status, mid)
+            update(st)
+            if st["state"] != "running":
+                return st
+            await trio.sleep(0.05)

@@ -1,0 +1,351 @@
+"""The Python client of the orchestrator RPC (protocol/schemas/rpc.capnp): one request path, one error type.
+
+    with Client("127.0.0.1:7444") as c:          # or "unix:/run/invariantd/rpc.sock"; ssl=client context
+        c.create_vm("vm-1", 2)
+        mid = c.migrate("vm-1", "b")
+        st = c.wait(mid)                           # dict: state, phase, bytes_sent, vcpus_done/total, ...
+
+Every daemon-side failure raises RpcError(kind, message); `RpcError.exit_code` is invariantctl's exit code for
+that kind (EXIT_CODES). pycapnp 2.x RPC is asyncio-only: `Client` runs one asyncio loop with the KJ loop in a
+private thread and hands plain Python data (dicts, bytes) across, so it can be used from plain code, from a
+trio program (via trio.to_thread) and from several threads. `AsyncClient` is the same over an existing
+asyncio + capnp.kj_loop() (e.g. inside the daemon's RPC thread).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import ssl
+import threading
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+DEFAULT_RPC_PORT = 7444
+DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_RPC_PORT}"
+ENV_ADDR = "INVARIANTD_ADDR"
+
+# ErrorKind (rpc.capnp) -> invariantctl exit code
+EXIT_CODES = {"ok": 0, "badRequest": 2, "notFound": 2, "conflict": 2, "refused": 3, "unreachable": 4, "kvm": 5,
+              "migrationFailed": 7, "internal": 1}
+KINDS = tuple(EXIT_CODES)
+
+
+class RpcError(Exception):
+    """A call failed. kind: an ErrorKind name (rpc.capnp) - badRequest, notFound, conflict, refused,
+    unreachable (daemon or its peer), kvm, migrationFailed, internal."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind if kind in EXIT_CODES else "internal"
+        self.message = message
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.kind]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+@lru_cache(maxsize=1)
+def rpc_schema():
+    """protocol/schemas/rpc.capnp, loaded once per process with capnp.load (never the import hook). It imports
+    invariantd.capnp, which protocol.schemas loads first so both share one parsed schema."""
+    import capnp
+    from ..protocol import schemas as S
+    S.schema()
+    ref = resources.files("invariantd.protocol").joinpath("schemas", "rpc.capnp")
+    with resources.as_file(ref) as path:
+        return capnp.load(str(path), imports=[])
+
+
+def default_addr() -> str:
+    return os.environ.get(ENV_ADDR) or DEFAULT_ADDR
+
+
+def parse_addr(addr: str) -> tuple[str, str, int]:
+    """'host:port' | '[v6]:port' | 'unix:/path' | '/path' -> ('tcp', host, port) | ('unix', path, 0)."""
+    if not addr:
+        raise RpcError("badRequest", "empty daemon address")
+    if addr.startswith("unix:"):
+        return "unix", addr[5:], 0
+    if addr.startswith("/"):
+        return "unix", addr, 0
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        host, port = addr, str(DEFAULT_RPC_PORT)
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        p = int(port)
+        if not 0 < p < 65536:
+            raise ValueError
+    except ValueError:
+        raise RpcError("badRequest", f"bad address {addr!r}: expected HOST:PORT or unix:/path") from None
+    return "tcp", host, p
+
+
+def client_ssl(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    """A mutual-TLS client context (the cluster CA, this client's certificate), or None without a CA."""
+    if not ca:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+# --- reader -> plain data ---------------------------------------------------------------------------------------
+def _err(r) -> None:
+    e = r.error
+    kind = str(e.kind)
+    if kind != "ok":
+        raise RpcError(kind, e.message)
+
+
+def vm_info(r) -> dict:
+    return {"name": r.name, "state": r.state, "vcpus": r.nVcpus, "features": list(r.features), "arch": r.arch,
+            "origin": r.origin, "history": list(r.history),
+            "id_registers": [{"name": x.name, "id": f"{x.id:#x}", "value": f"{x.value:#018x}", "fields": x.fields}
+                             for x in r.idRegisters],
+            "register_count": r.registerCount}
+
+
+def migration_status(r) -> dict:
+    e = r.error
+    return {"id": r.id, "vm": r.vm, "to": r.toHost, "state": str(r.state), "phase": r.phase,
+            "bytes_sent": r.bytesSent, "bytes_received": r.bytesReceived, "vcpus_done": r.vcpusDone,
+            "vcpus_total": r.vcpusTotal, "registers_sent": r.registersSent, "started_unix_ms": r.startedUnixMs,
+            "elapsed_ms": r.elapsedMs, "result": r.result, "plan_digest": bytes(r.planDigest).hex(),
+            "error": None if str(e.kind) == "ok" else {"kind": str(e.kind), "message": e.message}}
+
+
+# --- asyncio client (inside a running capnp.kj_loop) ------------------------------------------------------------
+class AsyncClient:
+    def __init__(self, client, stream) -> None:
+        self._client, self._stream = client, stream
+        self.cap = client.bootstrap().cast_as(rpc_schema().Orchestrator)
+
+    @classmethod
+    async def connect(cls, addr: str, ssl_ctx: ssl.SSLContext | None = None, timeout: float = 10.0,
+                      server_hostname: str | None = None) -> "AsyncClient":
+        import capnp
+        kind, host, port = parse_addr(addr)
+        try:
+            if kind == "unix":
+                coro = capnp.AsyncIoStream.create_unix_connection(host, ssl=ssl_ctx,
+                                                                  server_hostname=(server_hostname or "localhost")
+                                                                  if ssl_ctx else None)
+            else:
+                kw = {"ssl": ssl_ctx, "server_hostname": server_hostname or host} if ssl_ctx else {}
+                coro = capnp.AsyncIoStream.create_connection(host=host, port=port, **kw)
+            stream = await asyncio.wait_for(coro, timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise RpcError("unreachable", f"cannot reach invariantd at {addr}: {e or 'timeout'}") from None
+        except ssl.SSLError as e:
+            raise RpcError("unreachable", f"TLS with invariantd at {addr} failed: {e}") from None
+        return cls(capnp.TwoPartyClient(stream), stream)
+
+    async def _call(self, method: str, **params):
+        import capnp
+        try:
+            req = getattr(self.cap, method + "_request")()     # (keyword calls clash with a `name` param)
+            for k, v in params.items():
+                if isinstance(v, list):
+                    lst = req.init(k, len(v))
+                    for i, x in enumerate(v):
+                        lst[i] = x
+                else:
+                    setattr(req, k, v)
+            return await req.send()
+        except capnp.KjException as e:
+            t = getattr(e, "type", None)
+            desc = (getattr(e, "description", None) or str(e)).strip().splitlines()
+            msg = desc[-1] if desc else str(e)
+            if t == "DISCONNECTED":
+                raise RpcError("unreachable", f"connection to invariantd lost: {msg}") from None
+            raise RpcError("internal", f"{method}: {msg}") from None
+
+    async def caps(self, host: str = "") -> dict:
+        r = await self._call("caps", host=host)
+        _err(r)
+        return json.loads(bytes(r.json))
+
+    async def list_vms(self) -> list[dict]:
+        r = await self._call("listVms")
+        _err(r)
+        return [vm_info(v) for v in r.vms]
+
+    async def create_vm(self, name: str, vcpus: int, features: list[str] | tuple[str, ...] = ()) -> dict:
+        r = await self._call("createVm", name=name, nVcpus=vcpus, features=list(features))
+        _err(r)
+        return vm_info(r.vm)
+
+    async def inspect_vm(self, name: str) -> dict:
+        r = await self._call("inspectVm", name=name)
+        _err(r)
+        return vm_info(r.vm)
+
+    async def plan(self, vm: str, to_host: str) -> dict:
+        r = await self._call("plan", vm=vm, toHost=to_host)
+        _err(r)
+        p = r.result
+        return {"migratable": p.migratable, "digest": bytes(p.digest).hex(), "destination": p.destination,
+                "plan": json.loads(bytes(p.json)) if len(p.json) else None}
+
+    async def migrate(self, vm: str, to_host: str) -> str:
+        r = await self._call("migrate", vm=vm, toHost=to_host)
+        _err(r)
+        return r.migrationId
+
+    async def status(self, migration_id: str) -> dict:
+        r = await self._call("status", migrationId=migration_id)
+        _err(r)
+        return migration_status(r.status)
+
+    async def list_migrations(self) -> list[dict]:
+        r = await self._call("listMigrations")
+        _err(r)
+        return [migration_status(m) for m in r.migrations]
+
+    async def cancel(self, migration_id: str) -> dict:
+        r = await self._call("cancel", migrationId=migration_id)
+        _err(r)
+        return migration_status(r.status)
+
+    async def wait(self, migration_id: str, timeout_ms: int = 0) -> dict:
+        r = await self._call("wait", migrationId=migration_id, timeoutMs=timeout_ms)
+        _err(r)
+        return migration_status(r.status)
+
+    async def peers(self) -> dict:
+        r = await self._call("peers")
+        _err(r)
+        return {"node": r.node, "peers": [{"name": p.name, "address": p.address, "rpc": p.rpc} for p in r.peers]}
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:
+            pass
+        try:
+            self._stream.close()
+        except Exception:
+            pass
+
+
+# --- blocking facade: one private thread with asyncio + the KJ loop ---------------------------------------------
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="invariantd-rpc-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._exc:
+            raise self._exc
+
+    def _main(self) -> None:
+        import capnp
+
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+        try:
+            asyncio.run(capnp.run(main()))
+        except BaseException as e:      # noqa: BLE001 - reported to the constructor
+            self._exc = e
+            self._ready.set()
+
+    def run(self, coro, timeout: float | None):
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise RpcError("unreachable", f"invariantd did not answer within {timeout}s") from None
+
+    def stop(self) -> None:
+        if self.loop and self._stop and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(5)
+
+
+class Client:
+    """Blocking client; usable as a context manager. Connects lazily on the first call."""
+
+    def __init__(self, addr: str | None = None, ssl_ctx: ssl.SSLContext | None = None, *, timeout: float = 30.0,
+                 server_hostname: str | None = None) -> None:
+        self.addr = addr or default_addr()
+        parse_addr(self.addr)
+        self.ssl_ctx, self.timeout, self.server_hostname = ssl_ctx, timeout, server_hostname
+        self._lt: _LoopThread | None = None
+        self._ac: AsyncClient | None = None
+
+    def _call(self, name: str, *args, timeout: float | None = None):
+        if self._lt is None:
+            self._lt = _LoopThread()
+
+        async def go():
+            if self._ac is None:
+                self._ac = await AsyncClient.connect(self.addr, self.ssl_ctx, min(self.timeout, 10.0),
+                                                     self.server_hostname)
+            return await getattr(self._ac, name)(*args)
+        return self._lt.run(go(), timeout or self.timeout)
+
+    def caps(self, host: str = "") -> dict:
+        return self._call("caps", host)
+
+    def list_vms(self) -> list[dict]:
+        return self._call("list_vms")
+
+    def create_vm(self, name: str, vcpus: int, features=()) -> dict:
+        return self._call("create_vm", name, vcpus, list(features))
+
+    def inspect_vm(self, name: str) -> dict:
+        return self._call("inspect_vm", name)
+
+    def plan(self, vm: str, to_host: str) -> dict:
+        return self._call("plan", vm, to_host)
+
+    def migrate(self, vm: str, to_host: str) -> str:
+        return self._call("migrate", vm, to_host)
+
+    def status(self, migration_id: str) -> dict:
+        return self._call("status", migration_id)
+
+    def list_migrations(self) -> list[dict]:
+        return self._call("list_migrations")
+
+    def cancel(self, migration_id: str) -> dict:
+        return self._call("cancel", migration_id)
+
+    def wait(self, migration_id: str, timeout_ms: int = 0) -> dict:
+        return self._call("wait", migration_id, timeout_ms, timeout=(timeout_ms or 30000) / 1000 + self.timeout)
+
+    def peers(self) -> dict:
+        return self._call("peers")
+
+    def close(self) -> None:
+        if self._lt is not None:
+            if self._ac is not None:
+                ac, self._ac = self._ac, None
+                try:
+                    self._lt.loop.call_soon_threadsafe(ac.close)
+                except RuntimeError:
+                    pass
+            self._lt.stop()
+            self._lt = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

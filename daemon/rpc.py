@@ -1,0 +1,771 @@
+"""The orchestrator RPC service: protocol/schemas/rpc.capnp served with pycapnp's own RPC, bridged to trio.
+
+pycapnp 2.x RPC runs on asyncio only (stack-check.md §1.3), so the service is split in two (option (ii),
+§7.2 there):
+
+  capnp thread (asyncio + KJ loop)           trio (the daemon's root nursery)
+  ------------------------------------       ------------------------------------------------------------
+  _Impl: one coroutine per RPC method  --->  Orchestrator: VMs, plans, migrations (migrate_out), peers
+         (Bridge.to_trio: TrioToken)   <---  plain data back (dicts, bytes); RpcFailure(kind, message)
+
+Every Cap'n Proto object stays on the capnp thread; only plain Python data crosses. Errors travel typed in
+each result's `error` field (ErrorKind); a Cap'n Proto exception only ever means a daemon bug.
+
+Migrations run as trio tasks in the service's nursery, each in its own cancel scope (cancel()). Progress
+(phase, bytes, vCPUs streamed) is read off the peer stream by a tap that decodes the peer protocol's frames
+(ProgressStream), so migrate_out needs no progress hook.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import outcome
+import trio
+
+from ..protocol import kvmabi as abi
+from ..protocol import schemas as S
+from ..protocol import session as ps
+from ..protocol.catalog import catalog
+from ..protocol.errors import ProtocolError
+from ..protocol.framing import FrameDecoder, Limits
+from ..protocol.negotiate import negotiate
+from ..protocol.policy import default_policy
+from . import peer as peer_mod
+from . import tls
+from .apply import read_vm
+from .config import Config, PeerEntry, split_hostport
+from .kvm.backend import VcpuInit
+from .kvm.errors import KvmError
+from .metrics import Metrics
+from .probe import describe
+from .vms import ManagedVm, VmRegistry, VmStateError
+
+log = logging.getLogger("invariantd.rpc")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_VCPUS = 512
+FINISHED = ("committed", "failed", "cancelled", "inDoubt")
+KEEP_FINISHED = 200
+
+
+class RpcFailure(Exception):
+    """A request the daemon refuses or could not carry out. kind: an ErrorKind name of rpc.capnp."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+# PeerError.kind (daemon/peer.py) -> ErrorKind
+PEER_KINDS = {"plan": "refused", "tls": "unreachable", "preflight": "kvm", "apply": "kvm", "vm": "kvm",
+              "protocol": "migrationFailed", "aborted": "migrationFailed", "timeout": "migrationFailed",
+              "closed": "migrationFailed", "in-doubt": "migrationFailed"}
+
+
+# --- migrations -------------------------------------------------------------------------------------------------
+@dataclass
+class Migration:
+    id: str
+    vm: str
+    to: str
+    vcpus_total: int
+    state: str = "running"
+    phase: str = "connecting"
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    vcpus_done: int = 0
+    registers_sent: int = 0
+    started: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    result: str = ""
+    error: tuple[str, str] | None = None
+    plan_digest: bytes = b""
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    _cur_vcpu: int | None = None
+
+    def as_dict(self) -> dict:
+        end = self.ended if self.ended is not None else time.monotonic()
+        return {"id": self.id, "vm": self.vm, "to": self.to, "state": self.state, "phase": self.phase,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "vcpus_done": self.vcpus_done, "vcpus_total": self.vcpus_total,
+                "registers_sent": self.registers_sent, "started_unix_ms": int(self.started * 1000),
+                "elapsed_ms": int((end - self.t0) * 1000), "result": self.result, "error": self.error,
+                "plan_digest": self.plan_digest}
+
+    # the tap: peer-protocol events seen on the wire
+    def on_event(self, direction: str, ev) -> None:
+        if direction == "out":
+            if isinstance(ev, ps.Hello):
+                self.phase = "handshake"
+            elif isinstance(ev, ps.PlanProposal):
+                self.phase = "plan"
+                self.plan_digest = ev.digest
+            elif isinstance(ev, ps.VcpuChunk):
+                self.phase = "stream"
+                if self._cur_vcpu is not None and ev.vcpu != self._cur_vcpu:
+                    self.vcpus_done = min(self.vcpus_total, self.vcpus_done + 1)
+                self._cur_vcpu = ev.vcpu
+                self.registers_sent += len(ev.reg_ids)
+            elif isinstance(ev, ps.StreamEnd):
+                self.vcpus_done = self.vcpus_total
+                self.phase = "apply"
+            elif isinstance(ev, ps.Commit):
+                self.phase = "commit"
+        else:
+            if isinstance(ev, ps.Capabilities):
+                self.phase = "plan"
+            elif isinstance(ev, ps.PlanAccept):
+                self.phase = "preflight"
+            elif isinstance(ev, ps.Preflight) and ev.ok:
+                self.phase = "stream"
+            elif isinstance(ev, ps.Commit):
+                self.phase = "commit"
+
+
+class _Tap:
+    """Decodes a copy of one direction of the peer protocol; never raises into the data path."""
+
+    def __init__(self, mig: Migration, direction: str) -> None:
+        self.mig, self.direction = mig, direction
+        self.dec: FrameDecoder | None = FrameDecoder(Limits(max_frame_bytes=64 << 20, max_segments=512))
+
+    def feed(self, data: bytes) -> None:
+        if self.dec is None or not data:
+            return
+        try:
+            self.dec.feed(data)
+            while (frame := self.dec.next_frame()) is not None:
+                self.mig.on_event(self.direction, ps.decode(frame))
+        except (ProtocolError, Exception):     # progress is best effort: stop watching, keep migrating
+            self.dec = None
+
+
+class ProgressStream(trio.abc.Stream):
+    """A trio stream that counts and decodes what passes (for Migration progress)."""
+
+    def __init__(self, inner: trio.abc.Stream, mig: Migration) -> None:
+        self.inner, self.mig = inner, mig
+        self._out, self._in = _Tap(mig, "out"), _Tap(mig, "in")
+
+    async def send_all(self, data) -> None:
+        await self.inner.send_all(data)
+        self.mig.bytes_sent += len(data)
+        self._out.feed(bytes(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.mig.bytes_received += len(data)
+        self._in.feed(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+# --- the service (trio side) -----------------------------------------------------------------------------------
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def vm_profile_of(mvm: ManagedVm, regsets, backend, policy) -> S.VmProfile:
+    """The negotiation input for a VM held here (the peer module's definition when it has one, so the plan
+    shown by `plan` has the digest migrate_out will propose)."""
+    if hasattr(peer_mod, "vm_profile"):
+        return peer_mod.vm_profile(mvm.vm_id, mvm.init, regsets, backend, policy)
+    names = {v: k for k, v in abi.VCPU_FEATURES.items()}
+    first = list(regsets[min(regsets)])
+    cat, keep = catalog(), frozenset(policy.drift)
+    values = {r: v for r, v in first if r in keep or cat.reg_class(r) in S.PLANNED_CLASSES}
+    from .probe import kernel_version
+    return S.VmProfile(name=mvm.vm_id, revision=1,
+                       features=tuple(names.get(f, str(f)) for f in (mvm.init.features if mvm.init else ())),
+                       values=tuple(sorted(values.items())), reg_list=tuple(r for r, _ in first),
+                       seen_midrs=tuple(sorted(set(backend.cpu_midrs()))),
+                       source_kernel=kernel_version(backend.kernel_release()))
+
+
+def host_doc_from_caps(h: S.HostCapabilities) -> dict:
+    """A capability document rebuilt from a HostCapabilities struct (peer link): enough for plan --to."""
+    return {"format": S.HOST_FORMAT, "source": "peer", "profile": h.profile or None, "arch": h.arch,
+            "kernel_release": h.kernel_release, "kernel_version": h.kernel_version, "caps": dict(h.caps),
+            "cpu_midrs": [f"{m:#x}" for m in h.cpu_midrs],
+            "vcpu_init": {"target": h.vcpu_target, "base_features": list(h.base_features)},
+            "reg_list": [f"{r:#x}" for r in h.reg_list], "values": {f"{r:#x}": f"{v:#x}" for r, v in h.values},
+            "writable_masks": None if h.writable_masks is None else
+            {str(i): f"{m:#x}" for i, m in enumerate(h.writable_masks) if m}, "errors": []}
+
+
+class Orchestrator:
+    """What the RPC methods do, in trio. Every method returns plain data or raises RpcFailure."""
+
+    def __init__(self, cfg: Config, *, backend, registry: VmRegistry, caps: dict, metrics: Metrics,
+                 peer_cfg: peer_mod.PeerConfig, client_ctx, rpc_client_ctx=None) -> None:
+        self.cfg, self.backend, self.registry, self.caps_doc = cfg, backend, registry, caps
+        self.metrics, self.peer_cfg, self.client_ctx, self.rpc_client_ctx = metrics, peer_cfg, client_ctx, \
+            rpc_client_ctx
+        self.migrations: dict[str, Migration] = {}
+        self.nursery: trio.Nursery | None = None
+        self.policy = default_policy()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Owns the nursery migrations run in; until cancelled."""
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            task_status.started()
+            await trio.sleep_forever()
+
+    @property
+    def inflight(self) -> int:
+        return sum(1 for m in self.migrations.values() if m.state == "running")
+
+    # --- peers
+    def _peer(self, name: str) -> PeerEntry:
+        p = self.cfg.find_peer(name)
+        if p is not None:
+            return p
+        known = ", ".join(x.name for x in self.cfg.peers) or "none configured ([peers] in the config)"
+        raise RpcFailure("notFound", f"no peer named {name!r} (known: {known})")
+
+    async def peers(self) -> dict:
+        return {"node": self.cfg.node,
+                "peers": [{"name": p.name, "address": p.address, "rpc": p.rpc} for p in self.cfg.peers]}
+
+    async def _peer_host(self, p: PeerEntry) -> tuple[dict, S.HostCapabilities | None]:
+        """The peer's capability document (and as HostCapabilities when it is arm64): over its RPC when
+        configured, else over the peer link (Hello -> Capabilities -> Abort "caps-only")."""
+        if p.rpc:
+            from ..client.rpc_client import Client, RpcError
+
+            def fetch():
+                with Client(p.rpc, self.rpc_client_ctx, timeout=self.cfg.timeouts.handshake,
+                            server_hostname=p.server_name or None) as c:
+                    return c.caps()
+            try:
+                doc = await trio.to_thread.run_sync(fetch)
+            except RpcError as e:
+                raise RpcFailure("unreachable" if e.kind in ("unreachable", "internal") else e.kind,
+                                 f"peer {p.name} (RPC {p.rpc}): {e.message}") from None
+        else:
+            doc = await self._caps_over_peer_link(p)
+        host = None
+        if doc.get("arch") == "aarch64":
+            try:
+                host = S.host_from_doc(doc, frozenset(self.policy.drift))
+            except S.SchemaError as e:
+                raise RpcFailure("migrationFailed", f"peer {p.name} sent unusable capabilities: {e}") from None
+        return doc, host
+
+    async def _connect(self, p: PeerEntry) -> trio.SSLStream:
+        try:
+            return await tls.connect(p.host, p.port, self.client_ctx, server_hostname=p.server_name or p.host,
+                                     timeout=self.cfg.timeouts.handshake)
+        except tls.TlsError as e:
+            raise RpcFailure("unreachable", f"peer {p.name}: {e}") from None
+
+    async def _caps_over_peer_link(self, p: PeerEntry) -> dict:
+        stream = await self._connect(p)
+        sess = ps.Session(ps.SOURCE)
+        try:
+            with trio.fail_after(self.cfg.timeouts.handshake):
+                await stream.send_all(sess.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.SOURCE, self.cfg.node)))
+                evs = []
+                while len(evs) < 2:
+                    ev = sess.next_event()
+                    if ev is ps.NEED_DATA:
+                        sess.receive_data(await stream.receive_some(65536))
+                        continue
+                    if not isinstance(ev, (ps.Hello, ps.Capabilities)):
+                        raise RpcFailure("migrationFailed", f"peer {p.name} answered {type(ev).__name__}")
+                    evs.append(ev)
+                cev = evs[1]
+                try:
+                    await stream.send_all(sess.send(ps.Abort("capabilities only (plan)", "caps-only")))
+                except Exception:
+                    pass
+        except trio.TooSlowError:
+            raise RpcFailure("unreachable", f"peer {p.name} did not send its capabilities in time") from None
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise RpcFailure("unreachable", f"peer {p.name}: {e}") from None
+        finally:
+            await trio.aclose_forcefully(stream)
+        if "json" in cev.format:
+            return json.loads(cev.doc)
+        return host_doc_from_caps(peer_mod.decode_caps(cev))
+
+    # --- capabilities, VMs
+    async def caps(self, host: str = "") -> dict:
+        if not host or host == self.cfg.node:
+            return self.caps_doc
+        doc, _ = await self._peer_host(self._peer(host))
+        return doc
+
+    def _vm(self, name: str) -> ManagedVm:
+        try:
+            return self.registry.get(name)
+        except VmStateError as e:
+            raise RpcFailure("notFound", str(e)) from None
+
+    def _info(self, m: ManagedVm, detail: bool = False) -> dict:
+        names = {v: k for k, v in abi.VCPU_FEATURES.items()}
+        d = {"name": m.vm_id, "state": m.state.value, "vcpus": len(m.vcpus),
+             "features": [names.get(f, str(f)) for f in (m.init.features if m.init else ())],
+             "arch": self.backend.arch, "origin": getattr(m, "origin", ""), "history": list(m.history),
+             "id_registers": [], "register_count": 0}
+        if detail and m.vcpus:
+            v0 = m.vcpus[min(m.vcpus)]
+            try:
+                ids = v0.reg_list()
+                d["register_count"] = len(ids)
+                if self.backend.arch == "aarch64":
+                    vals, errs = v0.get_regs(ids)
+                    for r in describe(ids, {i: x for i, x, e in zip(ids, vals, errs) if not e}, None):
+                        d["id_registers"].append({"name": r["name"], "id": int(r["id"], 16),
+                                                  "value": int(r["value"], 16),
+                                                  "fields": " ".join(f"{k}={v:#x}" for k, v in r["fields"].items()
+                                                                     if v)})
+            except KvmError as e:
+                raise RpcFailure("kvm", f"inspect {m.vm_id}: {e}") from None
+        return d
+
+    async def list_vms(self) -> list[dict]:
+        return [self._info(m) for _, m in sorted(self.registry.vms.items())]
+
+    async def inspect_vm(self, name: str) -> dict:
+        return self._info(self._vm(name), detail=True)
+
+    async def create_vm(self, name: str, n_vcpus: int, features: list[str]) -> dict:
+        if not NAME_RE.match(name or ""):
+            raise RpcFailure("badRequest", f"VM name {name!r}: 1-64 characters of A-Z a-z 0-9 . _ -, "
+                                           f"starting with a letter or digit")
+        if not 1 <= n_vcpus <= MAX_VCPUS:
+            raise RpcFailure("badRequest", f"nVcpus {n_vcpus} outside 1..{MAX_VCPUS}")
+        if name in self.registry.vms:
+            raise RpcFailure("conflict", f"VM {name} exists here (state {self.registry.vms[name].state.value})")
+        init = None
+        if features:
+            if self.backend.arch != "aarch64":
+                raise RpcFailure("badRequest", "vCPU features are arm64 vCPU init features; this host is "
+                                               f"{self.backend.arch}")
+            bad = [f for f in features if f not in abi.VCPU_FEATURES]
+            if bad:
+                raise RpcFailure("badRequest", f"unknown vCPU feature(s) {', '.join(bad)} "
+                                               f"(known: {', '.join(abi.VCPU_FEATURES)})")
+            target = (self.caps_doc.get("vcpu_init") or {}).get("target", 0)
+            init = VcpuInit(target, tuple(sorted(abi.VCPU_FEATURES[f] for f in features)))
+        try:
+            m = await trio.to_thread.run_sync(lambda: self.registry.create(name, n_vcpus, init))
+        except KvmError as e:
+            raise RpcFailure("kvm", f"create {name}: {e}") from None
+        except VmStateError as e:
+            raise RpcFailure("conflict", str(e)) from None
+        log.info("VM %s created with %d vCPU(s)", name, n_vcpus)
+        return self._info(m)
+
+    # --- plan
+    async def plan(self, vm: str, to_host: str) -> dict:
+        m = self._vm(vm)
+        p = self._peer(to_host)
+        if self.backend.arch != "aarch64":
+            raise RpcFailure("badRequest", f"negotiation plans arm64 ID registers; this host is {self.backend.arch}"
+                                           f" (migrate applies the registers as they are)")
+        try:
+            regsets = await trio.to_thread.run_sync(lambda: read_vm(m.vcpus))
+        except KvmError as e:
+            raise RpcFailure("kvm", f"cannot read VM {vm}: {e}") from None
+        doc, host = await self._peer_host(p)
+        if host is None:
+            raise RpcFailure("refused", f"peer {p.name} is {doc.get('arch')}: an arm64 VM cannot move there")
+        profile = vm_profile_of(m, regsets, self.backend, self.policy)
+        plan = negotiate(profile, host, self.policy)
+        return {"migratable": plan.migratable, "digest": plan.digest,
+                "json": json.dumps(S.plan_to_doc(plan), indent=1).encode(), "plan_bytes": S.plan_to_bytes(plan),
+                "destination": p.name}
+
+    # --- migrations
+    def _mig(self, mid: str) -> Migration:
+        m = self.migrations.get(mid)
+        if m is None:
+            raise RpcFailure("notFound", f"no migration {mid!r} here")
+        return m
+
+    async def migrate(self, vm: str, to_host: str) -> str:
+        m = self._vm(vm)
+        p = self._peer(to_host)
+        if not m.runnable:
+            raise RpcFailure("conflict", f"VM {vm} is {m.state.value} here: only a running VM can migrate out")
+        for x in self.migrations.values():
+            if x.vm == vm and x.state == "running":
+                raise RpcFailure("conflict", f"VM {vm} is already migrating ({x.id})")
+        if self.nursery is None:
+            raise RpcFailure("internal", "the migration service is not running")
+        mig = Migration(uuid.uuid4().hex, vm, p.name, len(m.vcpus))
+        self.migrations[mid := mig.id] = mig
+        self._trim()
+        self.nursery.start_soon(self._run_migration, mig, p)
+        log.info("migration %s: VM %s -> %s (%s)", mid, vm, p.name, p.address)
+        return mid
+
+    def _trim(self) -> None:
+        done = [k for k, v in self.migrations.items() if v.state in FINISHED]
+        for k in done[:-KEEP_FINISHED]:
+            del self.migrations[k]
+
+    async def _run_migration(self, mig: Migration, p: PeerEntry) -> None:
+        kw: dict[str, Any] = {"cfg": self.peer_cfg, "metrics": self.metrics, "migration_id": mig.id}
+        if hasattr(peer_mod, "identity_planner"):      # older peer.py: the plan is the caller's (ApplyPolicy)
+            kw["planner"] = self._apply_policy_planner
+        if _accepts(peer_mod.migrate_out, "on_plan"):
+            kw["on_plan"] = lambda plan: setattr(mig, "plan_digest", plan.digest)
+        try:
+            with mig.scope:
+                try:
+                    stream = await self._connect(p)
+                    try:
+                        await peer_mod.migrate_out(ProgressStream(stream, mig), self.registry, mig.vm, **kw)
+                    finally:
+                        await trio.aclose_forcefully(stream)
+                    mig.state, mig.result, mig.phase = "committed", "committed", "done"
+                except RpcFailure as e:
+                    mig.error = (e.kind, e.message)
+                except peer_mod.PeerError as e:
+                    mig.error = (PEER_KINDS.get(e.kind, "migrationFailed"), str(e))
+                    if e.kind == "in-doubt":
+                        mig.state, mig.result = "inDoubt", "in-doubt"
+                except VmStateError as e:
+                    mig.error = ("conflict", str(e))
+                except KvmError as e:
+                    mig.error = ("kvm", str(e))
+                except Exception as e:      # a bug: keep the daemon up, say so
+                    log.exception("migration %s failed unexpectedly", mig.id)
+                    mig.error = ("internal", f"{type(e).__name__}: {e}")
+            if mig.scope.cancelled_caught:
+                vm = self.registry.vms.get(mig.vm)
+                released = vm is not None and vm.state.value == "released"
+                mig.state, mig.result = ("inDoubt", "in-doubt") if released else ("cancelled", "cancelled")
+                mig.error = ("migrationFailed", "cancelled by request" + (
+                    " after the VM was released: the destination may hold it paused in-doubt" if released
+                    else "; the VM resumed here"))
+            elif mig.state == "running":
+                mig.state, mig.result = "failed", "aborted"
+        finally:
+            if mig.state == "running":       # daemon shutdown
+                mig.state, mig.result, mig.error = "failed", "aborted", ("migrationFailed", "daemon shutting down")
+            mig.ended = time.monotonic()
+            mig.done.set()
+
+    def _apply_policy_planner(self, mvm, regsets, caps):
+        """Older peer.py (planner -> ApplyPolicy): negotiate here and derive the apply policy from the plan."""
+        from . import apply as apply_mod
+        host = S.host_from_doc(caps, frozenset(self.policy.drift))
+        plan = negotiate(vm_profile_of(mvm, regsets, self.backend, self.policy), host, self.policy)
+        self.metrics.record_verdicts(e.verdict.value for e in plan.entries if not e.field)
+        if not plan.migratable:
+            bad = sorted({e.register for e in plan.entries if e.verdict is S.Verdict.REFUSE})
+            raise peer_mod.PeerError("plan", f"plan refused ({', '.join(bad)})")
+        if hasattr(apply_mod, "policy_from_plan"):
+            return apply_mod.policy_from_plan(plan, None)
+        return apply_mod.ApplyPolicy(enable_cap239=plan.enable_cap239)
+
+    async def status(self, mid: str) -> dict:
+        if not mid:
+            if not self.migrations:
+                raise RpcFailure("notFound", "no migrations here yet")
+            return list(self.migrations.values())[-1].as_dict()      # the latest
+        return self._mig(mid).as_dict()
+
+    async def list_migrations(self) -> list[dict]:
+        return [m.as_dict() for m in self.migrations.values()]
+
+    async def wait(self, mid: str, timeout_ms: int) -> dict:
+        m = self._mig(mid)
+        with trio.move_on_after((timeout_ms or 30000) / 1000):
+            await m.done.wait()
+        return m.as_dict()
+
+    async def cancel(self, mid: str) -> dict:
+        m = self._mig(mid)
+        if m.state != "running":
+            raise RpcFailure("conflict", f"migration {mid} already ended ({m.state})")
+        if m.phase == "commit":
+            raise RpcFailure("conflict", f"migration {mid} is committing: the destination holds the VM; too late "
+                                         f"to cancel")
+        m.scope.cancel()
+        with trio.move_on_after(5):
+            await m.done.wait()
+        return m.as_dict()
+
+
+# --- the capnp thread and the bridge ----------------------------------------------------------------------------
+class Bridge:
+    """capnp thread -> trio: run an async trio function in the service's nursery, await its outcome."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
+        self.token, self.nursery = token, nursery
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def to_trio(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def deliver(res):
+            if not fut.done():
+                fut.set_result(res)
+
+        async def runner():
+            res = await outcome.acapture(fn, *args)
+            try:
+                loop.call_soon_threadsafe(deliver, res)
+            except RuntimeError:          # the capnp loop is gone (shutdown)
+                pass
+        try:
+            self.token.run_sync_soon(self.nursery.start_soon, runner)
+        except trio.RunFinishedError:
+            raise RpcFailure("internal", "daemon is shutting down") from None
+        return (await fut).unwrap()
+
+
+def _set_error(results, kind: str, message: str) -> None:
+    results.error.kind = kind
+    results.error.message = message[:8000]
+
+
+def _fill_vm(b, d: dict) -> None:
+    b.name, b.state, b.nVcpus, b.arch, b.origin = d["name"], d["state"], d["vcpus"], d["arch"], d["origin"]
+    b.registerCount = d["register_count"]
+    fl = b.init("features", len(d["features"]))
+    for i, f in enumerate(d["features"]):
+        fl[i] = f
+    hl = b.init("history", len(d["history"]))
+    for i, h in enumerate(d["history"]):
+        hl[i] = h
+    rl = b.init("idRegisters", len(d["id_registers"]))
+    for i, r in enumerate(d["id_registers"]):
+        rl[i].name, rl[i].id, rl[i].value, rl[i].fields = r["name"], r["id"], r["value"], r["fields"]
+
+
+def _fill_status(b, d: dict) -> None:
+    b.id, b.vm, b.toHost, b.state, b.phase = d["id"], d["vm"], d["to"], d["state"], d["phase"]
+    b.bytesSent, b.bytesReceived, b.vcpusDone, b.vcpusTotal = (d["bytes_sent"], d["bytes_received"],
+                                                               d["vcpus_done"], d["vcpus_total"])
+    b.registersSent, b.startedUnixMs, b.elapsedMs, b.result = (d["registers_sent"], d["started_unix_ms"],
+                                                               d["elapsed_ms"], d["result"])
+    b.planDigest = d["plan_digest"]
+    if d["error"]:
+        b.error.kind, b.error.message = d["error"][0], d["error"][1][:8000]
+
+
+def _impl_class():
+    from ..client.rpc_client import rpc_schema
+    rpc = rpc_schema()
+
+    class Impl(rpc.Orchestrator.Server):
+        def __init__(self, orch: Orchestrator, bridge: Bridge) -> None:
+            self.orch, self.bridge = orch, bridge
+
+        async def _do(self, results, fn, args, fill) -> None:
+            try:
+                data = await self.bridge.to_trio(fn, *args)
+            except RpcFailure as e:
+                _set_error(results, e.kind, e.message)
+                return
+            except Exception as e:                # a bug in the daemon: typed, logged, never a traceback
+                log.exception("RPC %s failed", getattr(fn, "__name__", fn))
+                _set_error(results, "internal", f"{type(e).__name__}: {e}")
+                return
+            fill(results, data)
+
+        async def caps(self, host, _context, **kw):
+            def fill(r, doc):
+                r.json = json.dumps(doc, indent=1).encode()
+                if doc.get("arch") == "aarch64":
+                    try:
+                        with S.schema().HostCapabilities.from_bytes(
+                                S.host_to_bytes(S.host_from_doc(doc))) as h:
+                            r.host = h
+                    except Exception:         # the JSON document is the contract; the struct is a convenience
+                        pass
+            await self._do(_context.results, self.orch.caps, (str(host),), fill)
+
+        async def listVms(self, _context, **kw):
+            def fill(r, vms):
+                lst = r.init("vms", len(vms))
+                for i, d in enumerate(vms):
+                    _fill_vm(lst[i], d)
+            await self._do(_context.results, self.orch.list_vms, (), fill)
+
+        async def createVm(self, name, nVcpus, features, _context, **kw):
+            await self._do(_context.results, self.orch.create_vm, (str(name), int(nVcpus), [str(f) for f in features]),
+                           lambda r, d: _fill_vm(r.vm, d))
+
+        async def inspectVm(self, name, _context, **kw):
+            await self._do(_context.results, self.orch.inspect_vm, (str(name),), lambda r, d: _fill_vm(r.vm, d))
+
+        async def plan(self, vm, toHost, _context, **kw):
+            def fill(r, d):
+                pr = r.result
+                pr.migratable, pr.digest, pr.json, pr.destination = (d["migratable"], d["digest"], d["json"],
+                                                                     d["destination"])
+                with S.schema().Plan.from_bytes(d["plan_bytes"], traversal_limit_in_words=S.TRAVERSAL_LIMIT_WORDS,
+                                                nesting_limit=S.NESTING_LIMIT) as p:
+                    pr.plan = p
+            await self._do(_context.results, self.orch.plan, (str(vm), str(toHost)), fill)
+
+        async def migrate(self, vm, toHost, _context, **kw):
+            def fill(r, mid):
+                r.migrationId = mid
+            await self._do(_context.results, self.orch.migrate, (str(vm), str(toHost)), fill)
+
+        async def status(self, migrationId, _context, **kw):
+            await self._do(_context.results, self.orch.status, (str(migrationId),),
+                           lambda r, d: _fill_status(r.status, d))
+
+        async def listMigrations(self, _context, **kw):
+            def fill(r, ms):
+                lst = r.init("migrations", len(ms))
+                for i, d in enumerate(ms):
+                    _fill_status(lst[i], d)
+            await self._do(_context.results, self.orch.list_migrations, (), fill)
+
+        async def cancel(self, migrationId, _context, **kw):
+            await self._do(_context.results, self.orch.cancel, (str(migrationId),),
+                           lambda r, d: _fill_status(r.status, d))
+
+        async def wait(self, migrationId, timeoutMs, _context, **kw):
+            await self._do(_context.results, self.orch.wait, (str(migrationId), int(timeoutMs)),
+                           lambda r, d: _fill_status(r.status, d))
+
+        async def peers(self, _context, **kw):
+            def fill(r, d):
+                r.node = d["node"]
+                lst = r.init("peers", len(d["peers"]))
+                for i, p in enumerate(d["peers"]):
+                    lst[i].name, lst[i].address, lst[i].rpc = p["name"], p["address"], p["rpc"]
+            await self._do(_context.results, self.orch.peers, (), fill)
+
+    return Impl
+
+
+class _CapnpThread:
+    def __init__(self, orch: Orchestrator, bridge: Bridge, host: str, port: int | None, unix: str,
+                 ssl_ctx) -> None:
+        self.orch, self.bridge, self.host, self.port, self.unix, self.ssl_ctx = orch, bridge, host, port, unix, \
+            ssl_ctx
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+        self.bound: dict = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._main, name="invariantd-rpc", daemon=True)
+
+    def _main(self) -> None:
+        import capnp
+        Impl = _impl_class()
+
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            impl = Impl(self.orch, self.bridge)
+            conns: set = set()
+
+            async def on_conn(stream):
+                srv = capnp.TwoPartyServer(stream, bootstrap=impl)
+                conns.add(srv)
+                try:
+                    await srv.on_disconnect()
+                except Exception:
+                    pass
+                finally:
+                    conns.discard(srv)
+            servers = []
+            try:
+                if self.port is not None:
+                    s = await capnp.AsyncIoStream.create_server(on_conn, self.host, self.port, ssl=self.ssl_ctx)
+                    servers.append(s)
+                    self.bound["rpc"] = s.sockets[0].getsockname()[1]
+                if self.unix:
+                    import os
+                    try:
+                        os.unlink(self.unix)
+                    except FileNotFoundError:
+                        pass
+                    s = await capnp.AsyncIoStream.create_unix_server(on_conn, self.unix, ssl=self.ssl_ctx)
+                    os.chmod(self.unix, 0o660)
+                    servers.append(s)
+                    self.bound["rpc_unix"] = self.unix
+            except BaseException as e:
+                self.error = e
+                self.started.set()
+                for s in servers:
+                    s.close()
+                return
+            self.started.set()
+            try:
+                await self._stop.wait()
+            finally:
+                for s in servers:
+                    s.close()
+                for c in list(conns):
+                    try:
+                        c.close()
+                    except Exception:
+                        pass
+        try:
+            asyncio.run(capnp.run(main()))
+        except BaseException as e:      # noqa: BLE001 - reported to serve_rpc
+            if not self.started.is_set():
+                self.error = e
+                self.started.set()
+            else:
+                log.error("RPC thread ended: %r", e)
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stop is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass
+
+
+async def serve_rpc(orch: Orchestrator, host: str = "127.0.0.1", port: int | None = 7444, unix: str = "",
+                    ssl_ctx=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the orchestrator RPC until cancelled. task_status.started({'rpc': port, 'rpc_unix': path}).
+    port None: no TCP listener (unix only)."""
+    async with trio.open_nursery() as n:
+        await n.start(orch.run)
+        bridge = Bridge(trio.lowlevel.current_trio_token(), n)
+        th = _CapnpThread(orch, bridge, host, port, unix, ssl_ctx)
+        th.thread.start()
+        try:
+            await trio.to_thread.run_sync(th.started.wait, abandon_on_cancel=True)
+            if th.error is not None:
+                raise OSError(f"RPC service cannot listen on {host}:{port}{' / ' + unix if unix else ''}: "
+                              f"{th.error}") from th.error
+            log.info("RPC service on %s", ", ".join(f"{k}={v}" for k, v in th.bound.items()))
+            task_status.started(dict(th.bound))
+            await trio.sleep_forever()
+        finally:
+            th.stop()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(th.thread.join, 5)
+            n.cancel_scope.cancel()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    return split_hostport(text, "rpc address")

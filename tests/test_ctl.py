@@ -1,0 +1,67 @@
+"""invariantctl orchestration subcommands (client/ctl.py) against in-process daemons: output and exit codes."""
+from __future__ import annotations
+
+import json
+
+import trio
+
+from invariantd.client.cli import build_parser, main
+from test_rpc import pki, start_cluster  # noqa: F401  (module-scoped PKI fixture)
+
+
+def ctl(cl, *argv, daemon="a"):
+    port = (cl.a if daemon == "a" else cl.b)["rpc"]
+    args = [*argv, "--daemon", f"127.0.0.1:{port}", "--ca", cl.pki["ca"], "--cert", cl.pki["operator"],
+            "--server-name", "localhost"]
+    return trio.to_thread.run_sync(main, args)
+
+
+async def test_ctl_flow_and_exit_codes(nursery, pki, capsys):
+    cl = await start_cluster(nursery, pki)
+    assert await ctl(cl, "create-vm", "vm-1", "--vcpus", "2") == 0
+    assert "created vm-1: 2 vCPU(s)" in capsys.readouterr().out
+    assert await ctl(cl, "vms") == 0
+    assert "vm-1" in capsys.readouterr().out
+    assert await ctl(cl, "inspect-vm", "vm-1") == 0
+    assert "MIDR_EL1" in capsys.readouterr().out
+    assert await ctl(cl, "caps", "node-b", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["kernel_version"] == "7.3"
+    assert await ctl(cl, "peers") == 0
+    assert "node-b" in capsys.readouterr().out
+    assert await ctl(cl, "plan-vm", "vm-1", "--to", "node-b") == 0
+    out = capsys.readouterr().out
+    assert "MIDR_EL1" in out and "result: MIGRATABLE" in out
+    assert await ctl(cl, "migrate", "vm-1", "--to", "node-b", "--json") == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["state"] == "committed" and st["vcpus_done"] == 2
+    assert await ctl(cl, "status", st["id"]) == 0
+    assert "committed" in capsys.readouterr().out
+    assert await ctl(cl, "status", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    assert await ctl(cl, "vms", daemon="b") == 0
+    assert "incoming" in capsys.readouterr().out
+    # error kinds -> exit codes
+    assert await ctl(cl, "inspect-vm", "ghost") == 2
+    assert "notFound" in capsys.readouterr().err
+    assert await ctl(cl, "migrate", "vm-1", "--to", "node-b") == 2          # released here: conflict
+    assert await ctl(cl, "cancel", st["id"]) == 2                           # already ended
+    assert await ctl(cl, "create-vm", "x", "--vcpus", "0", "--json") == 2
+    assert json.loads(capsys.readouterr().out)["error"]["kind"] == "badRequest"
+    assert await trio.to_thread.run_sync(main, ["vms", "--daemon", "127.0.0.1:1"]) == 4
+
+
+async def test_ctl_refused_plan_exit_3(nursery, pki, capsys):
+    cl = await start_cluster(nursery, pki, dst="neoverse-n1@6.1")
+    assert await ctl(cl, "create-vm", "vm-r") == 0
+    assert await ctl(cl, "plan-vm", "vm-r", "--to", "node-b") == 3
+    assert "result: REFUSED" in capsys.readouterr().out
+    assert await ctl(cl, "migrate", "vm-r", "--to", "node-b") == 3
+
+
+def test_help_documents_exit_codes_and_plan_is_unchanged(capsys):
+    p = build_parser()
+    for cmd in ("migrate", "status", "demo"):
+        h = p._subparsers._group_actions[0].choices[cmd].format_help()
+        assert "7 migration failed" in h and "4 daemon or peer unreachable" in h
+    args = p.parse_args(["plan", "--from", "a.json", "--to", "b.json"])
+    assert (args.source, args.to) == ("a.json", "b.json") and args.func.__module__.endswith("plan_cmd")
