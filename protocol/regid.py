@@ -6,6 +6,7 @@ Layout (include/uapi/linux/kvm.h, arch/arm64/include/uapi/asm/kvm.h):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 KVM_REG_ARM64 = 0x6000000000000000
 KVM_REG_X86 = 0x2000000000000000
@@ -110,7 +111,9 @@ class DecodedId:
     encoding: tuple[int, int, int, int, int] | None = None   # sysreg (op0, op1, CRn, CRm, op2)
 
 
+@lru_cache(maxsize=8192)
 def decode(reg_id: int) -> DecodedId:
+    """Split an id into arch, size, group and index (cached: register lists repeat per vCPU)."""
     if not 0 <= reg_id < 1 << 64:
         raise RegIdError(f"register id {reg_id!r} is not a 64-bit value")
     arch = reg_id & KVM_REG_ARCH_MASK
