@@ -172,13 +172,14 @@ def test_every_lower_field_safe_and_unsafe(reg, f):
 
 
 def test_bits_outside_catalogued_fields_refuse():
-    # ID_PFR0_EL1 has no catalogued fields: any difference is unknown meaning
-    plan = plan_between(make_doc("7.3", {"ID_PFR0_EL1": 0x131}), make_doc("7.3", {"ID_PFR0_EL1": 0x10131}))
-    e = entry(plan, "ID_PFR0_EL1", "(bits)")
-    assert e.verdict is Verdict.REFUSE and "0x10000" in e.reason
+    # ID_ISAR5_EL1 bits 23:20 lie in no catalogued field: a difference there has unknown meaning
+    plan = plan_between(make_doc("7.3", {"ID_ISAR5_EL1": 0x11121}), make_doc("7.3", {"ID_ISAR5_EL1": 0x111121}))
+    e = entry(plan, "ID_ISAR5_EL1", "(bits)")
+    assert e.verdict is Verdict.REFUSE and "0x100000" in e.reason
     allow = loads('[features]\nexact = "allow"\n')
-    plan = plan_between(make_doc("7.3", {"ID_PFR0_EL1": 0x131}), make_doc("7.3", {"ID_PFR0_EL1": 0x10131}), allow)
-    assert entry(plan, "ID_PFR0_EL1", "(bits)").verdict is Verdict.OVERRIDE and plan.migratable
+    plan = plan_between(make_doc("7.3", {"ID_ISAR5_EL1": 0x11121}), make_doc("7.3", {"ID_ISAR5_EL1": 0x111121}),
+                        allow)
+    assert entry(plan, "ID_ISAR5_EL1", "(bits)").verdict is Verdict.OVERRIDE and plan.migratable
 
 
 def test_field_rule_in_policy_overrides_direction():
