@@ -1,8 +1,10 @@
 """invariantctl: drive invariantd from the command line.
 
 Exit codes (stable, for orchestrators):
-  0  success            3  plan refused (not migratable)      5  KVM error (errno in the message)
-  2  usage / bad input  4  peer or daemon unreachable         6  lab unavailable (no archive/qemu)
+  0  success                        4  peer or daemon unreachable
+  1  internal error (a bug: report)  5  KVM / apply error (register, id and errno in the message)
+  2  usage, bad input, not found     6  lab unavailable (no Debian archive or qemu)
+  3  plan refused (not migratable)   7  migration failed, aborted, cancelled or in doubt
 """
 from __future__ import annotations
 

@@ -1,0 +1,22 @@
+"""deploy/: the example config is valid for the daemon; the unit file has the settings the daemon relies on."""
+import configparser
+from pathlib import Path
+
+from invariantd.daemon.config import parse
+
+DEPLOY = Path(__file__).parent.parent / "deploy" / "systemd"
+
+
+def test_example_config_parses():
+    cfg = parse((DEPLOY / "invariantd.toml.example").read_text(), "invariantd.toml.example")
+    assert cfg.rpc.enabled and cfg.peers and cfg.peers[0].name == "host-b"
+
+
+def test_unit_is_notify_with_watchdog_and_only_dev_kvm():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string((DEPLOY / "invariantd.service").read_text())
+    svc = unit["Service"]
+    assert svc["Type"] == "notify" and svc["WatchdogSec"]
+    assert svc["DevicePolicy"] == "closed" and svc["DeviceAllow"] == "/dev/kvm rw"
+    assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
