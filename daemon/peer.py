@@ -56,15 +56,20 @@ class PeerError(Exception):
     """A migration over the peer link failed. kind: tls | protocol | aborted | plan | preflight | apply |
     timeout | closed | vm; the message says what happened and, where known, what to do."""
 
-    def __init__(self, kind: str, msg: str) -> None:
+    def __init__(self, kind: str, msg: str, code: str = "") -> None:
         super().__init__(f"{kind}: {msg}")
         self.kind = kind
+        self.code = code                 # kind "aborted": the peer's Abort code
+
+
+CAPS_ONLY = "caps-only"                  # Abort code of a capabilities fetch (rpc plan): not a migration
 
 
 @dataclass(frozen=True)
 class PeerConfig:
     node: str = "invariantd"
     chunk_registers: int = 4096          # per chunk; a vCPU's whole set (~300 registers) in one message
+    chunk_bytes: int = 128 * 1024        # protocol 2: vCPUs sharing a register list go together up to this size
     checksum: str = "crc32"
     limits: Limits = Limits()
     handshake_timeout: float = 10.0
@@ -180,7 +185,8 @@ class Conn:
             self.metrics.stream("sent", len(data))
 
     async def send_many(self, events, batch_bytes: int = 256 * 1024) -> None:
-        """Several events, coalesced into writes of about batch_bytes (one TLS write per batch, not per event)."""
+        """Several events, coalesced into writes of about batch_bytes (one TLS write per batch, not per event;
+        an event that fills a batch alone is written as is, without a joined copy)."""
         buf: list[bytes] = []
         size = 0
         for ev in events:
@@ -188,10 +194,10 @@ class Conn:
             buf.append(data)
             size += len(data)
             if size >= batch_bytes:
-                await self._write(b"".join(buf))
+                await self._write(buf[0] if len(buf) == 1 else b"".join(buf))
                 buf, size = [], 0
         if buf:
-            await self._write(b"".join(buf))
+            await self._write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -203,19 +209,23 @@ class Conn:
             self.metrics.stream("sent", len(data))
 
     async def receive(self):
-        while True:
-            ev = self.session.next_event()
-            if ev is not ps.NEED_DATA:
-                return ev
-            data = await self.stream.receive_some(RECEIVE_BYTES)
-            if self.metrics:
-                self.metrics.stream("received", len(data))
-            self.session.receive_data(data)
+        got = 0                       # counted once per event, not per TLS record (16 KiB each)
+        try:
+            while True:
+                ev = self.session.next_event()
+                if ev is not ps.NEED_DATA:
+                    return ev
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+                got += len(data)
+                self.session.receive_data(data)
+        finally:
+            if self.metrics and got:
+                self.metrics.stream("received", got)
 
     async def expect(self, *types):
         ev = await self.receive()
         if isinstance(ev, ps.Abort):
-            raise PeerError("aborted", f"peer aborted ({ev.code or 'no code'}): {ev.reason}")
+            raise PeerError("aborted", f"peer aborted ({ev.code or 'no code'}): {ev.reason}", ev.code)
         if isinstance(ev, ps.ConnectionClosed):
             raise PeerError("closed", "peer closed the connection")
         if not isinstance(ev, types):     # the session's state machine already refuses out-of-order messages
@@ -258,16 +268,73 @@ def _wrap(e: BaseException) -> PeerError | None:
 
 
 def _regsets(chunks: Sequence[ps.VcpuChunk]) -> dict[int, list[tuple[int, int]]]:
+    """Received chunks -> each vCPU's (id, value) list: values are decoded here, at apply time."""
     out: dict[int, list[tuple[int, int]]] = {}
     for c in chunks:
-        out.setdefault(c.vcpu, []).extend(c.registers())
+        for vcpu, regs in c.per_vcpu().items():
+            out.setdefault(vcpu, []).extend(regs)
     return out
 
 
-def _chunks(vm_id: str, regsets, n: int, checksum: str):
-    for vcpu, regs in sorted(regsets.items()):
-        for k in range(max(1, math.ceil(len(regs) / n))):
-            yield ps.VcpuChunk.build(vm_id, vcpu, k, regs[k * n:(k + 1) * n], checksum)
+def _chunks(vm_id: str, regsets, n: int, checksum: str, version: int = 1, chunk_bytes: int = 128 * 1024):
+    """The chunks of a VM's register sets. Protocol 1: one vCPU per chunk, at most n registers each.
+    Protocol 2: consecutive vCPUs with the same register list (every vCPU of a VM, normally) share chunks of
+    about chunk_bytes; a vCPU with more than n registers is split into single-vCPU chunks as in protocol 1."""
+    items = sorted(regsets.items())
+    if version < 2:
+        for vcpu, regs in items:
+            for k in range(max(1, math.ceil(len(regs) / n))):
+                yield ps.VcpuChunk.build(vm_id, vcpu, k, regs[k * n:(k + 1) * n], checksum)
+        return
+    i = 0
+    while i < len(items):
+        vcpu, regs = items[i]
+        if len(regs) > n:
+            for k in range(math.ceil(len(regs) / n)):
+                yield ps.VcpuChunk.build(vm_id, vcpu, k, regs[k * n:(k + 1) * n], checksum)
+            i += 1
+            continue
+        ids = [r for r, _ in regs]
+        per = 8 * len(ids) + sum(ps.register_size(r) for r in ids)
+        group = [[v for _, v in regs]]
+        j = i + 1
+        while j < len(items) and items[j][0] == vcpu + (j - i) and (j - i + 1) * per <= max(chunk_bytes, per):
+            nregs = items[j][1]
+            if len(nregs) != len(ids) or any(a != r for (a, _), r in zip(nregs, ids)):
+                break
+            group.append([v for _, v in nregs])
+            j += 1
+        yield ps.VcpuChunk.build_multi(vm_id, vcpu, 0, ids, group, checksum)
+        i = j
+
+
+def host_capabilities(caps_doc: dict, backend: Backend, policy: Policy) -> S.HostCapabilities:
+    """This host as the negotiation sees it. arm64: the capability document (probe.py). Other architectures
+    (the generic plan, negotiate.negotiate_generic): the document's arch / kernel / caps plus the register
+    list of a fresh vCPU on a scratch VM (x86: KVM-listed registers + the MSRs GET_ONE_REG accepts), which
+    the plan checks the source's list against; no values (nothing is negotiated per value there)."""
+    if caps_doc.get("arch") == "aarch64":
+        return S.host_from_doc(caps_doc, frozenset(policy.drift))
+    reg_list: tuple[int, ...] = ()
+    if caps_doc.get("one_reg"):
+        vm = backend.create_vm(0)
+        try:
+            reg_list = tuple(vm.create_vcpu(0).reg_list())
+        finally:
+            vm.close()
+    caps = tuple(sorted((str(k), int(v)) for k, v in (caps_doc.get("caps") or {}).items()))
+    return S.HostCapabilities(kernel_release=str(caps_doc.get("kernel_release", "")),
+                              kernel_version=str(caps_doc.get("kernel_version", "")),
+                              arch=str(caps_doc.get("arch", "")), caps=caps, reg_list=reg_list, values=(),
+                              writable_masks=None, profile=str(caps_doc.get("profile") or ""))
+
+
+def apply_report(events) -> tuple[list, list]:
+    """(events metrics count, read-back adjustments): "readback-adjusted" events are no SET_ONE_REG failure;
+    they are logged and returned with the migration result instead."""
+    counted = [e for e in events if e.action != "readback-adjusted"]
+    adjusted = [e for e in events if e.action == "readback-adjusted"]
+    return counted, adjusted
 
 
 Planner = Callable[[S.VmProfile, S.HostCapabilities, Policy], S.Plan]
@@ -322,7 +389,10 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
                                    S.vm_to_bytes(vm))
             await conn.send(prop)
             # encode and checksum every chunk now, while the destination checks the plan and pre-flights
-            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum))
+            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum,
+                                  conn.session.version or 1, cfg.chunk_bytes))
+            for c in chunks:
+                ps.encode(c)                # cached on the chunk: the stream phase only writes
             await conn.expect(ps.PlanAccept)
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
             pf = await conn.expect(ps.Preflight)
@@ -334,7 +404,7 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             while i < len(chunks):          # fail_after per batch: a stalled peer is noticed per ~batch_bytes
                 j, size = i, 0
                 while j < len(chunks) and size < batch:
-                    size += len(chunks[j].values) + 8 * len(chunks[j].reg_ids)
+                    size += len(chunks[j].wire)
                     j += 1
                 with trio.fail_after(cfg.phase_timeout):
                     await conn.send_many(chunks[i:j], batch)
@@ -388,9 +458,11 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
     committed = False
     try:
         try:
-            host = S.host_from_doc(caps_doc, frozenset(pol.drift))
+            host = await trio.to_thread.run_sync(host_capabilities, caps_doc, backend, pol)
         except S.SchemaError as e:
             raise PeerError("plan", f"this host's capability document cannot be negotiated: {e}") from None
+        except KvmError as e:
+            raise PeerError("plan", f"cannot list this host's registers: {e}") from None
         with m.phase("handshake"), trio.fail_after(cfg.handshake_timeout):
             await conn.expect(ps.Hello)
             await conn.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.DESTINATION, cfg.node))
@@ -457,7 +529,11 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                                 + "; ".join(bad))
             res = await trio.to_thread.run_sync(
                 lambda: apply_vm(backend, regsets, apply_policy, features=feats))
-            m.record_apply_events(res.events)
+            counted, adjusted = apply_report(res.events)
+            m.record_apply_events(counted)
+            for ev in adjusted:
+                log.warning("migration %s: vCPU %s %s read back differently (KVM adjusts it): %s",
+                            prop.migration_id, ev.vcpu, ev.register, ev.detail)
             bad = [str(x) for x in res.mismatches[:8]]
             for i in sorted(res.written):
                 bad += plan_deviations(plan, res.written[i], res.dropped[i], vcpu=i)
@@ -480,6 +556,9 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         return result
     except BaseException as e:
         err = _wrap(e)
+        if isinstance(err, PeerError) and err.kind == "aborted" and err.code == CAPS_ONLY and mvm is None:
+            log.info("capabilities sent to %s (caps-only fetch, no migration)", peer)
+            return None
         if mvm is not None and committed:
             mvm.in_doubt()                   # the source may have released it: keep it paused, never discard
             m.migration("in-doubt")

@@ -113,10 +113,10 @@ class Migration:
                 self.plan_digest = ev.digest
             elif isinstance(ev, ps.VcpuChunk):
                 self.phase = "stream"
-                if self._cur_vcpu is not None and ev.vcpu != self._cur_vcpu:
-                    self.vcpus_done = min(self.vcpus_total, self.vcpus_done + 1)
+                # vCPUs are streamed in ascending order: those before this chunk's first one are done
+                self.vcpus_done = max(self.vcpus_done, min(self.vcpus_total, ev.vcpu))
                 self._cur_vcpu = ev.vcpu
-                self.registers_sent += len(ev.reg_ids)
+                self.registers_sent += len(ev.reg_ids) * max(1, getattr(ev, "count", 0))
             elif isinstance(ev, ps.StreamEnd):
                 self.vcpus_done = self.vcpus_total
                 self.phase = "apply"
@@ -263,7 +263,7 @@ class Orchestrator:
                 raise RpcFailure("unreachable" if e.kind in ("unreachable", "internal") else e.kind,
                                  f"peer {p.name} (RPC {p.rpc}): {e.message}") from None
         else:
-            doc = await self._caps_over_peer_link(p)
+            doc, _ = await self._caps_over_peer_link(p)
         host = None
         if doc.get("arch") == "aarch64":
             try:
@@ -279,7 +279,7 @@ class Orchestrator:
         except tls.TlsError as e:
             raise RpcFailure("unreachable", f"peer {p.name}: {e}") from None
 
-    async def _caps_over_peer_link(self, p: PeerEntry) -> dict:
+    async def _caps_over_peer_link(self, p: PeerEntry) -> tuple[dict, S.HostCapabilities | None]:
         stream = await self._connect(p)
         sess = ps.Session(ps.SOURCE)
         try:
@@ -306,8 +306,9 @@ class Orchestrator:
         finally:
             await trio.aclose_forcefully(stream)
         if "json" in cev.format:
-            return json.loads(cev.doc)
-        return host_doc_from_caps(peer_mod.decode_caps(cev))
+            return json.loads(cev.doc), None
+        h = peer_mod.decode_caps(cev)
+        return host_doc_from_caps(h), h
 
     # --- capabilities, VMs
     async def caps(self, host: str = "") -> dict:
@@ -382,16 +383,21 @@ class Orchestrator:
     async def plan(self, vm: str, to_host: str) -> dict:
         m = self._vm(vm)
         p = self._peer(to_host)
-        if self.backend.arch != "aarch64":
-            raise RpcFailure("badRequest", f"negotiation plans arm64 ID registers; this host is {self.backend.arch}"
-                                           f" (migrate applies the registers as they are)")
         try:
             regsets = await trio.to_thread.run_sync(lambda: read_vm(m.vcpus))
         except KvmError as e:
             raise RpcFailure("kvm", f"cannot read VM {vm}: {e}") from None
-        doc, host = await self._peer_host(p)
-        if host is None:
-            raise RpcFailure("refused", f"peer {p.name} is {doc.get('arch')}: an arm64 VM cannot move there")
+        if self.backend.arch == "aarch64":
+            doc, host = await self._peer_host(p)
+            if host is None:
+                raise RpcFailure("refused", f"peer {p.name} is {doc.get('arch')}: an arm64 VM cannot move there")
+        else:
+            # generic plan (negotiate.negotiate_generic): it needs the destination's register list, which
+            # the peer link's HostCapabilities carries (the daemon lists a fresh vCPU's registers there)
+            _, host = await self._caps_over_peer_link(p)
+            if host is None:
+                raise RpcFailure("migrationFailed", f"peer {p.name} sent its capabilities in a format without "
+                                                    f"a register list")
         profile = vm_profile_of(m, regsets, self.backend, self.policy)
         plan = negotiate(profile, host, self.policy)
         return {"migratable": plan.migratable, "digest": plan.digest,

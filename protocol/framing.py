@@ -36,6 +36,7 @@ class FrameDecoder:
         self.limits = limits
         self._buf = bytearray()
         self._pos = 0
+        self._need = 4            # bytes (from _pos) before the next frame can be complete: no re-parse until then
 
     def feed(self, data: bytes) -> None:
         if self._pos and self._pos >= len(self._buf) // 2:
@@ -51,7 +52,7 @@ class FrameDecoder:
     def next_frame(self) -> bytes | None:
         buf, pos, lim = self._buf, self._pos, self.limits
         avail = len(buf) - pos
-        if avail < 4:
+        if avail < self._need:
             return None
         nseg = struct.unpack_from("<I", buf, pos)[0] + 1
         if nseg > lim.max_segments:
@@ -59,6 +60,7 @@ class FrameDecoder:
                                       "too-many-segments")
         hdr = header_size(nseg)
         if avail < 4 + 4 * nseg:
+            self._need = 4 + 4 * nseg
             return None
         sizes = struct.unpack_from(f"<{nseg}I", buf, pos + 4)
         total = hdr + 8 * sum(sizes)
@@ -68,9 +70,12 @@ class FrameDecoder:
         if sizes[0] == 0:
             raise RemoteProtocolError("frame's first segment is empty: no root pointer", "malformed-frame")
         if avail < total:
+            self._need = total
             return None
-        if any(buf[pos + 4 + 4 * nseg:pos + hdr]):
+        if hdr > 4 + 4 * nseg and any(buf[pos + 4 + 4 * nseg:pos + hdr]):
             raise RemoteProtocolError("segment-table padding is not zero", "malformed-frame")
-        frame = bytes(buf[pos:pos + total])
+        with memoryview(buf) as mv:
+            frame = bytes(mv[pos:pos + total])          # one copy (a bytearray slice would copy twice)
         self._pos = pos + total
+        self._need = 4
         return frame

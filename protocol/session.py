@@ -33,7 +33,11 @@ from . import regid
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import FrameDecoder, Limits
 
-PROTOCOL_VERSIONS = (1,)
+# 1: one vCPU per chunk; StreamEnd digest = sha256 over every chunk's checksummed bytes.
+# 2: chunks may carry several vCPUs sharing one register list (VcpuChunk.count); StreamEnd digest = a sha256
+#    chain over the chunks' headers and checksums (see _chain_entry). Both are spoken; the highest common wins.
+PROTOCOL_VERSIONS = (1, 2)
+STREAM_DIGEST_TAG_V2 = b"invariantd/stream-digest@2\n"
 SOURCE, DESTINATION = "source", "destination"
 CHECKSUMS = ("crc32", "sha256")
 
@@ -144,15 +148,24 @@ class Preflight:
             _text(e, "Preflight.events[]", 4096)
 
 
-def chunk_bytes(vcpu: int, chunk: int, reg_ids: Sequence[int], values: bytes) -> bytes:
-    """The bytes a chunk's checksum covers: u32 vcpu, u32 chunk, u64 register ids, values (little-endian)."""
-    return struct.pack(f"<II{len(reg_ids)}Q", vcpu, chunk, *reg_ids) + values
+def chunk_bytes(vcpu: int, chunk: int, reg_ids: Sequence[int], values: bytes, count: int = 0) -> bytes:
+    """The bytes a chunk's checksum covers: u32 vcpu, u32 chunk, [u32 count when count > 0: protocol 2],
+    u64 register ids, values (little-endian)."""
+    head = struct.pack("<III", vcpu, chunk, count) if count else struct.pack("<II", vcpu, chunk)
+    return head + struct.pack(f"<{len(reg_ids)}Q", *reg_ids) + values
 
 
-def _checksum(kind: str, data: bytes) -> bytes:
+def _checksum(kind: str, parts: Sequence[bytes]) -> bytes:
+    """Checksum of the concatenation of `parts`, computed part by part (no joined copy)."""
     if kind == "crc32":
-        return struct.pack("<I", zlib.crc32(data))
-    return _sha256(data)
+        crc = 0
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        return struct.pack("<I", crc)
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.digest()
 
 
 _SIZE_FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
@@ -189,6 +202,11 @@ def _layout_le(ids_le: bytes) -> _Layout:
     return _Layout(ids, ids_le, sum(sizes), "".join(fmt), tuple(wide), tuple(sizes))
 
 
+def register_size(reg_id: int) -> int:
+    """Value bytes of a register on the wire (KVM_REG_SIZE)."""
+    return regid.size_bytes(reg_id)
+
+
 @lru_cache(maxsize=64)
 def _layout_ids(ids: tuple[int, ...]) -> _Layout:
     for r in ids:
@@ -198,8 +216,10 @@ def _layout_ids(ids: tuple[int, ...]) -> _Layout:
 
 @dataclass(frozen=True, slots=True)
 class VcpuChunk:
-    """Registers of one vCPU. On the wire the ids travel packed (regIdsLe); reg_ids is their tuple.
-    Validation per distinct id list is cached (_layout_*): a chunk costs a checksum and a lookup."""
+    """Registers of one vCPU, or (protocol 2, count > 0) of `count` consecutive vCPUs vcpu..vcpu+count-1 that
+    share one register list: values then hold each vCPU's values in turn. On the wire the ids travel packed
+    (regIdsLe); reg_ids is their tuple. Validation per distinct id list is cached (_layout_*): a chunk costs
+    a checksum and a lookup. Values are decoded to integers only when asked (registers / per_vcpu)."""
     vm_id: str
     vcpu: int
     chunk: int
@@ -208,11 +228,14 @@ class VcpuChunk:
     checksum_kind: str = "crc32"
     checksum: bytes = b""         # computed when left empty
     ids_le: bytes = field(default=b"", repr=False, compare=False)
+    count: int = 0                # 0: one vCPU (protocol 1 form); n >= 1: n vCPUs (protocol 2)
+    wire: bytes = field(default=b"", repr=False, compare=False)    # the encoded frame, once encode() ran
 
     def __post_init__(self) -> None:
         _text(self.vm_id, "VcpuChunk.vm_id", 256)
         _u32(self.vcpu, "VcpuChunk.vcpu")
         _u32(self.chunk, "VcpuChunk.chunk")
+        _u32(self.count, "VcpuChunk.count")
         _need(self.checksum_kind in CHECKSUMS, f"VcpuChunk.checksum_kind {self.checksum_kind!r} unknown")
         _need(isinstance(self.values, bytes), "VcpuChunk.values must be bytes")
         if self.reg_ids or not self.ids_le:
@@ -223,37 +246,70 @@ class VcpuChunk:
             lay = _layout_le(self.ids_le)
         object.__setattr__(self, "reg_ids", lay.ids)
         object.__setattr__(self, "ids_le", lay.ids_le)
-        _need(lay.total == len(self.values), f"VcpuChunk {self.vcpu}/{self.chunk}: {len(self.values)} value bytes "
-                                             f"for registers needing {lay.total}", "bad-chunk")
-        want = _checksum(self.checksum_kind, self.covered())
+        want_len = lay.total * max(1, self.count)
+        _need(want_len == len(self.values), f"VcpuChunk {self.vcpu}/{self.chunk}: {len(self.values)} value bytes "
+                                            f"for registers needing {want_len}", "bad-chunk")
+        want = _checksum(self.checksum_kind, self._parts())
         if not self.checksum:
             object.__setattr__(self, "checksum", want)
         _need(self.checksum == want, f"VcpuChunk {self.vcpu}/{self.chunk}: {self.checksum_kind} checksum mismatch",
               "bad-checksum")
 
+    @property
+    def vcpus(self) -> range:
+        """The vCPUs this chunk carries."""
+        return range(self.vcpu, self.vcpu + max(1, self.count))
+
+    def _parts(self) -> tuple[bytes, ...]:
+        head = (struct.pack("<III", self.vcpu, self.chunk, self.count) if self.count
+                else struct.pack("<II", self.vcpu, self.chunk))
+        return head, self.ids_le, self.values
+
     def covered(self) -> bytes:
-        return b"".join((struct.pack("<II", self.vcpu, self.chunk), self.ids_le, self.values))
+        """The bytes the checksum covers (chunk_bytes); the checksum itself is computed part by part."""
+        return b"".join(self._parts())
 
     @classmethod
     def build(cls, vm_id: str, vcpu: int, chunk: int, regs: Sequence[tuple[int, int]],
               checksum_kind: str = "crc32") -> "VcpuChunk":
         ids = tuple(r for r, _ in regs)
         lay = _layout_ids(ids)
-        vals = [v for _, v in regs]
-        try:
-            for i in lay.wide:
-                vals[i] = int(vals[i]).to_bytes(lay.sizes[i], "little")
-            values = struct.pack(lay.fmt, *vals)
-        except (OverflowError, struct.error) as e:
-            raise LocalProtocolError(f"register value does not fit its size: {e}", "bad-chunk") from None
-        return cls(vm_id, vcpu, chunk, (), values, checksum_kind, ids_le=lay.ids_le)
+        return cls(vm_id, vcpu, chunk, (), _pack(lay, [v for _, v in regs]), checksum_kind, ids_le=lay.ids_le)
+
+    @classmethod
+    def build_multi(cls, vm_id: str, first_vcpu: int, chunk: int, reg_ids: Sequence[int],
+                    values: Sequence[Sequence[int]], checksum_kind: str = "crc32") -> "VcpuChunk":
+        """Protocol 2: vCPUs first_vcpu.. (one value list each, all for reg_ids) in one chunk."""
+        lay = _layout_ids(tuple(reg_ids))
+        _need(len(values) >= 1, "VcpuChunk.build_multi: no vCPU")
+        data = b"".join(_pack(lay, vals) for vals in values)
+        return cls(vm_id, first_vcpu, chunk, (), data, checksum_kind, ids_le=lay.ids_le, count=len(values))
 
     def registers(self) -> list[tuple[int, int]]:
+        """(id, value) of a single-vCPU chunk (the first vCPU's of a multi-vCPU one: use per_vcpu)."""
+        return self.per_vcpu()[self.vcpu]
+
+    def per_vcpu(self) -> dict[int, list[tuple[int, int]]]:
         lay = _layout_le(self.ids_le)
-        vals = list(struct.unpack(lay.fmt, self.values))
+        out = {}
+        for i, vals in zip(self.vcpus, struct.iter_unpack(lay.fmt, self.values) if lay.total else
+                           ((),) * max(1, self.count)):
+            if lay.wide:
+                vals = list(vals)
+                for k in lay.wide:
+                    vals[k] = int.from_bytes(vals[k], "little")
+            out[i] = list(zip(lay.ids, vals))
+        return out
+
+
+def _pack(lay: _Layout, vals: Sequence[int]) -> bytes:
+    vals = list(vals)
+    try:
         for i in lay.wide:
-            vals[i] = int.from_bytes(vals[i], "little")
-        return list(zip(lay.ids, vals))
+            vals[i] = int(vals[i]).to_bytes(lay.sizes[i], "little")
+        return struct.pack(lay.fmt, *vals)
+    except (OverflowError, struct.error) as e:
+        raise LocalProtocolError(f"register value does not fit its size: {e}", "bad-chunk") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +368,16 @@ def _schema():
 
 
 def encode(event: Event) -> bytes:
+    if type(event) is VcpuChunk:
+        if event.wire:
+            return event.wire
+        data = _encode(event)
+        object.__setattr__(event, "wire", data)      # chunks are encoded ahead of the stream (source side)
+        return data
+    return _encode(event)
+
+
+def _encode(event: Event) -> bytes:
     msg = _schema().Message.new_message()
     name = _WIRE_NAMES[type(event)]
     m = msg.init(name)
@@ -332,6 +398,8 @@ def encode(event: Event) -> bytes:
         m.vmId, m.vcpu, m.chunk = event.vm_id, event.vcpu, event.chunk
         m.regIdsLe = event.ids_le
         m.values, m.checksumKind, m.checksum = event.values, event.checksum_kind, event.checksum
+        if event.count:
+            m.vcpuCount = event.count
     elif isinstance(event, StreamEnd):
         m.vmId, m.vcpus, m.chunks, m.digest = event.vm_id, event.vcpus, event.chunks, event.digest
     elif isinstance(event, Abort):
@@ -354,8 +422,8 @@ def _decode_reader(r) -> Event:
     if w == "preflight":
         return Preflight(m.ok, m.detail, tuple(m.events))
     if w == "vcpuChunk":
-        return VcpuChunk(m.vmId, m.vcpu, m.chunk, tuple(m.regIds), bytes(m.values), str(m.checksumKind),
-                         bytes(m.checksum), bytes(m.regIdsLe))
+        return VcpuChunk(m.vmId, m.vcpu, m.chunk, tuple(m.regIds) if m._has("regIds") else (), m.values,
+                         str(m.checksumKind), m.checksum, m.regIdsLe, m.vcpuCount)
     if w == "streamEnd":
         return StreamEnd(m.vmId, m.vcpus, m.chunks, bytes(m.digest))
     if w == "commit":
@@ -388,6 +456,20 @@ def decode(frame: bytes, limits: Limits = Limits()) -> Event:
         desc = getattr(e, "description", None) or str(e) or type(e).__name__
         raise RemoteProtocolError(f"undecodable Cap'n Proto message: {desc.splitlines()[0][:300]}",
                                   "malformed-message") from None
+
+
+_KIND_TAG = {k: i for i, k in enumerate(CHECKSUMS)}
+
+
+def _chain_entry(ev: VcpuChunk) -> bytes:
+    """Protocol 2's StreamEnd digest is sha256(tag || entry(chunk 1) || entry(chunk 2) || ...), entry = u32 vcpu,
+    u32 chunk, u32 count, u8 checksum kind, u8 checksum length, checksum. Sound without hashing the register
+    bytes twice: TLS (AEAD) already protects every byte in transit; each chunk's checksum covers that chunk's
+    header, register ids and values end to end (encoder to decoder), and is verified on arrival; the chain
+    binds each chunk's identity and checksum in order, so a lost, repeated, reordered or substituted chunk
+    changes the digest both Commits carry."""
+    return struct.pack("<IIIBB", ev.vcpu, ev.chunk, ev.count, _KIND_TAG[ev.checksum_kind], len(ev.checksum)) \
+        + ev.checksum
 
 
 # --- the state machine --------------------------------------------------------------------------------------------
@@ -430,7 +512,7 @@ class Session:
         self.bytes_received = 0
         self._decoder = FrameDecoder(limits)
         self._eof = False
-        self._digest = hashlib.sha256()
+        self._digest_h = None               # protocol 1: every chunk's bytes; 2: the chain (see _chain_entry)
         self._chunks = 0
         self._next_chunk: dict[int, int] = {}
         self._stream_digest: bytes | None = None
@@ -500,6 +582,16 @@ class Session:
         return self._stream_digest
 
     # --- internals
+    @property
+    def _digest(self):
+        if self._digest_h is None:
+            self._digest_h = hashlib.sha256(STREAM_DIGEST_TAG_V2 if (self.version or 1) >= 2 else b"")
+        return self._digest_h
+
+    @_digest.setter
+    def _digest(self, h) -> None:
+        self._digest_h = h
+
     def _fail(self, e: ProtocolError) -> None:
         self.state = ERROR
         self.error = self.error or e
@@ -527,11 +619,22 @@ class Session:
 
     def _check_Hello(self, sender: str, ev: Hello) -> None:
         _need(ev.role == sender, f"Hello claims role {ev.role!r} but comes from the {sender}", "wrong-role")
+        if sender == self.our_role:
+            # what our Hello advertises is what we speak (the source sends first, before it knows the peer)
+            ours = set(ev.versions) & set(self.versions)
+            _need(bool(ours), f"Hello offers versions {list(ev.versions)}; this session speaks "
+                              f"{list(self.versions)}", "version-mismatch")
+            self.versions = tuple(v for v in self.versions if v in ours)
         if sender == self.their_role:
             self.their_hello = ev
             common = set(ev.versions) & set(self.versions)
             _need(bool(common), f"no common protocol version: peer speaks {list(ev.versions)}, we speak "
-                                f"{list(self.versions)}", "version-mismatch")
+                                f"{list(self.versions)} (upgrade the older daemon)", "version-mismatch")
+            self.version = max(common)
+        if sender == self.our_role and self.their_hello is not None:     # destination: it answers second
+            common = set(self.their_hello.versions) & set(self.versions)
+            _need(bool(common), f"no common protocol version: peer speaks {list(self.their_hello.versions)}, we "
+                                f"speak {list(self.versions)}", "version-mismatch")
             self.version = max(common)
 
     def _check_Capabilities(self, sender: str, ev: Capabilities) -> None:
@@ -554,14 +657,27 @@ class Session:
         p = self.proposal
         _need(ev.vm_id == p.vm_id, f"VcpuChunk for VM {ev.vm_id!r}; the plan is for {p.vm_id!r}", "wrong-vm")
         _need(ev.vcpu < p.vcpus, f"VcpuChunk for vCPU {ev.vcpu}; the plan has {p.vcpus} vCPUs", "bad-chunk")
-        want = self._next_chunk.get(ev.vcpu, 0)
-        _need(ev.chunk == want, f"vCPU {ev.vcpu}: chunk {ev.chunk} arrived, expected {want}", "chunk-order")
         _need(len(ev.reg_ids) <= self.limits.max_registers_per_chunk,
               f"VcpuChunk carries {len(ev.reg_ids)} registers; the limit is {self.limits.max_registers_per_chunk}",
               "chunk-too-large")
-        self._next_chunk[ev.vcpu] = want + 1
+        if ev.count:
+            _need(self.version is not None and self.version >= 2, f"VcpuChunk for {ev.count} vCPUs needs protocol "
+                                                                  f"2; this session speaks {self.version}",
+                  "bad-chunk")
+            _need(ev.vcpu + ev.count <= p.vcpus, f"VcpuChunk for vCPUs {ev.vcpu}..{ev.vcpu + ev.count - 1}; the "
+                                                 f"plan has {p.vcpus} vCPUs", "bad-chunk")
+        nxt = self._next_chunk
+        for i in ev.vcpus:
+            want = nxt.get(i, 0)
+            _need(ev.chunk == want, f"vCPU {i}: chunk {ev.chunk} arrived, expected {want}", "chunk-order")
+        for i in ev.vcpus:
+            nxt[i] = ev.chunk + 1
         self._chunks += 1
-        self._digest.update(ev.covered())
+        if self.version is not None and self.version >= 2:
+            self._digest.update(_chain_entry(ev))
+        else:
+            for part in ev._parts():
+                self._digest.update(part)
 
     def _check_StreamEnd(self, sender: str, ev: StreamEnd) -> None:
         p = self.proposal

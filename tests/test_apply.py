@@ -339,8 +339,10 @@ def test_real_kvm_refusal_is_typed():
     with pytest.raises(ApplyError) as ei:
         apply_vm(b, {0: [(regid.x86_msr(0x1A0), 1), (arch_caps, 1 << 63)]}, ApplyPolicy())
     e = ei.value
-    assert (e.reg_id, e.errno_name, e.action, e.phase) == (arch_caps, "EINVAL", "none", "state")
+    # generic EINVAL rule: GET the destination's value; it differs, so abort naming both values
+    assert (e.reg_id, e.errno_name, e.action, e.phase) == (arch_caps, "EINVAL", "confirm difference", "state")
     assert f"{arch_caps:#018x}" in str(e) and "MSR_0x10a" in str(e)
+    assert "source value 0x8000000000000000" in str(e) and "destination holds 0x0" in str(e)
 
 
 # --- shipped profiles (measured on real kernels) -------------------------------------------------------------

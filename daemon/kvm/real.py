@@ -147,7 +147,14 @@ class RealVcpu:
         return [buf[1 + i] for i in range(buf[0])]
 
     def reg_list(self) -> list[int]:
-        return reg_list_handshake(self)
+        """Every register this vCPU migrates. arm64: KVM_GET_REG_LIST. x86: KVM_GET_REG_LIST (only KVM-defined
+        registers, often none) followed by the MSRs as ONE_REG ids (RealKvm.msr_reg_ids: the KVM-listed MSRs
+        that GET_ONE_REG accepts on a fresh vCPU), so read_vm / the peer stream / apply see one list."""
+        ids = reg_list_handshake(self)
+        if self.vm.backend.arch == "x86_64":
+            listed = set(ids)
+            ids += [r for r in self.vm.backend.msr_reg_ids() if r not in listed]
+        return ids
 
     def get_regs_into(self, bufs: RegBuffers) -> int:
         return lib().ivd_get_regs(self.fd, bufs.ids, bufs.data, bufs.offs, bufs.n, bufs.errs)
@@ -246,12 +253,17 @@ class RealVm:
             self.fd = -1
 
 
+# struct kvm_msr_list { __u32 nmsrs; __u32 indices[]; } = _IOWR(KVMIO, 0x02, struct kvm_msr_list)
+KVM_GET_MSR_INDEX_LIST = 0xC004AE02
+
+
 class RealKvm:
     kind = "kvm"
 
     def __init__(self, path: str = "/dev/kvm") -> None:
         self.path = path
         self.arch = platform.machine()
+        self._msr_ids: tuple[int, ...] | None = None
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -268,6 +280,40 @@ class RealKvm:
 
     def kernel_release(self) -> str:
         return os.uname().release
+
+    def msr_index_list(self) -> list[int]:
+        """x86 KVM_GET_MSR_INDEX_LIST on the system fd (the MSRs KVM saves/restores plus those it emulates),
+        with the E2BIG sizing handshake: ask with nmsrs=0, KVM writes the count it needs, ask again."""
+        capacity = 0
+        for _ in range(4):
+            buf = ffi.new("uint32_t[]", 1 + capacity)
+            buf[0] = capacity
+            r = lib().ivd_ioctl(self.fd, KVM_GET_MSR_INDEX_LIST, _addr(buf))
+            if r == -_errno.E2BIG and buf[0] > capacity:
+                capacity = buf[0]
+                continue
+            if r < 0:
+                raise KvmError("KVM_GET_MSR_INDEX_LIST", -r, detail=f"room for {capacity}")
+            return [buf[1 + i] for i in range(buf[0])]
+        raise KvmError("KVM_GET_MSR_INDEX_LIST", _errno.E2BIG, detail="the MSR count kept growing")
+
+    def msr_reg_ids(self) -> tuple[int, ...]:
+        """The x86 MSRs a vCPU migrates, as ONE_REG ids (regid.x86_msr): KVM_GET_MSR_INDEX_LIST filtered to
+        those GET_ONE_REG accepts on a fresh vCPU of a scratch VM (KVM lists MSRs of features this VM's vCPUs
+        may lack; those fail with EINVAL and carry no state). Computed once per backend; () off x86 or
+        without ONE_REG (Linux < 6.18 x86)."""
+        if self._msr_ids is None:
+            ids: tuple[int, ...] = ()
+            if self.arch == "x86_64" and self.check_extension(abi.CAPS["KVM_CAP_ONE_REG"]):
+                cand = [regid.x86_msr(i) for i in self.msr_index_list()]
+                vm = self.create_vm(0)
+                try:
+                    _, errs = vm.create_vcpu(0).get_regs(cand)
+                finally:
+                    vm.close()
+                ids = tuple(r for r, e in zip(cand, errs) if not e)
+            self._msr_ids = ids
+        return self._msr_ids
 
     def cpu_midrs(self) -> list[int]:
         out = []

@@ -46,14 +46,18 @@ struct Preflight {
 
 struct VcpuChunk {
   vmId @0 :Text;
-  vcpu @1 :UInt32;
-  chunk @2 :UInt32;               # 0, 1, 2... per vCPU
+  vcpu @1 :UInt32;                # the (first) vCPU this chunk carries
+  chunk @2 :UInt32;               # 0, 1, 2... per vCPU (a multi-vCPU chunk is chunk N of each of its vCPUs)
   regIds @3 :List(UInt64);       # ids as a list (older writers); see regIdsLe
-  values @4 :Data;                # each register's KVM_REG_SIZE(id) bytes, little-endian, in regIds order
+  values @4 :Data;                # each register's KVM_REG_SIZE(id) bytes, little-endian, in regIds order;
+                                  # with vcpuCount = n: n such records, vCPU vcpu, vcpu+1, ... in turn
   checksumKind @5 :ChecksumKind;
-  checksum @6 :Data;              # over vcpu, chunk, register ids and values (see protocol/session.py)
+  checksum @6 :Data;              # over u32 vcpu, u32 chunk, [u32 vcpuCount if > 0], the register ids (u64
+                                  # LE) and values: one chunk's bytes end to end (protocol/session.py)
   regIdsLe @7 :Data;              # the register ids as packed u64 little-endian (what writers send; readers
                                   # accept regIds instead when this is empty). Both forms: must agree.
+  vcpuCount @8 :UInt32;           # protocol 2: vCPUs vcpu..vcpu+vcpuCount-1 share regIds (0 = one vCPU, the
+                                  # protocol-1 form); refused in a protocol-1 session
   enum ChecksumKind { crc32 @0; sha256 @1; }
 }
 
@@ -61,7 +65,13 @@ struct StreamEnd {
   vmId @0 :Text;
   vcpus @1 :UInt32;
   chunks @2 :UInt32;              # total chunks sent
-  digest @3 :Data;                # sha256 over every chunk, in order
+  digest @3 :Data;                # protocol 1: sha256 over every chunk's checksummed bytes, in order.
+                                  # protocol 2: sha256("invariantd/stream-digest@2\n" || per chunk in order:
+                                  # u32 vcpu, u32 chunk, u32 vcpuCount, u8 checksumKind, u8 checksum length,
+                                  # checksum). Sound without hashing every byte twice: TLS (AEAD) protects the
+                                  # bytes in transit; each chunk's checksum covers its own bytes end to end and
+                                  # is verified on arrival; the chain covers order, completeness and each
+                                  # chunk's identity, so a lost, repeated, reordered or altered chunk changes it.
 }
 
 struct Commit {
