@@ -18,7 +18,6 @@ Migrations run as trio tasks in the service's nursery, each in its own cancel sc
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import outcome
 import trio
@@ -34,7 +33,6 @@ import trio
 from ..protocol import kvmabi as abi
 from ..protocol import schemas as S
 from ..protocol import session as ps
-from ..protocol.catalog import catalog
 from ..protocol.errors import ProtocolError
 from ..protocol.framing import FrameDecoder, Limits
 from ..protocol.negotiate import negotiate
@@ -177,28 +175,10 @@ class ProgressStream(trio.abc.Stream):
 
 
 # --- the service (trio side) -----------------------------------------------------------------------------------
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def vm_profile_of(mvm: ManagedVm, regsets, backend, policy) -> S.VmProfile:
     """The negotiation input for a VM held here (the peer module's definition when it has one, so the plan
     shown by `plan` has the digest migrate_out will propose)."""
-    if hasattr(peer_mod, "vm_profile"):
-        return peer_mod.vm_profile(mvm.vm_id, mvm.init, regsets, backend, policy)
-    names = {v: k for k, v in abi.VCPU_FEATURES.items()}
-    first = list(regsets[min(regsets)])
-    cat, keep = catalog(), frozenset(policy.drift)
-    values = {r: v for r, v in first if r in keep or cat.reg_class(r) in S.PLANNED_CLASSES}
-    from .probe import kernel_version
-    return S.VmProfile(name=mvm.vm_id, revision=1,
-                       features=tuple(names.get(f, str(f)) for f in (mvm.init.features if mvm.init else ())),
-                       values=tuple(sorted(values.items())), reg_list=tuple(r for r, _ in first),
-                       seen_midrs=tuple(sorted(set(backend.cpu_midrs()))),
-                       source_kernel=kernel_version(backend.kernel_release()))
+    return peer_mod.vm_profile(mvm.vm_id, mvm.init, regsets, backend, policy)
 
 
 def host_doc_from_caps(h: S.HostCapabilities) -> dict:
@@ -434,11 +414,8 @@ class Orchestrator:
             del self.migrations[k]
 
     async def _run_migration(self, mig: Migration, p: PeerEntry) -> None:
-        kw: dict[str, Any] = {"cfg": self.peer_cfg, "metrics": self.metrics, "migration_id": mig.id}
-        if hasattr(peer_mod, "identity_planner"):      # older peer.py: the plan is the caller's (ApplyPolicy)
-            kw["planner"] = self._apply_policy_planner
-        if _accepts(peer_mod.migrate_out, "on_plan"):
-            kw["on_plan"] = lambda plan: setattr(mig, "plan_digest", plan.digest)
+        kw: dict[str, Any] = {"cfg": self.peer_cfg, "metrics": self.metrics, "migration_id": mig.id,
+                              "on_plan": lambda plan: setattr(mig, "plan_digest", plan.digest)}
         try:
             with mig.scope:
                 try:
@@ -475,19 +452,6 @@ class Orchestrator:
                 mig.state, mig.result, mig.error = "failed", "aborted", ("migrationFailed", "daemon shutting down")
             mig.ended = time.monotonic()
             mig.done.set()
-
-    def _apply_policy_planner(self, mvm, regsets, caps):
-        """Older peer.py (planner -> ApplyPolicy): negotiate here and derive the apply policy from the plan."""
-        from . import apply as apply_mod
-        host = S.host_from_doc(caps, frozenset(self.policy.drift))
-        plan = negotiate(vm_profile_of(mvm, regsets, self.backend, self.policy), host, self.policy)
-        self.metrics.record_verdicts(e.verdict.value for e in plan.entries if not e.field)
-        if not plan.migratable:
-            bad = sorted({e.register for e in plan.entries if e.verdict is S.Verdict.REFUSE})
-            raise peer_mod.PeerError("plan", f"plan refused ({', '.join(bad)})")
-        if hasattr(apply_mod, "policy_from_plan"):
-            return apply_mod.policy_from_plan(plan, None)
-        return apply_mod.ApplyPolicy(enable_cap239=plan.enable_cap239)
 
     async def status(self, mid: str) -> dict:
         if not mid:

@@ -9,7 +9,7 @@ dataclasses inside it. capnp itself is imported lazily so the pure parts of prot
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 

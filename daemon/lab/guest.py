@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from . import provision as _prov
-from ._common import LabError, atomic_write, cache_dir, cache_lock, log, phase, timings
+from ._common import LabError, cache_dir, cache_lock, log, phase, timings
 
 GUEST_ROOT = "/opt/ivd"
 GUEST_PYTHONPATH = f"{GUEST_ROOT}/run/pkg"
