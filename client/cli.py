@@ -32,6 +32,21 @@ def _backend(sim: str | None):
     return RealKvm()
 
 
+def print_caps_summary(doc: dict, label: str) -> None:
+    """The human header of a capability document (probe here, or a daemon's / peer's via `caps`)."""
+    one_reg = doc.get("one_reg", (doc.get("caps") or {}).get("KVM_CAP_ONE_REG"))
+    print(f"{label}: {doc.get('source')} {doc.get('profile') or ''}   arch: {doc.get('arch')}   "
+          f"kernel: {doc.get('kernel_release')}   KVM API {doc.get('api_version')}   ONE_REG: {'yes' if one_reg else 'no'}")
+    print("caps: " + ", ".join(f"{k.replace('KVM_CAP_', '')}={v}" for k, v in (doc.get("caps") or {}).items()))
+    if doc.get("arch") != "aarch64":
+        return
+    if doc.get("sim_era"):
+        print(f"simulated kernel era: {doc['sim_era']}")
+    print(f"per-CPU MIDR: {', '.join(doc.get('cpu_midrs') or []) or 'n/a'}   registers listed: "
+          f"{len(doc.get('reg_list') or [])}   writable masks: "
+          f"{'not offered' if doc.get('writable_masks') is None else len(doc['writable_masks'])}")
+
+
 def cmd_probe(args) -> int:
     from ..daemon.probe import probe
     backend = _backend(args.sim)
@@ -40,15 +55,9 @@ def cmd_probe(args) -> int:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return EXIT_OK
-    print(f"source: {doc['source']}{' ' + args.sim if args.sim else ''}   arch: {doc['arch']}   "
-          f"kernel: {doc['kernel_release']}   KVM API {doc['api_version']}   ONE_REG: {'yes' if doc['one_reg'] else 'no'}")
-    print("caps: " + ", ".join(f"{k.replace('KVM_CAP_', '')}={v}" for k, v in doc["caps"].items()))
+    print_caps_summary(doc, "this host" if not args.sim else "simulated host")
     if doc["arch"] != "aarch64":
         return EXIT_OK
-    if doc.get("sim_era"):
-        print(f"simulated kernel era: {doc['sim_era']}")
-    print(f"per-CPU MIDR: {', '.join(doc['cpu_midrs']) or 'n/a'}   registers listed: {len(doc['reg_list'])}   "
-          f"writable masks: {'not offered' if doc['writable_masks'] is None else len(doc['writable_masks'])}")
     print(f"{'register':<34} {'id':<20} {'value':<20} {'writable mask':<20} fields")
     for r in doc["registers"]:
         fields = " ".join(f"{k}={v:#x}" for k, v in r["fields"].items() if v)

@@ -122,14 +122,8 @@ def cmd_caps(args) -> int:
     if args.json:
         _dump(doc)
         return EXIT_OK
-    print(f"{args.host or 'daemon'}: {doc.get('source')} {doc.get('profile') or ''}  arch {doc.get('arch')}  "
-          f"kernel {doc.get('kernel_release')}  KVM API {doc.get('api_version')}  "
-          f"ONE_REG {'yes' if doc.get('one_reg', doc.get('caps', {}).get('KVM_CAP_ONE_REG')) else 'no'}")
-    print("caps: " + ", ".join(f"{k.replace('KVM_CAP_', '')}={v}" for k, v in (doc.get("caps") or {}).items()))
-    if doc.get("arch") == "aarch64":
-        print(f"per-CPU MIDR: {', '.join(doc.get('cpu_midrs') or []) or 'n/a'}   registers listed: "
-              f"{len(doc.get('reg_list') or [])}   writable masks: "
-              f"{'not offered' if doc.get('writable_masks') is None else len(doc['writable_masks'])}")
+    from .cli import print_caps_summary
+    print_caps_summary(doc, args.host or "daemon")
     return EXIT_OK
 
 
