@@ -217,9 +217,9 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
                   "BMAP_2 (< 6.15)")
 
     entries = tuple(c.entries)
-    verdicts = {e.verdict for e in entries}
-    migratable = Verdict.REFUSE not in verdicts
-    pinned = Verdict.PIN in verdicts and any(e.verdict is Verdict.PIN and not e.field for e in entries)
+    refuse, pin = Verdict.REFUSE, Verdict.PIN
+    migratable = not any(e.verdict is refuse for e in entries)
+    pinned = any(e.verdict is pin and not e.field for e in entries)
     if pinned:
         c.notes.append("VMM: enable KVM_CAP_ARM_WRITABLE_IMP_ID_REGS (239) on the VM before creating any vCPU")
     visible = tuple(dict.fromkeys(_visible(entries)))
@@ -233,9 +233,19 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
 _ARCH_BYTE = {regid.KVM_REG_ARM64 >> 56: "aarch64", regid.KVM_REG_X86 >> 56: "x86_64"}
 
 
+_LAST_ARCH: list = [None, ""]
+
+
 def vm_arch(vm: VmProfile) -> str:
     """The architecture a VM profile's registers belong to (ONE_REG ids carry it in bits 63:56): "aarch64",
-    "x86_64", "" when the profile lists no register, "mixed" when they disagree."""
+    "x86_64", "" when the profile lists no register, "mixed" when they disagree. Remembered for the last
+    profile, which is planned against many hosts in a row."""
+    if _LAST_ARCH[0] is not vm:
+        _LAST_ARCH[0], _LAST_ARCH[1] = vm, _vm_arch(vm)
+    return _LAST_ARCH[1]
+
+
+def _vm_arch(vm: VmProfile) -> str:
     arches = {r >> 56 for r in vm.reg_list} | {r >> 56 for r, _ in vm.values}
     if not arches:
         return ""
