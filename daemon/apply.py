@@ -83,19 +83,10 @@ READBACK_MAY_DIFFER: dict[int, ReadbackRule] = {
 }
 
 
-def _known_reset() -> dict[int, int | tuple[int, ...]]:
-    cat = catalog()
-    return {
-        regid.fw_bmap(3): 0,                               # KVM_REG_ARM_VENDOR_HYP_BMAP_2 (6.15+)
-        cat.id_of("TCR2_EL1"): 0,                          # FEAT_TCR2 (listed by 6.12, gone in 6.1 / 7.3 profiles)
-        cat.id_of("PIR_EL1"): (0, KVM_RESET_UNKNOWN),      # FEAT_S1PIE: reset_unknown on real 6.12
-        cat.id_of("PIRE0_EL1"): (0, KVM_RESET_UNKNOWN),
-    }
-
-
 def default_drop_if_reset() -> dict[int, int | tuple[int, ...]]:
-    """Registers known to come and go between kernels, with the value a fresh vCPU has (drop when equal)."""
-    return _known_reset()
+    """Registers known to come and go between kernels (protocol/data/drift.tsv), with the values a fresh vCPU
+    may hold (drop when equal)."""
+    return {rid: d.resets for rid, d in catalog().drift.items()}
 
 
 @dataclass(frozen=True)
@@ -413,59 +404,191 @@ def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit
     return vcpus
 
 
+class _Run:
+    """One attempt of apply_vm: setup, then the phases, then the read-back. Each step is synchronous; the
+    per-vCPU steps (phase_vcpu, verify_vcpu) touch one vCPU only, so apply_vm_async runs them in threads."""
+
+    def __init__(self, backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
+                 events: list[ApplyEvent], init: VcpuInit | None, features: Sequence[int] | None,
+                 vm_type: int) -> None:
+        self.backend, self.regsets, self.policy, self.init, self.features = backend, regsets, policy, init, features
+        self.vm_type = vm_type
+        self.indices = sorted(regsets)
+        self.ap = _Applier(policy, events)
+        self.vm: Vm | None = None
+        self.vcpus: dict[int, Vcpu] = {}
+        self.written: dict[int, dict[int, int]] = {i: {} for i in self.indices}
+        self.dropped: dict[int, list[int]] = {i: [] for i in self.indices}
+        feats = init.features if init is not None else (features or ())
+        self.skip = {regid.SVE_VLS} if abi.KVM_ARM_VCPU_SVE in feats else set()
+        self._split: dict[tuple[int, ...], tuple[frozenset, ...]] = {}
+
+    def setup(self) -> None:
+        ap, policy = self.ap, self.policy
+        ap.phase = "setup"
+        try:
+            self.vm = self.backend.create_vm(self.vm_type)
+            if policy.enable_cap239:
+                self.vm.enable_cap(abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS)
+            self.vcpus = _init_vcpus(self.backend, self.vm, self.indices, self.init, self.regsets, self.features)
+        except KvmError as e:
+            raise ApplyError(e.reg_name, e.reg_id, e.errno_name, e.op, e.hint or str(e), phase="setup",
+                             events=ap.events, detail=e.detail) from e
+
+    def _wide_ids(self, ids: tuple[int, ...]) -> frozenset:
+        """The VM-wide registers of a register list (computed once per distinct list: every vCPU repeats it)."""
+        w = self._split.get(ids)
+        if w is None:
+            w = self._split[ids] = frozenset(r for r in ids if vm_wide(r))
+        return w
+
+    def regs_for(self, i: int, want: bool) -> list[tuple[int, int]]:
+        regs = self.regsets[i]
+        wide = self._wide_ids(tuple(r for r, _ in regs))
+        skip = self.skip
+        out = [(r, v) for r, v in regs if (r in wide) == want and r not in skip]
+        if want and self.policy.extra_writes:
+            present = {r for r, _ in regs}
+            out += [(r, v) for r, v in self.policy.extra_writes.items() if r not in present]
+        return out
+
+    def phase_vcpu(self, i: int, want: bool) -> None:
+        w, d = self.ap.batch(self.vcpus[i], self.regs_for(i, want))
+        self.written[i].update(w)
+        self.dropped[i] += d
+
+    def verify_vcpu(self, i: int) -> list[Mismatch]:
+        return _verify({i: self.vcpus[i]}, {i: self.written[i]})
+
+    def result(self, mismatches: list[Mismatch], replays: int) -> ApplyResult:
+        if mismatches:
+            mismatches = _adjusted(mismatches, self.ap.events)
+        return ApplyResult(self.vm, self.vcpus, self.written, self.dropped, self.ap.events, mismatches, replays)
+
+
+def _replay_error(rp: "_Replay", phase: str, events: list[ApplyEvent]) -> ApplyError:
+    r = rp.reg_id
+    return ApplyError(catalog().name(r), r, "EBUSY", "replay on a recreated VM (once)",
+                      "ID registers were frozen again on a fresh VM: something runs a vCPU before "
+                      "apply finishes; check that nothing else uses this VM",
+                      vcpu=rp.vcpu, phase=phase, events=events)
+
+
 def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
              *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
              verify: bool = True) -> ApplyResult:
     """Create a VM on `backend` and apply every vCPU's registers. Raises ApplyError (VM closed).
 
     arm64: vCPUs are initialised with `init`, or with this host's preferred target and `features`
-    (default: PSCI 0.2) when `init` is None. Other architectures need no init.
+    (default: PSCI 0.2) when `init` is None. Other architectures need no init. One thread, vCPU after vCPU
+    (apply_vm_async: the same steps with the per-vCPU work in worker threads).
     """
     events: list[ApplyEvent] = []
     replays = 0
-    indices = sorted(regsets)
     for attempt in (0, 1):
-        vm: Vm | None = None
-        ap = _Applier(policy, events)
+        run = _Run(backend, regsets, policy, events, init, features, vm_type)
         try:
-            ap.phase = "setup"
-            try:
-                vm = backend.create_vm(vm_type)
-                if policy.enable_cap239:
-                    vm.enable_cap(abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS)
-                vcpus = _init_vcpus(backend, vm, indices, init, regsets, features)
-            except KvmError as e:
-                raise ApplyError(e.reg_name, e.reg_id, e.errno_name, e.op, e.hint or str(e), phase="setup",
-                                 events=events, detail=e.detail) from e
-            written: dict[int, dict[int, int]] = {i: {} for i in indices}
-            dropped: dict[int, list[int]] = {i: [] for i in indices}
-            feats = init.features if init is not None else (features or ())
-            skip = {regid.SVE_VLS} if abi.KVM_ARM_VCPU_SVE in feats else set()
+            run.setup()
             for phase, want in (("vm-wide", True), ("state", False)):
-                ap.phase = phase
-                for i in indices:
-                    regs = [(r, v) for r, v in regsets[i] if vm_wide(r) == want and r not in skip]
-                    if want and policy.extra_writes:
-                        present = {r for r, _ in regsets[i]}
-                        regs += [(r, v) for r, v in policy.extra_writes.items() if r not in present]
-                    w, d = ap.batch(vcpus[i], regs)
-                    written[i].update(w)
-                    dropped[i] += d
-            mismatches = _verify(vcpus, written) if verify else []
-            if mismatches:
-                mismatches = _adjusted(mismatches, events)
-            return ApplyResult(vm, vcpus, written, dropped, events, mismatches, replays)
+                run.ap.phase = phase
+                for i in run.indices:
+                    run.phase_vcpu(i, want)
+            mismatches = _verify(run.vcpus, run.written) if verify else []
+            return run.result(mismatches, replays)
         except _Replay as rp:
-            _close_vm(vm)
+            _close_vm(run.vm)
             replays += 1
             if attempt == 1:
-                r = rp.reg_id
-                raise ApplyError(catalog().name(r), r, "EBUSY", "replay on a recreated VM (once)",
-                                 "ID registers were frozen again on a fresh VM: something runs a vCPU before "
-                                 "apply finishes; check that nothing else uses this VM",
-                                 vcpu=rp.vcpu, phase=ap.phase, events=events) from None
+                raise _replay_error(rp, run.ap.phase, events) from None
         except BaseException:
-            _close_vm(vm)
+            _close_vm(run.vm)
+            raise
+    raise AssertionError("unreachable")
+
+
+def threaded(backend: Backend) -> bool:
+    """Whether apply_vm_async spreads vCPUs over worker threads: on the real /dev/kvm binding, whose batch
+    calls release the GIL for the ioctl loop. The simulated host is pure Python (threads bring nothing)."""
+    return getattr(backend, "kind", "") == "kvm"
+
+
+async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
+                         *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
+                         verify: bool = True, limiter=None, threads: bool | None = None) -> ApplyResult:
+    """apply_vm for a trio caller. On the real backend (threaded()), after setup and the whole VM-wide phase
+    (one thread, vCPU after vCPU, ordered before anything else as in apply_vm), the "state" phase and then
+    the read-back run in worker threads (each takes the next vCPU), as many as `limiter` allows (default: a
+    CapacityLimiter of os.cpu_count()): the C batch calls release the GIL during their ioctl loop. The read-back
+    starts only when every vCPU's state phase ended. Same events, retries, EBUSY replay (once, of
+    everything) and errors as apply_vm; with several failing vCPUs the lowest vCPU's error is raised.
+    Elsewhere: apply_vm in one worker thread."""
+    import os
+    import threading
+    from functools import partial
+
+    import trio
+    if not (threaded(backend) if threads is None else threads):
+        return await trio.to_thread.run_sync(
+            lambda: apply_vm(backend, regsets, policy, init=init, features=features, vm_type=vm_type,
+                             verify=verify))
+    limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    events: list[ApplyEvent] = []
+    replays = 0
+
+    async def each(fn, indices):
+        """fn(i) for every vCPU, spread over up to limiter.total_tokens worker threads that each take the next
+        vCPU from a shared list (one thread hand-off per worker, not per vCPU: a vCPU's work is ~0.3 ms, about
+        what a trio thread round-trip costs). -> {i: result}; re-raises the lowest vCPU's failure (an EBUSY
+        replay first); after a failure the workers take no new vCPU."""
+        todo = list(indices)
+        out: dict[int, object] = {}
+        errs: dict[int, Exception] = {}
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if errs or not todo:
+                        return
+                    i = todo.pop(0)
+                try:
+                    out[i] = fn(i)
+                except Exception as e:      # ApplyError / _Replay / KvmError: collected, raised in order
+                    errs[i] = e
+
+        k = max(1, min(len(todo), int(limiter.total_tokens)))
+        async with trio.open_nursery() as n:
+            for _ in range(k):
+                n.start_soon(partial(trio.to_thread.run_sync, worker, limiter=limiter))
+        if errs:
+            replay = next((e for _, e in sorted(errs.items()) if isinstance(e, _Replay)), None)
+            raise replay or errs[min(errs)]
+        return out
+
+    for attempt in (0, 1):
+        run = _Run(backend, regsets, policy, events, init, features, vm_type)
+        try:
+            def serial_part() -> None:
+                run.setup()
+                run.ap.phase = "vm-wide"
+                for i in run.indices:
+                    run.phase_vcpu(i, True)
+                run.ap.phase = "state"
+            await trio.to_thread.run_sync(serial_part, limiter=limiter)
+            await each(lambda i: run.phase_vcpu(i, False), run.indices)
+            mismatches: list[Mismatch] = []
+            if verify:
+                per = await each(run.verify_vcpu, run.indices)
+                for i in run.indices:
+                    mismatches += per[i]
+            return run.result(mismatches, replays)
+        except _Replay as rp:
+            _close_vm(run.vm)
+            replays += 1
+            if attempt == 1:
+                raise _replay_error(rp, run.ap.phase, events) from None
+        except BaseException:
+            _close_vm(run.vm)
             raise
     raise AssertionError("unreachable")
 

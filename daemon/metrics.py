@@ -5,7 +5,7 @@ Families (DESIGN.md "Metrics"):
   invariantd_invariant_overrides_total{register,action}   override-destination | override-plan | drop-reset
   invariantd_plan_verdicts_total{verdict}                 identical | set | override | pin | drop | refuse ...
   invariantd_migrations_total{result}                     committed | aborted | failed | in-doubt ...
-  invariantd_migration_phase_seconds{phase}               histogram: handshake, plan, preflight, stream, apply, commit
+  invariantd_migration_phase_seconds{phase}               histogram: handshake, plan, preflight, read (after the pause), stream, apply, commit
   invariantd_stream_bytes_total{direction}                sent | received (peer protocol bytes)
   invariantd_host_info{kernel,arch,midr,source,...}       constant 1 with the host's identity as labels
 """

@@ -1,9 +1,12 @@
 """The peer data plane: the I/O shell around protocol.session for both roles.
 
-Source (migrate_out): pause the VM -> Hello -> read the destination's Capabilities -> compute the plan ->
-PlanProposal -> PlanAccept -> Preflight -> stream every vCPU's registers in checksummed chunks -> StreamEnd
--> wait for the destination's Commit ("applied and verified") -> release the VM -> Commit.
-Any failure before the destination's Commit resumes the VM here (it stayed paused and intact).
+Source (migrate_out), the VM still running: Hello -> read the destination's Capabilities -> read the VM
+profile (first vCPU's registers, drift registers) -> compute the plan -> PlanProposal -> PlanAccept ->
+Preflight. Only then the blackout: pause the VM -> read every vCPU's registers -> check that the VM profile
+the plan was computed from is unchanged (ID / imp-ID / cache / FW registers are frozen once a vCPU has run;
+anything else changed aborts cleanly, the VM resumes) -> stream in checksummed chunks -> StreamEnd -> wait
+for the destination's Commit ("applied and verified") -> release the VM -> Commit.
+Any failure before the destination's Commit leaves the VM running here (resumed if it was paused).
 
 Destination (handle_incoming): Hello -> Capabilities -> check the plan (digest echoed in PlanAccept) ->
 Preflight (trial apply of the VM-wide registers on a scratch VM) -> receive chunks -> apply (apply.py) and
@@ -39,11 +42,11 @@ from ..protocol.framing import Limits
 from ..protocol.negotiate import negotiate, plan_digest
 from ..protocol.policy import Policy, default_policy
 from . import probe
-from .apply import ApplyError, apply_vm, plan_deviations, policy_from_plan, read_vm, vm_wide
-from .kvm.backend import Backend
+from .apply import ApplyError, apply_vm, apply_vm_async, plan_deviations, policy_from_plan, read_vm, vm_wide
+from .kvm.backend import Backend, Vcpu
 from .kvm.errors import KvmError
 from .metrics import Metrics
-from .vms import ManagedVm, VmRegistry, VmState
+from .vms import ManagedVm, VmRegistry, VmState, VmStateError
 
 log = logging.getLogger("invariantd.peer")
 
@@ -116,6 +119,55 @@ def vm_profile(vm_id: str, init, regsets: Mapping[int, Sequence[tuple[int, int]]
         midrs, kernel = (), ""
     return S.VmProfile(name=vm_id, revision=1, features=_feature_names(init), values=tuple(sorted(values.items())),
                        reg_list=tuple(r for r, _ in first), seen_midrs=midrs, source_kernel=kernel)
+
+
+def profile_view(regsets: Mapping[int, Sequence[tuple[int, int]]], policy: Policy) -> dict[int, list]:
+    """The part of a VM's register sets vm_profile reads: the first vCPU's whole set, the drift registers of
+    the others (the same profile as from the whole sets)."""
+    first = min(regsets)
+    drift = frozenset(policy.drift)
+    return {i: list(regs) if i == first else [(r, v) for r, v in regs if r in drift]
+            for i, regs in regsets.items()}
+
+
+def profile_regsets(vcpus: Mapping[int, Vcpu], policy: Policy) -> dict[int, list[tuple[int, int]]]:
+    """Read what vm_profile needs, no more (the VM may still run): the first vCPU's whole register set and
+    the drift registers each other vCPU lists. Equals profile_view(read_vm(vcpus), policy)."""
+    first = min(vcpus)
+    out = read_vm({first: vcpus[first]})
+    drift = frozenset(policy.drift)
+    if drift:
+        for i, v in sorted(vcpus.items()):
+            if i != first:
+                ids = [r for r in v.reg_list() if r in drift]
+                out[i] = read_vm({i: v}, ids)[i] if ids else []
+    else:
+        out.update({i: [] for i in vcpus if i != first})
+    return out
+
+
+def profile_changes(before: S.VmProfile, after: S.VmProfile, limit: int = 16) -> list[str]:
+    """What differs between the VM profile the plan was computed from (VM running) and the paused VM's:
+    ID / imp-ID / cache / FW values (frozen once a vCPU ran, so normally nothing), drift registers, the
+    register list, the vCPU features. Empty when the plan still describes the VM."""
+    if before == after:
+        return []
+    cat = catalog()
+    out = []
+    if before.features != after.features:
+        out.append(f"vCPU features {list(before.features)} -> {list(after.features)}")
+    if before.reg_list != after.reg_list:
+        gone, new = set(before.reg_list) - set(after.reg_list), set(after.reg_list) - set(before.reg_list)
+        out.append(f"register list changed ({len(gone)} gone, {len(new)} new"
+                   + (f": {', '.join(cat.name(r) for r in sorted(gone | new)[:8])}" if gone | new else "") + ")")
+    a, b = dict(before.values), dict(after.values)
+    for r in sorted(set(a) | set(b)):
+        if a.get(r) != b.get(r):
+            fmt = lambda x: "absent" if x is None else f"{x:#x}"         # noqa: E731
+            out.append(f"{cat.name(r)}: {fmt(a.get(r))} at plan time, {fmt(b.get(r))} after the pause")
+            if len(out) >= limit:
+                break
+    return out or ["the VM profile differs (seen MIDRs / kernel)"]
 
 
 def refusal_reasons(plan: S.Plan, limit: int = 40) -> str:
@@ -365,9 +417,13 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
     conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits), metrics)
     m = metrics or Metrics()
     pol = policy or default_policy()
-    mvm.pause()
-    released = False
+    if not mvm.runnable:
+        raise VmStateError(f"VM {vm_id}: cannot migrate out while {mvm.state.value} (only a running VM can)")
+    paused = released = False
     try:
+        # Handshake, plan agreement and the destination's pre-flight run while the VM still runs: the plan
+        # depends on ID / imp-ID / cache / FW values (frozen once a vCPU has run) and the drift registers;
+        # after the pause they are read again and must be unchanged (else abort, the VM keeps running).
         with m.phase("handshake"), trio.fail_after(cfg.handshake_timeout):
             await conn.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.SOURCE, cfg.node))
             await conn.expect(ps.Hello)
@@ -375,29 +431,39 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
         dest = decode_caps(caps_ev)
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
             try:
-                regsets = read_vm(mvm.vcpus)
+                pregs = profile_regsets(mvm.vcpus, pol)
             except KvmError as e:
                 raise PeerError("vm", f"cannot read the source VM: {e}") from None
-            vm = vm_profile(vm_id, mvm.init, regsets, registry.backend, pol)
+            vm = vm_profile(vm_id, mvm.init, pregs, registry.backend, pol)
             plan = (planner or negotiate)(vm, dest, pol)
             m.record_verdicts(e.verdict.value for e in plan.entries if not e.field)
             if on_plan is not None:
                 on_plan(plan)
             if not plan.migratable:
                 raise PeerError("plan", f"plan refused for {dest.name}: {refusal_reasons(plan)}")
-            prop = ps.PlanProposal(mid, vm_id, len(regsets), PLAN_FORMAT, S.plan_to_bytes(plan), plan.digest,
+            prop = ps.PlanProposal(mid, vm_id, len(mvm.vcpus), PLAN_FORMAT, S.plan_to_bytes(plan), plan.digest,
                                    S.vm_to_bytes(vm))
             await conn.send(prop)
-            # encode and checksum every chunk now, while the destination checks the plan and pre-flights
-            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum,
-                                  conn.session.version or 1, cfg.chunk_bytes))
-            for c in chunks:
-                ps.encode(c)                # cached on the chunk: the stream phase only writes
             await conn.expect(ps.PlanAccept)
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
             pf = await conn.expect(ps.Preflight)
         if not pf.ok:
             raise PeerError("preflight", f"destination refused the plan in pre-flight: {pf.detail}")
+        # --- blackout starts: the VM is runnable nowhere until the destination commits or we resume it
+        with m.phase("read"), trio.fail_after(cfg.phase_timeout):
+            mvm.pause()
+            paused = True
+            try:
+                regsets = read_vm(mvm.vcpus)
+            except KvmError as e:
+                raise PeerError("vm", f"cannot read the paused source VM: {e}") from None
+            changed = profile_changes(vm, vm_profile(vm_id, mvm.init, profile_view(regsets, pol),
+                                                     registry.backend, pol))
+            if changed:
+                raise PeerError("vm", "the VM changed between plan and pause (the plan no longer describes it; "
+                                      "migrate again): " + "; ".join(changed))
+            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum,
+                                  conn.session.version or 1, cfg.chunk_bytes))
         with m.phase("stream"):
             batch = max(1, cfg.send_batch_bytes)
             i = 0
@@ -430,11 +496,13 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
     except BaseException as e:
         if released:
             raise
-        mvm.resume()                   # the VM never left: keep running here
+        if paused:
+            mvm.resume()               # the VM never left: keep running here
         err = _wrap(e)
         await conn.abort_quietly(str(err or e), err.kind if err else "source")
         m.migration("aborted")
-        log.warning("migration %s of %s aborted, VM resumed here: %s", mid, vm_id, err or repr(e))
+        log.warning("migration %s of %s aborted, VM %s here: %s", mid, vm_id,
+                    "resumed" if paused else "kept running (never paused)", err or repr(e))
         if err is not None and err is not e:
             raise err from e
         raise
@@ -527,8 +595,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             if bad:
                 raise PeerError("apply", "the streamed registers are not the VM the plan was computed for: "
                                 + "; ".join(bad))
-            res = await trio.to_thread.run_sync(
-                lambda: apply_vm(backend, regsets, apply_policy, features=feats))
+            res = await apply_vm_async(backend, regsets, apply_policy, features=feats)   # threads on real KVM
             counted, adjusted = apply_report(res.events)
             m.record_apply_events(counted)
             for ev in adjusted:
