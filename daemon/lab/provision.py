@@ -36,9 +36,9 @@ HOST_COMMANDS = ("qemu-system-aarch64", "cpio", "xz", "zstd", "mke2fs", "mmdebst
 #: Guest modules (plus their dependencies) for the 9p/virtio shares; built-ins are skipped.
 GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
 
-ROOTFS_PACKAGES = ("python3", "python3-cffi", "libc-bin")
+ROOTFS_PACKAGES = ("python3", "python3-cffi", "libc-bin", "libstdc++6")  # libstdc++6: pycapnp's C++ core
 ROOTFS_SUITE = "bookworm"
-ROOTFS_LAYOUT = "1"           # bump to force a rebuild of cached rootfs trees
+ROOTFS_LAYOUT = "2"           # bump to force a rebuild of cached rootfs trees
 REFRESH_AFTER = 7 * 86400     # re-resolve the archive's newest kernels after this many seconds
 
 SUITES = ("bookworm", "bookworm-updates", "trixie", "trixie-updates", "trixie-backports", "sid")
@@ -412,6 +412,57 @@ def _provision_rootfs() -> None:
         tmp.rename(dest)
 
 
+# --------------------------------------------------------------------------- guest Python packages
+
+GUEST_PLATFORMS = ("manylinux_2_36_aarch64", "manylinux_2_34_aarch64", "manylinux_2_28_aarch64",
+                   "manylinux_2_17_aarch64", "manylinux2014_aarch64")    # bookworm arm64: glibc 2.36
+
+
+def runtime_requirements() -> list[str]:
+    """The project's runtime dependencies (pyproject [project] dependencies, no extras)."""
+    from importlib.metadata import PackageNotFoundError, requires
+    try:
+        reqs = requires("invariantd") or []
+    except PackageNotFoundError:
+        raise LabUnavailable("invariantd is not installed (pip install -e .): the guest's Python packages "
+                             "come from its declared dependencies") from None
+    return sorted(r for r in reqs if "extra ==" not in r)
+
+
+def guest_site_dir() -> Path:
+    return rootfs_dir() / "usr/local/lib/python3.11/dist-packages"
+
+
+def _provision_guest_packages() -> None:
+    """The project's runtime dependencies as aarch64 cp311 wheels from PyPI, unpacked into the guest rootfs
+    (Debian's python3 searches /usr/local/lib/python3.11/dist-packages first). Redone when the list changes."""
+    reqs = runtime_requirements()
+    stamp = rootfs_dir() / ".ivd-pydeps"
+    want = "\n".join(reqs) + "\n"
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    site = guest_site_dir()
+    with phase("provision.guest_packages"):
+        tmp = site.with_name(f".dist-packages-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
+               "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
+               "--abi", "none", "--target", str(tmp)]
+        for plat in GUEST_PLATFORMS:
+            cmd += ["--platform", plat]
+        cp = run(cmd + reqs, check=False, timeout=900)
+        if cp.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = "\n".join(cp.stdout.splitlines()[-15:])
+            raise LabUnavailable(f"pip could not fetch aarch64 wheels for {' '.join(reqs)}:\n{tail}")
+        shutil.rmtree(site, ignore_errors=True)
+        site.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(site)
+        run([sys.executable, "-m", "compileall", "-q", "-j0", "-s", str(rootfs_dir()), "-p", "/", str(site)],
+            check=False)
+        stamp.write_text(want)
+
+
 # --------------------------------------------------------------------------- initramfs
 
 def _modcat(path: Path) -> bytes:
@@ -537,6 +588,7 @@ def provision(kernels=None, *, refresh: bool = False) -> dict[str, dict]:
             with phase("provision.kernels"):
                 _provision_kernels(keys, refresh)
             _provision_rootfs()
+            _provision_guest_packages()
             for k in keys:
                 build_initrd(k)
     return versions()

@@ -71,3 +71,13 @@ def test_batch_lib_cross_compiled_and_loadable(provisioned, tmp_path):
 def test_guest_failure_is_reported_with_log_tail(provisioned):
     with pytest.raises(lab.LabError, match="last 40 lines"):
         lab.run_in_guest(KERNEL, "no-such-cpu-model", ["-c", "pass"], timeout=60)
+
+
+def test_guest_has_the_projects_dependencies(provisioned):
+    """The guest userland carries the project's runtime dependencies (aarch64 wheels), so the daemon imports there."""
+    code = ("import trio, capnp, prometheus_client, cryptography, cffi, platform; "
+            "import invariantd.daemon.server, invariantd.daemon.rpc, invariantd.protocol.negotiate; "
+            "print(platform.machine(), cffi.__version__ >= '1.16', 'ok')")
+    r = lab.run_in_guest(KERNEL, CPU, ["-c", code], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["aarch64", "True", "ok"]
