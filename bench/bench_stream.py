@@ -108,9 +108,9 @@ _marks: dict[str, float] = {}
 def _mark_first_write() -> None:
     orig = peer_mod.Conn.send_many
 
-    async def send_many(self, events, batch_bytes=256 * 1024):
+    async def send_many(self, events, batch_bytes=256 * 1024, timeout=None):
         _marks.setdefault("first_write", time.perf_counter())
-        await orig(self, events, batch_bytes)
+        await orig(self, events, batch_bytes, timeout)
     peer_mod.Conn.send_many = send_many
 
 

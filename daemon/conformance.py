@@ -93,6 +93,8 @@ def generate(doc: dict) -> list[Case]:
     lowered = aes.put(cur, aes.get(cur) - 1) if aes.get(cur) > 0 else cur
     cases.append(Case("after-run/isar0-lowered", "frozen", [("set", isar0, lowered), ("get", isar0)], run_first=True))
     cases.append(Case("after-run/isar0-same", "frozen", [("set", isar0, cur)], run_first=True))
+    pfr0, pfr1 = cat.id_of("ID_AA64PFR0_EL1"), cat.id_of("ID_PFR1_EL1")
+    cases.append(Case("after-run/gic-fields", "frozen", [("get", pfr0), ("get", pfr1)], run_first=True))
     for rid in sorted(listed):
         g = regid.decode(rid).group
         name = cat.name(rid)

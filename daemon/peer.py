@@ -236,24 +236,30 @@ class Conn:
         if self.metrics:
             self.metrics.stream("sent", len(data))
 
-    async def send_many(self, events, batch_bytes: int = 256 * 1024) -> None:
-        """Several events, coalesced into writes of about batch_bytes (one TLS write per batch, not per event;
-        an event that fills a batch alone is written as is, without a joined copy)."""
-        buf: list[bytes] = []
+    async def send_many(self, events, batch_bytes: int = 256 * 1024, timeout: float | None = None) -> None:
+        """Several events, coalesced into writes of at most batch_bytes (an event larger than that alone):
+        one TLS write per batch, one copy of the events' bytes (their pieces joined straight into the batch).
+        timeout: seconds each write may take (a stalled peer is noticed per batch, not per stream)."""
+        buf: list = []
         size = 0
         for ev in events:
-            data = self.session.send(ev)
-            buf.append(data)
-            size += len(data)
-            if size >= batch_bytes:
-                await self._write(buf[0] if len(buf) == 1 else b"".join(buf))
+            parts = self.session.send_parts(ev)
+            n = sum(map(len, parts))
+            if buf and size + n > batch_bytes:
+                await self._write(b"".join(buf), timeout)
                 buf, size = [], 0
+            buf.extend(parts)
+            size += n
         if buf:
-            await self._write(buf[0] if len(buf) == 1 else b"".join(buf))
+            await self._write(b"".join(buf), timeout)
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes, timeout: float | None = None) -> None:
         try:
-            await self.stream.send_all(data)
+            if timeout is None:
+                await self.stream.send_all(data)
+            else:
+                with trio.fail_after(timeout):
+                    await self.stream.send_all(data)
         except BaseException:
             self.session.send_failed()
             raise
@@ -465,16 +471,7 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum,
                                   conn.session.version or 1, cfg.chunk_bytes))
         with m.phase("stream"):
-            batch = max(1, cfg.send_batch_bytes)
-            i = 0
-            while i < len(chunks):          # fail_after per batch: a stalled peer is noticed per ~batch_bytes
-                j, size = i, 0
-                while j < len(chunks) and size < batch:
-                    size += len(chunks[j].wire)
-                    j += 1
-                with trio.fail_after(cfg.phase_timeout):
-                    await conn.send_many(chunks[i:j], batch)
-                i = j
+            await conn.send_many(chunks, max(1, cfg.send_batch_bytes), cfg.phase_timeout)
             end = conn.session.stream_end()
             await conn.send(end)
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):

@@ -30,52 +30,105 @@ def header_size(nseg: int) -> int:
 
 
 class FrameDecoder:
-    """Bytes in, whole frames out. next_frame() -> bytes | None (need more); raises RemoteProtocolError."""
+    """Bytes in, whole frames out. next_frame() -> bytes | None (need more); raises RemoteProtocolError.
+
+    Received pieces are kept as they came (a TLS record each, typically 16 KiB) and joined once per complete
+    frame: no buffer growth, compaction or re-slicing per piece. The segment table is read once, as soon as its
+    bytes are in; until the frame is complete a piece costs an append and a comparison."""
 
     def __init__(self, limits: Limits = Limits()) -> None:
         self.limits = limits
-        self._buf = bytearray()
-        self._pos = 0
-        self._need = 4            # bytes (from _pos) before the next frame can be complete: no re-parse until then
+        self._parts: list[bytes] = []   # pieces not yet (wholly) returned; _parts[0] from offset _off
+        self._off = 0
+        self._have = 0                  # pending bytes: sum(len(p) for p in _parts) - _off
+        self._need = 4                  # pending bytes before next_frame() has anything new to look at
+        self._frame = 0                 # the current frame's size once its segment table was read, else 0
+        self._table = 0                 # its segment-table size (header without the padding)
 
-    def feed(self, data: bytes) -> None:
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += data
+    def feed(self, data) -> None:
+        if not data:
+            return
+        if type(data) is not bytes:     # a caller's bytearray / memoryview may change after feed(): keep a copy
+            data = bytes(data)
+        self._parts.append(data)
+        self._have += len(data)
 
     @property
     def pending(self) -> int:
         """Bytes buffered that are not yet part of a returned frame."""
-        return len(self._buf) - self._pos
+        return self._have
+
+    def _peek(self, n: int) -> bytes | memoryview:
+        """The first n pending bytes (n <= pending); joined only when they span pieces."""
+        first, off = self._parts[0], self._off
+        if len(first) - off >= n:
+            return memoryview(first)[off:off + n]
+        out, k = [], 0
+        for p in self._parts:
+            mv = memoryview(p)[off:off + n - k]
+            out.append(mv)
+            k += len(mv)
+            off = 0
+            if k >= n:
+                break
+        return b"".join(out)
+
+    def _take(self, n: int) -> bytes:
+        """Remove and return the first n pending bytes (n <= pending): one copy at most."""
+        parts, off = self._parts, self._off
+        first = parts[0]
+        if off == 0 and len(first) == n:
+            parts.pop(0)
+            out = first
+        elif len(first) - off >= n:
+            out = first[off:off + n]
+            if len(first) - off == n:
+                parts.pop(0)
+                off = 0
+            else:
+                off += n
+        else:
+            pieces, k, i = [], 0, 0
+            while k < n:
+                p = parts[i]
+                m = min(len(p) - off, n - k)
+                pieces.append(memoryview(p)[off:off + m] if off or m < len(p) else p)
+                k += m
+                off = off + m if m < len(p) - off else 0
+                if off == 0:
+                    i += 1
+            del parts[:i]
+            out = b"".join(pieces)
+        self._off = off
+        self._have -= n
+        return out
 
     def next_frame(self) -> bytes | None:
-        buf, pos, lim = self._buf, self._pos, self.limits
-        avail = len(buf) - pos
-        if avail < self._need:
+        if self._have < self._need:
             return None
-        nseg = struct.unpack_from("<I", buf, pos)[0] + 1
-        if nseg > lim.max_segments:
-            raise RemoteProtocolError(f"frame declares {nseg} segments; the limit is {lim.max_segments}",
-                                      "too-many-segments")
-        hdr = header_size(nseg)
-        if avail < 4 + 4 * nseg:
-            self._need = 4 + 4 * nseg
-            return None
-        sizes = struct.unpack_from(f"<{nseg}I", buf, pos + 4)
-        total = hdr + 8 * sum(sizes)
-        if total > lim.max_frame_bytes:
-            raise RemoteProtocolError(f"frame declares {total} bytes ({nseg} segments of {list(sizes)[:8]} words); "
-                                      f"the limit is {lim.max_frame_bytes}", "frame-too-large")
-        if sizes[0] == 0:
-            raise RemoteProtocolError("frame's first segment is empty: no root pointer", "malformed-frame")
-        if avail < total:
-            self._need = total
-            return None
-        if hdr > 4 + 4 * nseg and any(buf[pos + 4 + 4 * nseg:pos + hdr]):
+        lim = self.limits
+        if not self._frame:
+            nseg = struct.unpack_from("<I", self._peek(4))[0] + 1
+            if nseg > lim.max_segments:
+                raise RemoteProtocolError(f"frame declares {nseg} segments; the limit is {lim.max_segments}",
+                                          "too-many-segments")
+            table = 4 + 4 * nseg
+            if self._have < table:
+                self._need = table
+                return None
+            sizes = struct.unpack_from(f"<{nseg}I", self._peek(table), 4)
+            total = header_size(nseg) + 8 * sum(sizes)
+            if total > lim.max_frame_bytes:
+                raise RemoteProtocolError(f"frame declares {total} bytes ({nseg} segments of {list(sizes)[:8]} "
+                                          f"words); the limit is {lim.max_frame_bytes}", "frame-too-large")
+            if sizes[0] == 0:
+                raise RemoteProtocolError("frame's first segment is empty: no root pointer", "malformed-frame")
+            self._frame, self._table, self._need = total, table, total
+            if self._have < total:
+                return None
+        total, table = self._frame, self._table
+        frame = self._take(total)
+        self._frame, self._need = 0, 4
+        if table & 7 and any(frame[table:table + 4]):
             raise RemoteProtocolError("segment-table padding is not zero", "malformed-frame")
-        with memoryview(buf) as mv:
-            frame = bytes(mv[pos:pos + total])          # one copy (a bytearray slice would copy twice)
-        self._pos = pos + total
-        self._need = 4
         return frame

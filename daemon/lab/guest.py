@@ -30,6 +30,7 @@ GUEST_PYTHONPATH = f"{GUEST_ROOT}/run/pkg"
 GUEST_SOURCE = f"{GUEST_ROOT}/src"
 GUEST_BATCH_LIB = f"{GUEST_ROOT}/run/lib/libivdbatch.so"
 GUEST_PYTHON = "/usr/bin/python3"
+GUEST_JOB_DIR = f"{GUEST_ROOT}/job"      # input files appear here as in.<name>
 KEEP_LOGS = 100
 
 
@@ -113,12 +114,14 @@ _MARK = re.compile(r"@@IVD (\w+) (.*?) ?@@")
 def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
                       env: dict | None = None, kvm_mode: str | None = None,
                       batch_source: os.PathLike | str | None = None,
-                      smp: int = 2, memory_mb: int = 1024) -> list[GuestResult]:
+                      smp: int = 2, memory_mb: int = 1024,
+                      files: dict[str, bytes] | None = None) -> list[GuestResult]:
     """Boot kernel `kernel_key` on QEMU `-cpu cpu` once and run `python3 *argv` for each argv,
     in order, in the guest. Returns one GuestResult per argv.
 
     env: extra environment for the guest programs. kvm_mode: kvm-arm.mode= (nvhe, protected...).
     batch_source: C file to cross-compile as libivdbatch.so (default daemon/kvm/batch.c).
+    files: name -> bytes, readable by the guest programs as GUEST_JOB_DIR/name (inputs for the run).
     Raises LabError when the guest does not report every command (log tail in the message)."""
     argvs = [list(map(str, a)) for a in argvs]
     if not argvs:
@@ -151,6 +154,10 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
             shutil.copy2(lib, job / "libivdbatch.so")
             genv["INVARIANTD_BATCH_LIB"] = GUEST_BATCH_LIB
         genv.update({k: str(v) for k, v in (env or {}).items()})
+        for name, data in (files or {}).items():
+            if "/" in name or name.startswith(("cmd.", ".")):
+                raise LabError(f"guest input file name {name!r} is not a plain file name")
+            (job / f"in.{name}").write_bytes(data)
         envs = " ".join(shlex.quote(f"{k}={v}") for k, v in genv.items())
         for i, argv in enumerate(argvs):
             (job / f"cmd.{i}").write_text(

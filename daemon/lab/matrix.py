@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..conformance import compare, run_suite
 from ..sim.host import SimHost, era_for
-from . import run_many_in_guest
+from . import LabError, run_in_guest, run_many_in_guest
 
 # profile name -> QEMU -cpu model (one row per CPU model; the profile file is NAME@<kernel major.minor>.json)
 MODELS = {
@@ -96,3 +96,23 @@ def comparable(doc: dict) -> dict:
     d = {k: v for k, v in doc.items() if k not in ("kernel_release", "errors", "registers")}
     d["values"] = {k: v for k, v in doc["values"].items() if k not in VOLATILE}
     return d
+
+
+CAPTURE = ["-m", "invariantd.daemon.vmstate", "capture", "--vcpus", "2"]
+RESTORE = ["-m", "invariantd.daemon.vmstate", "restore", "/opt/ivd/job/in.state.json", "--json"]
+
+
+def cross_restore(src: tuple[str, str], dst: tuple[str, str]) -> tuple[int, dict]:
+    """Capture a 2-vCPU VM (run once) on real kernel+CPU `src`, restore it on real kernel+CPU `dst`:
+    plan against the destination kernel's own capabilities, apply with the retry, read back.
+    Returns (the restore's exit code, its report)."""
+    cap = run_in_guest(src[0], MODELS[src[1]], CAPTURE)
+    if cap.returncode != 0:
+        raise LabError(_failed(cap, f"capture on {src}"))
+    res = run_many_in_guest(dst[0], MODELS[dst[1]], [RESTORE], files={"state.json": cap.stdout.encode()})[0]
+    if res.returncode not in (0, 3, 5):
+        raise LabError(_failed(res, f"restore on {dst}"))
+    report = json.loads(res.stdout)
+    report["source"]["kernel_release"], report["destination"]["kernel_release"] = \
+        cap.kernel_release, res.kernel_release
+    return res.returncode, report

@@ -47,6 +47,7 @@ class Era:
     clidr: str
     legacy_writable: tuple[str, ...]
     cap239_before_vcpu: bool = True
+    first_run_clears: tuple[str, ...] = ()
 
 
 def _errno(name: str) -> int:
@@ -61,7 +62,8 @@ def eras() -> dict[str, Era]:
                             None if r["to"] == "-" else _ver(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
                             r["imp_id"], _errno(r["invariant_errno"]), r["clidr"],
                             tuple(x for x in r["legacy_writable"].split(";") if x),
-                            r["cap239_order"] == "before_vcpu")
+                            r["cap239_order"] == "before_vcpu",
+                            tuple(x for x in r["first_run_clears"].split(";") if x))
     return out
 
 
@@ -274,6 +276,14 @@ class SimVcpu:
             raise KvmError("KVM_RUN", E.ENOEXEC)
         if _SVE_FEATURE in self.features and not self.finalized:
             raise KvmError("KVM_RUN", E.EPERM, detail="SVE not finalized")
+        if not self.vm.has_ran:
+            cat = self.vm.host.catalog
+            for spec in self.vm.host.era.first_run_clears:     # no in-kernel GIC: KVM hides it at first run
+                reg, fname = spec.split(".")
+                f = next(x for x in cat.fields_of(reg) if x.name == fname)
+                rid = cat.id_of(reg)
+                if self.vm.vm_values is not None and rid in self.vm.vm_values:
+                    self.vm.vm_values[rid] = f.put(self.vm.vm_values[rid], 0)
         self.vm.has_ran = True
         return "mmio"
 

@@ -1,0 +1,63 @@
+"""Migration between real arm64 kernels and CPU revisions, without the network: a 2-vCPU VM captured (after
+one KVM_RUN) on one real kernel+CPU is planned against and applied on another real kernel+CPU, with the
+errno-aware retry and a full read-back (daemon/vmstate.py). The simulated host can only agree with this.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from invariantd.daemon import lab
+from invariantd.daemon.lab.matrix import cross_restore
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def provisioned():
+    try:
+        return lab.provision(["6.1", "6.12", "7.x"])
+    except lab.LabUnavailable as e:
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"arm64 KVM lab unavailable under CI: {e}")
+        pytest.skip(f"arm64 KVM lab unavailable: {e}")
+
+
+def changed(report):
+    return {(e["register"], e["field"]): e["verdict"] for e in report["plan"]["entries"] if e["verdict"] != "identical"}
+
+
+def actions(report):
+    return sorted({(e["register"], e["errno"], e["action"]) for e in report.get("events", [])})
+
+
+def test_next_revision_older_to_newer_kernel_pins_midr(provisioned):
+    code, rep = cross_restore(("6.12", "cortex-a72-r0p3"), ("7.x", "cortex-a72-r0p4"))
+    assert code == 0, rep.get("error") or rep.get("mismatches")
+    ch = changed(rep)
+    assert ch[("MIDR_EL1", "")] == "pin"
+    assert {ch[(r, "")] for r in ("TCR2_EL1", "PIR_EL1", "PIRE0_EL1")} == {"drop"}
+    assert ("PIR_EL1", "ENOENT", "drop-reset") in actions(rep)
+    assert rep["mismatches"] == [] and rep["deviations"] == []
+
+
+def test_next_revision_on_6_1_overrides_midr_via_einval(provisioned):
+    code, rep = cross_restore(("6.1", "cortex-a72-r0p3"), ("6.1", "cortex-a72-r0p4"))
+    assert code == 0, rep.get("error") or rep.get("mismatches")
+    assert changed(rep)[("MIDR_EL1", "")] == "override"
+    assert ("MIDR_EL1", "EINVAL", "override-plan") in actions(rep) or \
+           ("MIDR_EL1", "EINVAL", "override-destination") in actions(rep), actions(rep)
+
+
+def test_next_revision_on_6_12_overrides_midr(provisioned):
+    code, rep = cross_restore(("6.12", "cortex-a72-r0p3"), ("6.12", "cortex-a72-r1p0"))
+    assert code == 0, rep.get("error") or rep.get("mismatches")
+    assert changed(rep)[("MIDR_EL1", "")] == "override"
+
+
+def test_other_part_is_refused_before_anything_is_applied(provisioned):
+    code, rep = cross_restore(("7.x", "cortex-a72-r0p3"), ("7.x", "neoverse-n1"))
+    assert code == 3
+    assert "registers" not in rep and "events" not in rep
+    assert not rep["plan"]["migratable"]
