@@ -30,7 +30,8 @@ def header_size(nseg: int) -> int:
 
 
 class FrameDecoder:
-    """Bytes in, whole frames out. next_frame() -> bytes | None (need more); raises RemoteProtocolError.
+    """Bytes in, whole frames out. next_frame() -> bytes (a read-only memoryview after reserve()) | None (need
+    more); raises RemoteProtocolError.
 
     Received pieces are kept as they came (a TLS record each, typically 16 KiB) and joined once per complete
     frame: no buffer growth, compaction or re-slicing per piece. The segment table is read once, as soon as its
@@ -44,6 +45,9 @@ class FrameDecoder:
         self._need = 4                  # pending bytes before next_frame() has anything new to look at
         self._frame = 0                 # the current frame's size once its segment table was read, else 0
         self._table = 0                 # its segment-table size (header without the padding)
+        self._arena: bytearray | None = None       # see reserve()
+        self._arena_mv: memoryview | None = None
+        self._arena_pos = 0
 
     def feed(self, data) -> None:
         if not data:
@@ -73,20 +77,36 @@ class FrameDecoder:
                 break
         return b"".join(out)
 
-    def _take(self, n: int) -> bytes:
+    def reserve(self, nbytes: int) -> None:
+        """Copy the next frames (about nbytes of them) into memory allocated and touched now: the caller knows
+        a stream is coming and calls this before it starts, so no page of it is first touched (faulted in)
+        while the frames arrive. Those frames are then read-only memoryviews of that memory (which lives as
+        long as any of them); frames beyond nbytes are joined as usual. reserve(0) drops the reservation."""
+        self._arena = self._arena_mv = None
+        self._arena_pos = 0
+        if nbytes > 0:
+            arena = bytearray(nbytes)
+            arena[::4096] = b"\1" * len(range(0, nbytes, 4096))     # every page touched here
+            self._arena, self._arena_mv = arena, memoryview(arena)
+
+    def _take(self, n: int):
         """Remove and return the first n pending bytes (n <= pending): one copy at most."""
         parts, off = self._parts, self._off
         first = parts[0]
-        if off == 0 and len(first) == n:
-            parts.pop(0)
-            out = first
-        elif len(first) - off >= n:
-            out = first[off:off + n]
-            if len(first) - off == n:
+        arena = self._arena_mv
+        if arena is not None and self._arena_pos + n > len(arena):
+            arena = self._arena = self._arena_mv = None        # used up: later frames are joined
+        if arena is None and len(first) - off >= n:
+            if off == 0 and len(first) == n:
                 parts.pop(0)
-                off = 0
+                out = first
             else:
-                off += n
+                out = first[off:off + n]
+                if len(first) - off == n:
+                    parts.pop(0)
+                    off = 0
+                else:
+                    off += n
         else:
             pieces, k, i = [], 0, 0
             while k < n:
@@ -98,12 +118,20 @@ class FrameDecoder:
                 if off == 0:
                     i += 1
             del parts[:i]
-            out = b"".join(pieces)
+            if arena is None:
+                out = b"".join(pieces)
+            else:
+                pos = start = self._arena_pos
+                for piece in pieces:
+                    arena[pos:pos + len(piece)] = piece
+                    pos += len(piece)
+                self._arena_pos = pos
+                out = arena[start:pos].toreadonly()
         self._off = off
         self._have -= n
         return out
 
-    def next_frame(self) -> bytes | None:
+    def next_frame(self) -> bytes | memoryview | None:
         if self._have < self._need:
             return None
         lim = self.limits

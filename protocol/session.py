@@ -224,7 +224,7 @@ class VcpuChunk:
     vcpu: int
     chunk: int
     reg_ids: tuple[int, ...]
-    values: bytes
+    values: bytes                 # received chunks: a read-only memoryview of the frame (bytes-like, no copy)
     checksum_kind: str = "crc32"
     checksum: bytes = b""         # computed when left empty
     ids_le: bytes = field(default=b"", repr=False, compare=False)
@@ -232,28 +232,37 @@ class VcpuChunk:
     wire: bytes = field(default=b"", repr=False, compare=False)    # the encoded frame, once encode() ran
 
     def __post_init__(self) -> None:
-        _text(self.vm_id, "VcpuChunk.vm_id", 256)
-        _u32(self.vcpu, "VcpuChunk.vcpu")
-        _u32(self.chunk, "VcpuChunk.chunk")
-        _u32(self.count, "VcpuChunk.count")
-        _need(self.checksum_kind in CHECKSUMS, f"VcpuChunk.checksum_kind {self.checksum_kind!r} unknown")
-        _need(isinstance(self.values, bytes), "VcpuChunk.values must be bytes")
+        # the stream's hot path (once per chunk, both ends): messages are formatted only when a check fails
+        vm_id, vcpu, chunk, count, values = self.vm_id, self.vcpu, self.chunk, self.count, self.values
+        if not (type(vm_id) is str and len(vm_id) <= 256):
+            _text(vm_id, "VcpuChunk.vm_id", 256)
+        if not (type(vcpu) is int and type(chunk) is int and type(count) is int
+                and 0 <= vcpu < 1 << 32 and 0 <= chunk < 1 << 32 and 0 <= count < 1 << 32):
+            _u32(vcpu, "VcpuChunk.vcpu")
+            _u32(chunk, "VcpuChunk.chunk")
+            _u32(count, "VcpuChunk.count")
+        if self.checksum_kind not in CHECKSUMS:
+            _need(False, f"VcpuChunk.checksum_kind {self.checksum_kind!r} unknown")
+        if not (type(values) is bytes or (type(values) is memoryview and values.readonly and values.c_contiguous
+                                          and values.format == "B")):
+            _need(False, "VcpuChunk.values must be bytes (or a read-only byte memoryview)")
         if self.reg_ids or not self.ids_le:
             lay = _layout_ids(tuple(self.reg_ids))
-            _need(not self.ids_le or self.ids_le == lay.ids_le, "VcpuChunk: regIds and regIdsLe differ",
-                  "bad-chunk")
+            if self.ids_le and self.ids_le != lay.ids_le:
+                _need(False, "VcpuChunk: regIds and regIdsLe differ", "bad-chunk")
         else:
             lay = _layout_le(self.ids_le)
         object.__setattr__(self, "reg_ids", lay.ids)
         object.__setattr__(self, "ids_le", lay.ids_le)
-        want_len = lay.total * max(1, self.count)
-        _need(want_len == len(self.values), f"VcpuChunk {self.vcpu}/{self.chunk}: {len(self.values)} value bytes "
-                                            f"for registers needing {want_len}", "bad-chunk")
+        want_len = lay.total * (count or 1)
+        if want_len != len(values):
+            _need(False, f"VcpuChunk {vcpu}/{chunk}: {len(values)} value bytes for registers needing {want_len}",
+                  "bad-chunk")
         want = _checksum(self.checksum_kind, self._parts())
         if not self.checksum:
             object.__setattr__(self, "checksum", want)
-        _need(self.checksum == want, f"VcpuChunk {self.vcpu}/{self.chunk}: {self.checksum_kind} checksum mismatch",
-              "bad-checksum")
+        elif self.checksum != want:
+            _need(False, f"VcpuChunk {vcpu}/{chunk}: {self.checksum_kind} checksum mismatch", "bad-checksum")
 
     @property
     def vcpus(self) -> range:
@@ -448,7 +457,7 @@ def _received(checksum: bytes) -> bytes:
     return checksum
 
 
-def decode(frame: bytes, limits: Limits = Limits()) -> Event:
+def decode(frame: bytes | memoryview, limits: Limits = Limits()) -> Event:
     """One frame -> one event. Anything wrong -> RemoteProtocolError naming it."""
     try:
         ev = _fast_chunk(frame, limits)
@@ -457,6 +466,8 @@ def decode(frame: bytes, limits: Limits = Limits()) -> Event:
     except LocalProtocolError as e:
         raise RemoteProtocolError(str(e), e.what) from e
     schema = _schema()
+    if type(frame) is not bytes:
+        frame = bytes(frame)
     try:
         with schema.Message.from_bytes(frame, traversal_limit_in_words=limits.traversal_limit_in_words,
                                        nesting_limit=limits.nesting_limit) as r:
@@ -594,7 +605,7 @@ def _fast_chunk(frame: bytes, limits: Limits) -> "VcpuChunk | None":
     if f_vm[1]:
         if frame[f_vm[0] + f_vm[1] - 1] != 0:
             return None
-        vm = frame[f_vm[0]:f_vm[0] + f_vm[1] - 1]
+        vm = bytes(frame[f_vm[0]:f_vm[0] + f_vm[1] - 1])
         if b"\0" in vm or not vm.isascii():
             return None                    # unusual text: the library's reading (and its errors) applies
         vm_id = vm.decode("ascii")
@@ -603,9 +614,9 @@ def _fast_chunk(frame: bytes, limits: Limits) -> "VcpuChunk | None":
     if f_ids[1] // 8 > limits.max_registers_per_chunk:
         raise LocalProtocolError(f"VcpuChunk carries {f_ids[1] // 8} registers; the limit is "
                                  f"{limits.max_registers_per_chunk}", "chunk-too-large")
-    ids_le = frame[f_ids[0]:f_ids[0] + f_ids[1]]
-    values = frame[f_vals[0]:f_vals[0] + f_vals[1]]
-    checksum = frame[f_ck[0]:f_ck[0] + f_ck[1]]
+    ids_le = bytes(frame[f_ids[0]:f_ids[0] + f_ids[1]])
+    values = memoryview(frame)[f_vals[0]:f_vals[0] + f_vals[1]].toreadonly()     # no copy: a view of the frame
+    checksum = bytes(frame[f_ck[0]:f_ck[0] + f_ck[1]])
     return VcpuChunk(vm_id, vcpu, chunk, (), values, CHECKSUMS[kind], _received(checksum), ids_le, count)
 
 
@@ -663,6 +674,14 @@ class Session:
             return
         self.bytes_received += len(data)
         self._decoder.feed(data)
+
+    MAX_RESERVE = 256 << 20
+
+    def reserve(self, nbytes: int) -> None:
+        """Destination: about nbytes of chunks are about to arrive (the plan tells how many vCPUs and registers).
+        Their frames are then copied into memory taken now (FrameDecoder.reserve, at most MAX_RESERVE), and
+        received chunks' values are read-only views of it; released for new frames at StreamEnd."""
+        self._decoder.reserve(min(max(0, nbytes), self.MAX_RESERVE))
 
     def next_event(self):
         if self.state is ERROR:
@@ -798,12 +817,15 @@ class Session:
         pass
 
     def _check_VcpuChunk(self, sender: str, ev: VcpuChunk) -> None:
+        # once per chunk: messages are formatted only when a check fails
         p = self.proposal
-        _need(ev.vm_id == p.vm_id, f"VcpuChunk for VM {ev.vm_id!r}; the plan is for {p.vm_id!r}", "wrong-vm")
-        _need(ev.vcpu < p.vcpus, f"VcpuChunk for vCPU {ev.vcpu}; the plan has {p.vcpus} vCPUs", "bad-chunk")
-        _need(len(ev.reg_ids) <= self.limits.max_registers_per_chunk,
-              f"VcpuChunk carries {len(ev.reg_ids)} registers; the limit is {self.limits.max_registers_per_chunk}",
-              "chunk-too-large")
+        if ev.vm_id != p.vm_id:
+            _need(False, f"VcpuChunk for VM {ev.vm_id!r}; the plan is for {p.vm_id!r}", "wrong-vm")
+        if ev.vcpu >= p.vcpus:
+            _need(False, f"VcpuChunk for vCPU {ev.vcpu}; the plan has {p.vcpus} vCPUs", "bad-chunk")
+        if len(ev.reg_ids) > self.limits.max_registers_per_chunk:
+            _need(False, f"VcpuChunk carries {len(ev.reg_ids)} registers; the limit is "
+                         f"{self.limits.max_registers_per_chunk}", "chunk-too-large")
         if ev.count:
             _need(self.version is not None and self.version >= 2, f"VcpuChunk for {ev.count} vCPUs needs protocol "
                                                                   f"2; this session speaks {self.version}",
@@ -811,11 +833,12 @@ class Session:
             _need(ev.vcpu + ev.count <= p.vcpus, f"VcpuChunk for vCPUs {ev.vcpu}..{ev.vcpu + ev.count - 1}; the "
                                                  f"plan has {p.vcpus} vCPUs", "bad-chunk")
         nxt = self._next_chunk
-        for i in ev.vcpus:
-            want = nxt.get(i, 0)
-            _need(ev.chunk == want, f"vCPU {i}: chunk {ev.chunk} arrived, expected {want}", "chunk-order")
-        for i in ev.vcpus:
-            nxt[i] = ev.chunk + 1
+        vcpus = ev.vcpus
+        get = nxt.get
+        for i in vcpus:
+            if get(i, 0) != ev.chunk:
+                _need(False, f"vCPU {i}: chunk {ev.chunk} arrived, expected {get(i, 0)}", "chunk-order")
+        nxt.update(dict.fromkeys(vcpus, ev.chunk + 1))
         self._chunks += 1
         if self.version is not None and self.version >= 2:
             self._digest.update(_chain_entry(ev))
@@ -834,6 +857,7 @@ class Session:
         _need(ev.digest == self._digest.digest(), "StreamEnd digest does not match the chunks streamed",
               "stream-digest-mismatch")
         self._stream_digest = ev.digest
+        self._decoder.reserve(0)                # the chunks keep what they use of a reservation
 
     def _check_Commit(self, sender: str, ev: Commit) -> None:
         _need(ev.migration_id == self.proposal.migration_id, f"Commit for migration {ev.migration_id!r}",

@@ -63,3 +63,66 @@ def test_packed_id_count_limited_before_decoding():
 def test_value_too_wide_for_register_refused():
     with pytest.raises(Exception, match="does not fit"):
         ps.VcpuChunk.build("vm", 0, 0, [(P0, 1 << 256)])
+
+
+# --- the direct VcpuChunk codec (session._chunk_parts / _fast_chunk) against the Cap'n Proto library -----------
+def _multi(kind="crc32", vm="vm"):
+    return ps.VcpuChunk.build_multi(vm, 4, 2, [r for r, _ in _regs()], [[v for _, v in _regs()]] * 3, kind)
+
+
+@pytest.mark.parametrize("kind", ["crc32", "sha256"])
+def test_direct_encoding_is_what_the_library_reads(kind):
+    c = _multi(kind)
+    with ps._schema().Message.from_bytes(ps.encode(c)) as r:
+        assert ps._decode_reader(r) == c                     # any Cap'n Proto reader (a protocol-1 daemon too)
+    lib = ps._encode(c)                                       # the library's writer (older daemons)
+    assert ps._fast_chunk(lib, ps.Limits()) == c            # read directly, without the library
+    assert ps.decode(lib) == ps.decode(ps.encode(c)) == c
+    assert b"".join(ps.encode_parts(c)) == ps.encode(c)
+
+
+def test_unusual_frames_go_to_the_library():
+    c = _multi()
+    w = bytearray(ps.encode(c))
+    w[8 + 8 * 6:8 + 8 * 7] = struct.pack("<Q", 1)          # a non-null regIds pointer (older form): fallback
+    assert ps._fast_chunk(bytes(w), ps.Limits()) is None
+    v = ps.VcpuChunk.build("vm\u00fc", 0, 0, _regs())      # non-ASCII VM name: the library decodes it
+    assert ps._fast_chunk(ps.encode(v), ps.Limits()) is None and ps.decode(ps.encode(v)) == v
+
+
+def test_hostile_pointers_are_refused_clearly():
+    c = _multi()
+    good = ps.encode(c)
+    for word in (7, 8, 9):                                   # values, checksum, regIdsLe pointers
+        for bad in (struct.pack("<Q", (1 << 35) * 10**6 | 2 << 32 | 1), struct.pack("<Q", 0xFFFFFFFC | 2 << 32)):
+            w = bytearray(good)
+            w[8 + 8 * word:16 + 8 * word] = bad              # out of the segment (forward / backward)
+            with pytest.raises(RemoteProtocolError):
+                ps.decode(bytes(w))
+    w = bytearray(good)
+    w[8 + 8 * 2:16 + 8 * 2] = struct.pack("<Q", 50 << 2 | 5 << 48 | 2 << 32)   # Message -> VcpuChunk beyond the end
+    with pytest.raises(RemoteProtocolError):               # the library reads an empty struct: no checksum
+        ps.decode(bytes(w))
+
+
+def test_received_chunk_without_checksum_refused():
+    c = _multi()
+    msg = ps._schema().Message.new_message()
+    m = msg.init("vcpuChunk")
+    m.vmId, m.vcpu, m.chunk, m.regIdsLe, m.values, m.vcpuCount = c.vm_id, c.vcpu, c.chunk, c.ids_le, c.values, 3
+    with pytest.raises(RemoteProtocolError, match="without a checksum") as ei:
+        ps.decode(msg.to_bytes())
+    assert ei.value.what == "bad-checksum"
+    w = bytearray(ps.encode(c))                              # the direct reader: checksum pointer nulled
+    w[8 + 8 * 8:16 + 8 * 8] = bytes(8)
+    with pytest.raises(RemoteProtocolError, match="without a checksum"):
+        ps.decode(bytes(w))
+
+
+def test_corrupted_values_fail_the_checksum():
+    c = _multi()
+    w = bytearray(ps.encode(c))
+    w[-20] ^= 1
+    with pytest.raises(RemoteProtocolError, match="checksum mismatch") as ei:
+        ps.decode(bytes(w))
+    assert ei.value.what == "bad-checksum"
