@@ -39,7 +39,7 @@ from ..protocol import session as ps
 from ..protocol.catalog import catalog
 from ..protocol.errors import ProtocolError, RemoteProtocolError
 from ..protocol.framing import Limits
-from ..protocol.negotiate import negotiate, plan_digest
+from ..protocol.negotiate import negotiate
 from ..protocol.policy import Policy, default_policy
 from . import probe
 from .apply import ApplyError, apply_vm, apply_vm_async, plan_deviations, policy_from_plan, read_vm, vm_wide
@@ -224,10 +224,14 @@ def _features(vm: S.VmProfile) -> tuple[int, ...] | None:
 
 # --- the I/O shell ----------------------------------------------------------------------------------------------
 class Conn:
-    def __init__(self, stream: trio.abc.Stream, session: ps.Session, metrics: Metrics | None) -> None:
+    def __init__(self, stream: trio.abc.Stream, session: ps.Session, metrics: Metrics | None,
+                 on_event: Callable[[str, object], None] | None = None) -> None:
+        """on_event(direction, event): told of every event sent ("out") and received ("in"), e.g. for progress."""
         self.stream, self.session, self.metrics = stream, session, metrics
+        self.on_event = on_event or (lambda direction, event: None)
 
     async def send(self, event) -> None:
+        self.on_event("out", event)
         data = self.session.send(event)
         try:
             await self.stream.send_all(data)
@@ -244,6 +248,7 @@ class Conn:
         buf: list = []
         size = 0
         for ev in events:
+            self.on_event("out", ev)
             parts = self.session.send_parts(ev)
             n = sum(map(len, parts))
             if buf and size + n > batch_bytes:
@@ -273,6 +278,7 @@ class Conn:
             while True:
                 ev = self.session.next_event()
                 if ev is not ps.NEED_DATA:
+                    self.on_event("in", ev)
                     return ev
                 data = await self.stream.receive_some(RECEIVE_BYTES)
                 got += len(data)
@@ -428,15 +434,17 @@ def decode_caps(ev: ps.Capabilities) -> S.HostCapabilities:
 async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str, *, cfg: PeerConfig = PeerConfig(),
                       metrics: Metrics | None = None, planner: Planner | None = None,
                       migration_id: str | None = None, policy: Policy | None = None,
-                      on_plan: Callable[[S.Plan], None] | None = None) -> MigrationResult:
+                      on_plan: Callable[[S.Plan], None] | None = None,
+                      on_event: Callable[[str, object], None] | None = None) -> MigrationResult:
     """Source side over an established (TLS) stream. Raises PeerError; the VM is then running here again.
 
     policy: the negotiation policy (default: the shipped default; the destination must use the same one,
     the plan digest covers it). planner: the negotiation engine (negotiate) unless a test injects another.
-    on_plan: called with the plan before it is proposed (refused plans included)."""
+    on_plan: called with the plan before it is proposed (refused plans included).
+    on_event: called with ("out" | "in", event) for every protocol event (progress reporting)."""
     mvm = registry.get(vm_id)
     mid = migration_id or uuid.uuid4().hex
-    conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits), metrics)
+    conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits), metrics, on_event)
     m = metrics or Metrics()
     pol = policy or default_policy()
     if not mvm.runnable:

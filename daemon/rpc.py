@@ -34,7 +34,6 @@ from ..protocol import kvmabi as abi
 from ..protocol import schemas as S
 from ..protocol import session as ps
 from ..protocol.errors import ProtocolError
-from ..protocol.framing import FrameDecoder, Limits
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
 from . import peer as peer_mod
@@ -131,35 +130,15 @@ class Migration:
                 self.phase = "commit"
 
 
-class _Tap:
-    """Decodes a copy of one direction of the peer protocol; never raises into the data path."""
-
-    def __init__(self, mig: Migration, direction: str) -> None:
-        self.mig, self.direction = mig, direction
-        self.dec: FrameDecoder | None = FrameDecoder(Limits(max_frame_bytes=64 << 20, max_segments=512))
-
-    def feed(self, data: bytes) -> None:
-        if self.dec is None or not data:
-            return
-        try:
-            self.dec.feed(data)
-            while (frame := self.dec.next_frame()) is not None:
-                self.mig.on_event(self.direction, ps.decode(frame))
-        except (ProtocolError, Exception):     # progress is best effort: stop watching, keep migrating
-            self.dec = None
-
-
 class ProgressStream(trio.abc.Stream):
-    """A trio stream that counts and decodes what passes (for Migration progress)."""
+    """A trio stream that counts the bytes that pass (the events come from migrate_out's on_event)."""
 
     def __init__(self, inner: trio.abc.Stream, mig: Migration) -> None:
         self.inner, self.mig = inner, mig
-        self._out, self._in = _Tap(mig, "out"), _Tap(mig, "in")
 
     async def send_all(self, data) -> None:
         await self.inner.send_all(data)
         self.mig.bytes_sent += len(data)
-        self._out.feed(bytes(data))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -167,7 +146,6 @@ class ProgressStream(trio.abc.Stream):
     async def receive_some(self, max_bytes=None) -> bytes:
         data = await self.inner.receive_some(max_bytes)
         self.mig.bytes_received += len(data)
-        self._in.feed(data)
         return data
 
     async def aclose(self) -> None:
@@ -415,7 +393,8 @@ class Orchestrator:
 
     async def _run_migration(self, mig: Migration, p: PeerEntry) -> None:
         kw: dict[str, Any] = {"cfg": self.peer_cfg, "metrics": self.metrics, "migration_id": mig.id,
-                              "on_plan": lambda plan: setattr(mig, "plan_digest", plan.digest)}
+                              "on_plan": lambda plan: setattr(mig, "plan_digest", plan.digest),
+                              "on_event": mig.on_event}
         try:
             with mig.scope:
                 try:
