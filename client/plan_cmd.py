@@ -137,7 +137,8 @@ def cmd_baseline(args) -> int:
         print(f"baseline {b.profile.name} revision {b.profile.revision} over {len(hosts)} host(s): "
               f"{len(b.profile.values)} registers")
         for c in b.lowered:
-            print(f"  lowered {c.register}{'.' + c.field if c.field else ''}: "
+            verb = "lowered" if c.chosen < min(c.values) else "raised" if c.chosen > max(c.values) else "chose"
+            print(f"  {verb} {c.register}{'.' + c.field if c.field else ''}: "
                   f"{'/'.join(f'{v:#x}' for v in c.values)} -> {c.chosen:#x}  ({c.reason})")
         for c in b.conflicts:
             print(f"  CONFLICT {c.register}{'.' + c.field if c.field else ''}: "
