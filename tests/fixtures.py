@@ -63,3 +63,23 @@ def synthetic_doc(kernel: str = "6.12", midr: int | None = None, **overrides: in
         "writable_masks": None if masks is None else {str(k): f"{v:#x}" for k, v in masks.items()},
         "errors": [],
     }
+
+
+class Passthrough:
+    """Base for test streams that watch or cut a trio stream: everything but send_all passes through.
+    Subclasses are trio.abc.Stream via the mixin order `class X(Passthrough, trio.abc.Stream)`."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def send_all(self, data) -> None:
+        await self.inner.send_all(data)
+
+    async def receive_some(self, n=None):
+        return await self.inner.receive_some(n)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -11,7 +11,6 @@ from invariantd.daemon.apply import (ACCEPT_DESTINATION, ApplyError, ApplyPolicy
                                      default_drop_if_reset)
 from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.sim.host import SimHost, eras
-from invariantd.protocol import kvmabi as abi
 from invariantd.protocol import regid
 from invariantd.protocol.catalog import catalog
 

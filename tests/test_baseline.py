@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from invariantd.protocol import schemas as S
 from invariantd.protocol.baseline import baseline
 from invariantd.protocol.catalog import catalog
 from invariantd.protocol.negotiate import negotiate

@@ -10,6 +10,8 @@ from dataclasses import replace
 import pytest
 import trio
 
+from fixtures import Passthrough
+
 from invariantd.daemon import tls
 from invariantd.daemon.apply import read_vm
 from invariantd.daemon.peer import PeerError, migrate_out
@@ -30,7 +32,7 @@ R0P3, R0P4 = 0x410FD083, 0x410FD084
 UNKNOWN_FILL = 0x1DE7EC7EDBADC0DE
 
 
-class Recording(trio.abc.Stream):
+class Recording(Passthrough, trio.abc.Stream):
     """Passes everything through and decodes what the source sends (to prove what did / did not move)."""
 
     def __init__(self, inner):
@@ -41,15 +43,6 @@ class Recording(trio.abc.Stream):
         while (f := self.dec.next_frame()) is not None:
             self.sent.append(type(ps.decode(f)).__name__)
         await self.inner.send_all(data)
-
-    async def receive_some(self, n=None):
-        return await self.inner.receive_some(n)
-
-    async def wait_send_all_might_not_block(self):
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self):
-        await self.inner.aclose()
 
 
 def snapshot(node, vm_id="vm-1"):

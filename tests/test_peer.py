@@ -4,13 +4,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import struct
-from functools import partial
 
 import pytest
 import trio
 import trustme
 
-from fixtures import synthetic_doc
+from fixtures import Passthrough, synthetic_doc
 from invariantd.daemon import tls
 from invariantd.daemon.metrics import Metrics
 from invariantd.daemon.peer import PeerConfig, PeerError, handle_incoming, migrate_out
@@ -19,7 +18,7 @@ from invariantd.daemon.sim.host import SimHost, eras
 from invariantd.daemon.vms import VmRegistry, VmState
 from invariantd.protocol import session as ps
 from invariantd.protocol.catalog import catalog
-from invariantd.protocol.framing import Limits
+
 
 MIDR = catalog().id_of("MIDR_EL1")
 CFG = PeerConfig(chunk_registers=32, handshake_timeout=5, phase_timeout=5, apply_timeout=5, commit_timeout=5)
@@ -129,7 +128,7 @@ async def test_preflight_refusal_resumes_source(nursery, pki):
     assert a.registry.get("vm-1").state is VmState.RUNNING and b.registry.vms == {} and b.results == [None]
 
 
-class CutAfter(trio.abc.Stream):
+class CutAfter(Passthrough, trio.abc.Stream):
     """Passes messages through; the n-th send is cut in the middle of its frame and the connection dropped."""
 
     def __init__(self, inner, n):
@@ -142,15 +141,6 @@ class CutAfter(trio.abc.Stream):
             await trio.aclose_forcefully(self.inner)
             raise trio.BrokenResourceError("cut by test")
         await self.inner.send_all(data)
-
-    async def receive_some(self, n=None):
-        return await self.inner.receive_some(n)
-
-    async def wait_send_all_might_not_block(self):
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self):
-        await self.inner.aclose()
 
 
 async def test_cut_mid_stream_source_resumes_destination_discards(nursery, pki):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import trio
 
+from fixtures import Passthrough
+
 from invariantd.daemon.apply import read_vm
 from invariantd.daemon.peer import profile_changes, profile_regsets, profile_view, vm_profile
 from invariantd.daemon.sim.host import SimHost
@@ -21,7 +23,7 @@ CAT = catalog()
 ISAR0, TCR2 = CAT.id_of("ID_AA64ISAR0_EL1"), CAT.id_of("TCR2_EL1")
 
 
-class StateAtSend(trio.abc.Stream):
+class StateAtSend(Passthrough, trio.abc.Stream):
     """Records the source VM's state whenever a frame goes out (kind of the first message in the write)."""
 
     def __init__(self, inner, registry):
@@ -30,15 +32,6 @@ class StateAtSend(trio.abc.Stream):
     async def send_all(self, data):
         self.seen.append(self.registry.get("vm-1").state)
         await self.inner.send_all(data)
-
-    async def receive_some(self, n=None):
-        return await self.inner.receive_some(n)
-
-    async def wait_send_all_might_not_block(self):
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self):
-        await self.inner.aclose()
 
 
 async def source_and_destination(nursery, pki, src="cortex-a72-r0p3@6.12", dst="cortex-a72-r0p4@7.3", vcpus=2):
