@@ -486,6 +486,17 @@ class _Run:
         return ApplyResult(self.vm, self.vcpus, self.written, self.dropped, self.ap.events, mismatches, replays)
 
 
+def _failed_attempt(run: "_Run", exc: BaseException, attempt: int, events: list[ApplyEvent]) -> int:
+    """After a failed attempt: the VM is closed (never handed out half-applied). The first EBUSY replay
+    returns 1 (try again from scratch); anything else is raised."""
+    _close_vm(run.vm)
+    if isinstance(exc, _Replay):
+        if attempt == 0:
+            return 1
+        raise _replay_error(exc, run.ap.phase, events) from None
+    raise exc
+
+
 def _replay_error(rp: "_Replay", phase: str, events: list[ApplyEvent]) -> ApplyError:
     r = rp.reg_id
     return ApplyError(catalog().name(r), r, "EBUSY", "replay on a recreated VM (once)",
@@ -515,14 +526,8 @@ def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]],
                     run.phase_vcpu(i, want)
             mismatches = _verify(run.vcpus, run.written) if verify else []
             return run.result(mismatches, replays)
-        except _Replay as rp:
-            _close_vm(run.vm)
-            replays += 1
-            if attempt == 1:
-                raise _replay_error(rp, run.ap.phase, events) from None
-        except BaseException:
-            _close_vm(run.vm)
-            raise
+        except BaseException as e:
+            replays += _failed_attempt(run, e, attempt, events)
     raise AssertionError("unreachable")
 
 
@@ -602,14 +607,8 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
                 for i in run.indices:
                     mismatches += per[i]
             return run.result(mismatches, replays)
-        except _Replay as rp:
-            _close_vm(run.vm)
-            replays += 1
-            if attempt == 1:
-                raise _replay_error(rp, run.ap.phase, events) from None
-        except BaseException:
-            _close_vm(run.vm)
-            raise
+        except BaseException as e:
+            replays += _failed_attempt(run, e, attempt, events)
     raise AssertionError("unreachable")
 
 

@@ -232,14 +232,7 @@ class Conn:
 
     async def send(self, event) -> None:
         self.on_event("out", event)
-        data = self.session.send(event)
-        try:
-            await self.stream.send_all(data)
-        except BaseException:
-            self.session.send_failed()
-            raise
-        if self.metrics:
-            self.metrics.stream("sent", len(data))
+        await self._write(self.session.send(event))
 
     async def send_many(self, events, batch_bytes: int = 256 * 1024, timeout: float | None = None) -> None:
         """Several events, coalesced into writes of at most batch_bytes (an event larger than that alone):
