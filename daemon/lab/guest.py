@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import provision as _prov
 from ._common import LabError, cache_dir, cache_lock, log, phase, timings
@@ -115,17 +116,33 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
                       env: dict | None = None, kvm_mode: str | None = None,
                       batch_source: os.PathLike | str | None = None,
                       smp: int = 2, memory_mb: int = 1024,
-                      files: dict[str, bytes] | None = None) -> list[GuestResult]:
+                      files: dict[str, bytes] | None = None,
+                      net: tuple | None = None,
+                      on_line: Callable[[str], None] | None = None,
+                      on_start: Callable[[subprocess.Popen], None] | None = None) -> list[GuestResult]:
     """Boot kernel `kernel_key` on QEMU `-cpu cpu` once and run `python3 *argv` for each argv,
     in order, in the guest. Returns one GuestResult per argv.
 
     env: extra environment for the guest programs. kvm_mode: kvm-arm.mode= (nvhe, protected...).
     batch_source: C file to cross-compile as libivdbatch.so (default daemon/kvm/batch.c).
     files: name -> bytes, readable by the guest programs as GUEST_JOB_DIR/name (inputs for the run).
+    net: ("listen" | "connect", port, "10.0.0.N/24", "52:54:00:..:..:..") gives the guest one virtio-net NIC
+    (eth0, static address, lo up) on a QEMU socket link to 127.0.0.1:port (README §8: loopback only; a
+    "connect" QEMU needs the "listen" one already started, e.g. wait for its READY marker via on_line).
+    on_line: called with each console line as it arrives (from the calling thread; keep it quick).
+    on_start: called with the started process (`timeout --foreground ... qemu`; its terminate() is forwarded to
+    QEMU), e.g. for another thread to stop the guest early; the run then raises LabError.
     Raises LabError when the guest does not report every command (log tail in the message)."""
     argvs = [list(map(str, a)) for a in argvs]
     if not argvs:
         return []
+    if net is not None:
+        if len(net) != 4 or net[0] not in ("listen", "connect"):
+            raise LabError(f"net={net!r}: expected ('listen'|'connect', port, 'ip/prefix', 'mac')")
+        mode, port, ip, mac = net
+        if not re.fullmatch(r"\d+\.\d+\.\d+\.\d+/\d+", str(ip)) or \
+                not re.fullmatch(r"(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", str(mac)) or not 0 < int(port) < 65536:
+            raise LabError(f"net={net!r}: bad port, address or MAC")
     info = _prov.kernel_info(kernel_key)
     if not info:
         raise LabError(f"kernel {kernel_key!r} is not provisioned (run provision()); "
@@ -133,7 +150,7 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
     if not (_prov.rootfs_dir() / "usr/bin/python3").exists():
         raise LabError("the arm64 rootfs is not provisioned (run provision())")
     with cache_lock():
-        initrd = _prov.build_initrd(kernel_key)
+        initrd = _prov.build_initrd(kernel_key, net=net is not None)
     lib = build_batch_lib(batch_source)
     src = source_root()
 
@@ -166,6 +183,8 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
         append = "console=ttyAMA0 panic=-1"
         if kvm_mode:
             append += f" kvm-arm.mode={kvm_mode}"
+        if net is not None:
+            append += f" ivd.ip={ip}"
         kdir = _prov.kernel_dir(kernel_key)
         vfs = "local,security_model=none"
         qemu = ["qemu-system-aarch64", "-machine", "virt,virtualization=on,gic-version=3",
@@ -175,6 +194,9 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
                 "-virtfs", f"{vfs},path={_prov.rootfs_dir()},mount_tag=ivdroot,readonly=on,id=fs0",
                 "-virtfs", f"{vfs},path={src},mount_tag=ivdsrc,readonly=on,id=fs1",
                 "-virtfs", f"{vfs},path={job},mount_tag=ivdjob,id=fs2"]
+        if net is not None:
+            qemu += ["-netdev", f"socket,id=n0,{mode}=127.0.0.1:{int(port)}",
+                     "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile="]
         cmd = ["timeout", "--foreground", "-k", "10", str(int(timeout)), *qemu]
         header = (f"# kernel: {kernel_key} {info['version']} ({info['release']})\n"
                   f"# cmd: {shlex.join(cmd)}\n"
@@ -190,11 +212,15 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT)
                 try:
+                    if on_start is not None:
+                        on_start(proc)
                     for raw in proc.stdout:
                         line = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
                         now = time.monotonic() - t0
                         lf.write(f"[{now:8.2f}] {line}\n")
                         lines.append(line)
+                        if on_line is not None:
+                            on_line(line)
                         for m in _MARK.finditer(line):
                             kind, rest = m.group(1), m.group(2)
                             kv = dict(p.split("=", 1) for p in rest.split() if "=" in p)

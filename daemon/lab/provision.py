@@ -35,6 +35,8 @@ HOST_COMMANDS = ("qemu-system-aarch64", "cpio", "xz", "zstd", "mke2fs", "mmdebst
 
 #: Guest modules (plus their dependencies) for the 9p/virtio shares; built-ins are skipped.
 GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
+#: Added for guests with a NIC (run_many_in_guest(net=...)): a separate initrd, initrd-KEY-net.cpio.gz.
+NET_MODULES = ("virtio_net",)   # + failover, net_failover via its depends=
 
 ROOTFS_PACKAGES = ("python3", "python3-cffi", "libc-bin", "libstdc++6")  # libstdc++6: pycapnp's C++ core
 ROOTFS_SUITE = "bookworm"
@@ -511,27 +513,29 @@ def _module_order(moddir: Path, wanted) -> list[tuple[str, bytes]]:
     return order
 
 
-def _initrd_stamp(key: str) -> str:
+def _initrd_stamp(key: str, modules=GUEST_MODULES) -> str:
     h = hashlib.sha256()
     h.update((SCRIPTS / "init.sh").read_bytes())
     h.update((kernel_dir(key) / "VERSION").read_bytes())
-    h.update(",".join(GUEST_MODULES).encode())
+    h.update(",".join(modules).encode())
     bb = _busybox_path()
     h.update(str(bb.stat().st_size if bb else 0).encode())
     return h.hexdigest()[:16]
 
 
-def initrd_path(key: str) -> Path:
-    return cache_dir() / "build" / f"initrd-{key}.cpio.gz"
+def initrd_path(key: str, net: bool = False) -> Path:
+    return cache_dir() / "build" / f"initrd-{key}{'-net' if net else ''}.cpio.gz"
 
 
-def build_initrd(key: str) -> Path:
-    """busybox + /init (scripts/init.sh) + the 9p/virtio modules of kernel `key`; cached."""
-    out = initrd_path(key)
+def build_initrd(key: str, net: bool = False) -> Path:
+    """busybox + /init (scripts/init.sh) + the 9p/virtio modules of kernel `key`; cached.
+    net: also the virtio-net modules (NET_MODULES), as a separate initrd."""
+    out = initrd_path(key, net)
     stamp = out.with_suffix(".stamp")
     if not kernel_info(key):
         raise LabError(f"kernel {key} is not provisioned")
-    want = _initrd_stamp(key)
+    modules = GUEST_MODULES + NET_MODULES if net else GUEST_MODULES
+    want = _initrd_stamp(key, modules)
     if out.exists() and stamp.exists() and stamp.read_text().strip() == want:
         return out
     bb = _busybox_path()
@@ -549,7 +553,7 @@ def build_initrd(key: str) -> Path:
             shutil.copy2(SCRIPTS / "init.sh", root / "init")
             (root / "init").chmod(0o755)
             names = []
-            for name, data in _module_order(kernel_dir(key) / "modules", GUEST_MODULES):
+            for name, data in _module_order(kernel_dir(key) / "modules", modules):
                 (root / "lib/modules" / name).write_bytes(data)
                 names.append(name)
             (root / "modules.list").write_text("".join(n + "\n" for n in names))

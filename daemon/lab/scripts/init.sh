@@ -26,6 +26,22 @@ if [ -f /modules.list ]; then
 fi
 if [ -e /dev/kvm ]; then echo "@@IVD DEVKVM yes @@"; else echo "@@IVD DEVKVM no @@"; fi
 
+# optional NIC (host: run_many_in_guest(net=...)): kernel parameter ivd.ip=ADDR/PREFIX -> eth0, lo up
+IVD_IP=
+for a in $(cat /proc/cmdline); do
+	case "$a" in ivd.ip=*) IVD_IP=${a#ivd.ip=} ;; esac
+done
+if [ -n "$IVD_IP" ]; then
+	i=0
+	while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+	ip link set lo up
+	if ip addr add "$IVD_IP" dev eth0 && ip link set eth0 up; then
+		echo "@@IVD NET ip=$IVD_IP mac=$(cat /sys/class/net/eth0/address) @@"
+	else
+		echo "@@IVD NETFAIL ip=$IVD_IP @@"
+	fi
+fi
+
 O=trans=virtio,version=9p2000.L,msize=512000
 R=/mnt
 mkdir -p $R
