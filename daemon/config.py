@@ -4,6 +4,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 
+from ..protocol.session import CHECKSUMS
+
 
 class ConfigError(ValueError):
     """The configuration file is unusable; the message names the file, the key and what is expected."""
@@ -25,7 +27,7 @@ class PeerSection:
     ca: str = ""                            # PEM: the cluster CA
     allowed_peers: tuple[str, ...] = ()     # certificate CNs; empty = any certificate of the cluster CA
     chunk_registers: int = 4096
-    checksum: str = "crc32"
+    checksum: str = "xxh3"                  # per-chunk checksum; crc32 with a peer older than protocol 3
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,8 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: backend.kind must be 'sim' or 'kvm', not {cfg.backend.kind!r}")
     if cfg.backend.kind == "sim" and not cfg.backend.sim_profile:
         raise ConfigError(f"{source}: backend.sim_profile is required for kind = 'sim' (e.g. cortex-a72-r0p4@6.12)")
-    if cfg.peer.checksum not in ("crc32", "sha256"):
-        raise ConfigError(f"{source}: peer.checksum must be crc32 or sha256")
+    if cfg.peer.checksum not in CHECKSUMS:
+        raise ConfigError(f"{source}: peer.checksum must be one of {', '.join(CHECKSUMS)}, not {cfg.peer.checksum!r}")
     if not (cfg.peer.cert and cfg.peer.ca):
         raise ConfigError(f"{source}: peer.cert and peer.ca are required (mutual TLS is not optional)")
     if cfg.rpc.enabled and not cfg.rpc.tls and cfg.rpc.port and not is_loopback(cfg.rpc.listen):

@@ -74,13 +74,14 @@ class PeerConfig:
     chunk_registers: int = 4096          # per chunk; a vCPU's whole set (~300 registers) in one message
     chunk_bytes: int = 256 * 1024        # protocol 2: vCPUs sharing a register list go together up to this size
                                          # (fewer, larger events: the per-chunk cost is paid ~13x for 256 vCPUs)
-    checksum: str = "crc32"
+    checksum: str = "xxh3"               # per chunk; with a peer older than its protocol (CHECKSUM_SINCE): crc32
     limits: Limits = Limits()
     handshake_timeout: float = 10.0
     phase_timeout: float = 30.0          # plan, preflight, each received message while streaming
     apply_timeout: float = 60.0          # destination apply + verify (source waits this long for Commit)
     commit_timeout: float = 30.0
     send_batch_bytes: int = 256 * 1024   # chunks coalesced per TLS write
+    versions: tuple[int, ...] = ps.PROTOCOL_VERSIONS   # peer protocol versions spoken (pin during a rolling upgrade)
 
 
 @dataclass
@@ -437,7 +438,7 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
     on_event: called with ("out" | "in", event) for every protocol event (progress reporting)."""
     mvm = registry.get(vm_id)
     mid = migration_id or uuid.uuid4().hex
-    conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits), metrics, on_event)
+    conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits, cfg.versions), metrics, on_event)
     m = metrics or Metrics()
     pol = policy or default_policy()
     if not mvm.runnable:
@@ -448,10 +449,15 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
         # depends on ID / imp-ID / cache / FW values (frozen once a vCPU has run) and the drift registers;
         # after the pause they are read again and must be unchanged (else abort, the VM keeps running).
         with m.phase("handshake"), trio.fail_after(cfg.handshake_timeout):
-            await conn.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.SOURCE, cfg.node))
+            await conn.send(ps.Hello(cfg.versions, ps.SOURCE, cfg.node))
             await conn.expect(ps.Hello)
             caps_ev = await conn.expect(ps.Capabilities)
         dest = decode_caps(caps_ev)
+        version = conn.session.version or 1
+        checksum = cfg.checksum if ps.CHECKSUM_SINCE[cfg.checksum] <= version else "crc32"
+        if checksum != cfg.checksum:
+            log.info("migration %s: peer speaks protocol %d, which has no %s checksum: using crc32", mid, version,
+                     cfg.checksum)
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
             try:
                 pregs = profile_regsets(mvm.vcpus, pol)
@@ -485,8 +491,7 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             if changed:
                 raise PeerError("vm", "the VM changed between plan and pause (the plan no longer describes it; "
                                       "migrate again): " + "; ".join(changed))
-            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, cfg.checksum,
-                                  conn.session.version or 1, cfg.chunk_bytes))
+            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, checksum, version, cfg.chunk_bytes))
         with m.phase("stream"):
             await conn.send_many(chunks, max(1, cfg.send_batch_bytes), cfg.phase_timeout)
             end = conn.session.stream_end()
@@ -532,7 +537,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
     caps_doc: this host's capability document (daemon/probe.py); sent as HostCapabilities and used to
     recompute the plan. policy: the negotiation policy (default: the shipped one; must be the source's).
     plan_checker(plan, vm_profile): an extra veto after the plan was agreed (raise ValueError to refuse)."""
-    conn = Conn(stream, ps.Session(ps.DESTINATION, cfg.limits), metrics)
+    conn = Conn(stream, ps.Session(ps.DESTINATION, cfg.limits, cfg.versions), metrics)
     m = metrics or Metrics()
     pol = policy or default_policy()
     result = None
@@ -547,7 +552,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             raise PeerError("plan", f"cannot list this host's registers: {e}") from None
         with m.phase("handshake"), trio.fail_after(cfg.handshake_timeout):
             await conn.expect(ps.Hello)
-            await conn.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.DESTINATION, cfg.node))
+            await conn.send(ps.Hello(cfg.versions, ps.DESTINATION, cfg.node))
             await conn.send(ps.Capabilities(CAPS_FORMAT, S.host_to_bytes(host)))
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
             prop = await conn.expect(ps.PlanProposal)

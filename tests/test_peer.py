@@ -41,8 +41,8 @@ def pki(tmp_path_factory):
 
 
 class Node:
-    def __init__(self, host: SimHost, pki, name="node-b", ca="ca"):
-        self.host, self.registry, self.metrics = host, VmRegistry(host), Metrics()
+    def __init__(self, host: SimHost, pki, name="node-b", ca="ca", cfg=CFG):
+        self.host, self.registry, self.metrics, self.cfg = host, VmRegistry(host), Metrics(), cfg
         self.server_ctx = tls.server_context(pki[name], None, pki[ca])
         self.client_ctx = tls.client_context(pki[name], None, pki[ca])
         self.results: list = []
@@ -52,7 +52,7 @@ class Node:
     async def handler(self, stream, peer):
         try:
             self.results.append(await handle_incoming(stream, peer, backend=self.host, registry=self.registry,
-                                                      caps_doc=self.caps, cfg=CFG, metrics=self.metrics))
+                                                      caps_doc=self.caps, cfg=self.cfg, metrics=self.metrics))
         finally:
             self.done.set()
 
@@ -92,6 +92,22 @@ async def test_identical_hosts_commit(nursery, pki):
     assert {r: dst.get_reg(r) for r in src_regs} == src_regs
     assert b.metrics.migrations.labels("committed")._value.get() == 1
     assert a.metrics.stream_bytes.labels("sent")._value.get() > 0
+
+
+@pytest.mark.parametrize("dest_versions, want", [((1, 2, 3), "xxh3"), ((1, 2), "crc32"), ((1,), "crc32")])
+async def test_checksum_follows_the_common_protocol(nursery, pki, dest_versions, want):
+    """xxh3 chunks (protocol 3) by default; a destination pinned to an older protocol gets crc32 chunks."""
+    a, b = source(pki), Node(sim(), pki, cfg=replace(CFG, versions=dest_versions))
+    _, port = await b.listen(nursery)
+    stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    sent = []
+    res = await migrate_out(stream, a.registry, "vm-1", cfg=replace(CFG, chunk_registers=4096),
+                            on_event=lambda d, ev: sent.append(ev) if isinstance(ev, ps.VcpuChunk) else None)
+    with trio.fail_after(5):
+        await b.done.wait()
+    assert res.result == "committed" and b.results[0].digest == res.digest
+    assert sent and {c.checksum_kind for c in sent} == {want}
+    assert {c.count > 0 for c in sent} == {len(dest_versions) > 1}      # multi-vCPU chunks from protocol 2
 
 
 async def test_midr_override_across_revisions(nursery, pki):

@@ -45,7 +45,9 @@ def test_config_errors_are_named(pki):
         parse('[backend]\nkind="kvm"', "x.toml")
     with pytest.raises(ConfigError, match="timeouts.apply: expected a positive number"):
         parse('[backend]\nkind="kvm"\n[peer]\ncert="a"\nca="b"\n[timeouts]\napply="x"', "x.toml")
-    assert config(pki).peer.port == 0
+    with pytest.raises(ConfigError, match="peer.checksum must be one of crc32, sha256, xxh3, not 'md5'"):
+        parse('[backend]\nkind="kvm"\n[peer]\ncert="a"\nca="b"\nchecksum="md5"', "x.toml")
+    assert config(pki).peer.port == 0 and config(pki).peer.checksum == "xxh3"
 
 
 async def test_daemon_serves_notifies_and_drains(pki, tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def _multi(kind="crc32", vm="vm"):
     return ps.VcpuChunk.build_multi(vm, 4, 2, [r for r, _ in _regs()], [[v for _, v in _regs()]] * 3, kind)
 
 
-@pytest.mark.parametrize("kind", ["crc32", "sha256"])
+@pytest.mark.parametrize("kind", ["crc32", "sha256", "xxh3"])
 def test_direct_encoding_is_what_the_library_reads(kind):
     c = _multi(kind)
     with ps._schema().Message.from_bytes(ps.encode(c)) as r:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import struct
 
+import xxhash
+
 import pytest
 
 from invariantd.protocol import session as ps
@@ -161,3 +163,39 @@ def test_source_groups_vcpus_into_chunks():
     assert [c.count for c in v1] == [0] * 10 and _regsets(v1) == regs
     big = list(_chunks("vm", {0: regs[0], 1: regs[1]}, 1, "crc32", 2))   # more registers than a chunk holds
     assert [(c.vcpu, c.chunk, c.count) for c in big] == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
+
+
+def test_protocol_3_speaks_xxh3_checksums():
+    s, d = pair_at_ready(src_versions=(1, 2, 3), dst_versions=(1, 2, 3))
+    assert s.version == d.version == 3
+    c = multi(kind="xxh3")
+    # independently: XXH3-64 of the covered bytes, canonical (big-endian) 8 bytes
+    assert c.checksum == xxhash.xxh3_64(ps.chunk_bytes(0, 0, c.reg_ids, c.values, count=4)).digest()
+    assert len(c.checksum) == 8
+    [got] = deliver(s, d, c)
+    assert got == c and got.checksum_kind == "xxh3"
+    end = s.stream_end()
+    want = hashlib.sha256(ps.STREAM_DIGEST_TAG_V2 + struct.pack("<IIIBB", 0, 0, 4, 2, 8) + c.checksum).digest()
+    assert end.digest == want
+    deliver(s, d, end)
+
+
+def test_xxh3_chunk_refused_below_protocol_3():
+    s, d = pair_at_ready(src_versions=(1, 2, 3), dst_versions=(1, 2))
+    assert s.version == 2
+    with pytest.raises(LocalProtocolError, match="xxh3 checksum needs protocol 3; this session speaks 2"):
+        s.send(multi(kind="xxh3"))
+    s, d = pair_at_ready(src_versions=(1, 2), dst_versions=(1, 2, 3))
+    d.receive_data(ps.encode(multi(kind="xxh3")))           # a peer sending one anyway
+    with pytest.raises(RemoteProtocolError, match="xxh3 checksum needs protocol 3") as e:
+        d.next_event()
+    assert e.value.what == "bad-checksum" and d.state is ps.ERROR
+
+
+def test_corrupted_xxh3_chunk_fails_its_checksum():
+    s, d = pair_at_ready(src_versions=(3,), dst_versions=(3,))
+    wire = bytearray(ps.encode(multi(kind="xxh3")))
+    wire[-20] ^= 1                                            # a value byte
+    d.receive_data(bytes(wire))
+    with pytest.raises(RemoteProtocolError, match="xxh3 checksum mismatch"):
+        d.next_event()

@@ -58,7 +58,7 @@ struct VcpuChunk {
                                   # accept regIds instead when this is empty). Both forms: must agree.
   vcpuCount @8 :UInt32;           # protocol 2: vCPUs vcpu..vcpu+vcpuCount-1 share regIds (0 = one vCPU, the
                                   # protocol-1 form); refused in a protocol-1 session
-  enum ChecksumKind { crc32 @0; sha256 @1; }
+  enum ChecksumKind { crc32 @0; sha256 @1; xxh3 @2; }   # xxh3: XXH3-64, protocol 3 only
 }
 
 struct StreamEnd {
