@@ -53,6 +53,7 @@ log = logging.getLogger("invariantd.peer")
 PLAN_FORMAT = "invariantd/plan@1"                       # invariantd.capnp Plan; digest = negotiate.plan_digest
 CAPS_FORMAT = "invariantd/host-capabilities@1+capnp"    # invariantd.capnp HostCapabilities
 RECEIVE_BYTES = 256 * 1024
+TLS_RECORD = 16384                       # TLS's largest record (plaintext bytes)
 
 
 class PeerError(Exception):
@@ -80,7 +81,8 @@ class PeerConfig:
     phase_timeout: float = 30.0          # plan, preflight, each received message while streaming
     apply_timeout: float = 60.0          # destination apply + verify (source waits this long for Commit)
     commit_timeout: float = 30.0
-    send_batch_bytes: int = 256 * 1024   # chunks coalesced per TLS write
+    send_batch_bytes: int = 256 * 1024   # stream bytes per TLS write
+    first_batch_bytes: int = 64 * 1024   # the first write: the destination starts reading sooner
     versions: tuple[int, ...] = ps.PROTOCOL_VERSIONS   # peer protocol versions spoken (pin during a rolling upgrade)
 
 
@@ -235,22 +237,38 @@ class Conn:
         self.on_event("out", event)
         await self._write(self.session.send(event))
 
-    async def send_many(self, events, batch_bytes: int = 256 * 1024, timeout: float | None = None) -> None:
-        """Several events, coalesced into writes of at most batch_bytes (an event larger than that alone):
-        one TLS write per batch, one copy of the events' bytes (their pieces joined straight into the batch).
-        timeout: seconds each write may take (a stalled peer is noticed per batch, not per stream)."""
+    async def send_many(self, events, batch_bytes: int = 256 * 1024, timeout: float | None = None,
+                        first_bytes: int = 0) -> None:
+        """Several events as one byte stream, written in pieces of batch_bytes (the first of first_bytes, when
+        set: the receiver starts on it sooner): one TLS write per piece, one copy of the events' bytes (their
+        pieces joined into the write buffer; a frame may straddle two writes: the peer reads a byte stream).
+        Pieces of a multiple of TLS_RECORD bytes fill every TLS record: no short record for the receiver to
+        read and decrypt on its own. batch_bytes < TLS_RECORD: each event is written alone (tests cut there).
+        timeout: seconds each write may take (a stalled peer is noticed per write, not per stream)."""
+        if batch_bytes < TLS_RECORD:
+            for ev in events:
+                self.on_event("out", ev)
+                await self._write(self.session.send(ev), timeout)
+            return
         buf: list = []
         size = 0
+        limit = min(first_bytes or batch_bytes, batch_bytes)
         for ev in events:
             self.on_event("out", ev)
             parts = self.session.send_parts(ev)
-            n = sum(map(len, parts))
-            if buf and size + n > batch_bytes:
-                await self._write(b"".join(buf), timeout)
-                buf, size = [], 0
             buf.extend(parts)
-            size += n
-        if buf:
+            size += sum(map(len, parts))
+            if size < limit:
+                continue
+            data = memoryview(b"".join(buf))
+            pos = 0
+            while size - pos >= limit:
+                piece = limit - limit % TLS_RECORD
+                await self._write(data[pos:pos + piece], timeout)
+                pos += piece
+                limit = batch_bytes
+            buf, size = [data[pos:]], size - pos
+        if size:
             await self._write(b"".join(buf), timeout)
 
     async def _write(self, data: bytes, timeout: float | None = None) -> None:
@@ -493,7 +511,7 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
                                       "migrate again): " + "; ".join(changed))
             chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, checksum, version, cfg.chunk_bytes))
         with m.phase("stream"):
-            await conn.send_many(chunks, max(1, cfg.send_batch_bytes), cfg.phase_timeout)
+            await conn.send_many(chunks, max(1, cfg.send_batch_bytes), cfg.phase_timeout, cfg.first_batch_bytes)
             end = conn.session.stream_end()
             await conn.send(end)
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):
