@@ -246,3 +246,48 @@ async def test_oversized_frame_refused_with_clear_error(nursery, pki):
     assert ab.code == "protocol" and "frame-too-large" in ab.reason and "the limit is" in ab.reason
     ab = await _raw_exchange(port, pki, struct.pack("<I", 4000))
     assert "too-many-segments" in ab.reason
+
+
+class _Writes(trio.abc.Stream):
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data):
+        self.writes.append(bytes(data))
+
+    async def wait_send_all_might_not_block(self):
+        pass
+
+    async def receive_some(self, max_bytes=None):
+        return b""
+
+    async def aclose(self):
+        pass
+
+
+async def test_send_many_writes_whole_tls_records():
+    """The stream goes out in record-aligned writes (no short TLS record mid-stream), the first one smaller;
+    the bytes are exactly the events' encodings back to back; a receiver decodes every event."""
+    from invariantd.daemon.peer import TLS_RECORD, Conn
+    from test_session_v2 import pair_at_ready
+    s, d = pair_at_ready((3,), (3,), vcpus=4)
+    z = [0x6080000000150000 + k for k in range(40)]                 # U2048 ids: 10 KiB per vCPU
+    chunks = [ps.VcpuChunk.build_multi("vm", 0, i, z, [[i * k << 2000 for k in range(40)]] * 4, "xxh3")
+              for i in range(16)]
+    out = _Writes()
+    await Conn(out, s, None).send_many(chunks, 8 * TLS_RECORD, None, 2 * TLS_RECORD)
+    sizes = [len(w) for w in out.writes]
+    assert sizes[0] == 2 * TLS_RECORD and all(n == 8 * TLS_RECORD for n in sizes[1:-1])
+    assert 0 < sizes[-1] <= 8 * TLS_RECORD
+    wire = b"".join(out.writes)
+    assert wire == b"".join(ps.encode(c) for c in chunks)
+    d.receive_data(wire)
+    got = []
+    while (ev := d.next_event()) is not ps.NEED_DATA:
+        got.append(ev)
+    assert got == chunks
+    # below a record, every event is its own write (what the cut-mid-stream tests rely on)
+    s2, _ = pair_at_ready((3,), (3,), vcpus=4)
+    out2 = _Writes()
+    await Conn(out2, s2, None).send_many(chunks, 1)
+    assert [len(w) for w in out2.writes] == [len(ps.encode(c)) for c in chunks]
