@@ -286,15 +286,18 @@ class Conn:
 
     async def receive(self):
         got = 0                       # counted once per event, not per TLS record (16 KiB each)
+        session, stream = self.session, self.stream
         try:
             while True:
-                ev = self.session.next_event()
+                ev = session.next_event()
                 if ev is not ps.NEED_DATA:
                     self.on_event("in", ev)
                     return ev
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-                got += len(data)
-                self.session.receive_data(data)
+                while True:               # a frame spans many TLS records: ask for the event once it can be whole
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                    got += len(data)
+                    if session.receive_data(data):
+                        break
         finally:
             if self.metrics and got:
                 self.metrics.stream("received", got)

@@ -48,14 +48,26 @@ class FrameDecoder:
         self._arena: bytearray | None = None       # see reserve()
         self._arena_mv: memoryview | None = None
         self._arena_pos = 0
+        self._fill = -1                 # >= 0: the current frame goes straight into the arena; bytes there so far
 
-    def feed(self, data) -> None:
+    def feed(self, data) -> bool:
+        """Add received bytes; True when next_frame() may have a frame to return (else more bytes are needed)."""
         if not data:
-            return
+            return self._have >= self._need
+        if self._fill >= 0:             # the current frame's bytes go where the frame will be read from
+            n = min(len(data), self._frame - self._fill)
+            at = self._arena_pos + self._fill
+            self._arena_mv[at:at + n] = data if n == len(data) else memoryview(data)[:n]
+            self._fill += n
+            self._have += len(data)
+            if n < len(data):
+                self._parts.append(bytes(memoryview(data)[n:]))
+            return self._have >= self._need
         if type(data) is not bytes:     # a caller's bytearray / memoryview may change after feed(): keep a copy
             data = bytes(data)
         self._parts.append(data)
         self._have += len(data)
+        return self._have >= self._need
 
     @property
     def pending(self) -> int:
@@ -81,7 +93,12 @@ class FrameDecoder:
         """Copy the next frames (about nbytes of them) into memory allocated and touched now: the caller knows
         a stream is coming and calls this before it starts, so no page of it is first touched (faulted in)
         while the frames arrive. Those frames are then read-only memoryviews of that memory (which lives as
-        long as any of them); frames beyond nbytes are joined as usual. reserve(0) drops the reservation."""
+        long as any of them); frames beyond nbytes are joined as usual. reserve(0) drops the reservation.
+        A frame whose header has arrived is copied there piece by piece as its bytes arrive (each piece while
+        it is fresh in the cache, and no pieces held until the frame is whole)."""
+        if self._fill >= 0:             # a frame under way in the old arena: its bytes go back to the pieces
+            self._parts.insert(0, bytes(self._arena_mv[self._arena_pos:self._arena_pos + self._fill]))
+            self._off, self._fill = 0, -1
         self._arena = self._arena_mv = None
         self._arena_pos = 0
         if nbytes > 0:
@@ -131,6 +148,18 @@ class FrameDecoder:
         self._have -= n
         return out
 
+    def _fill_from_parts(self) -> None:
+        """Start filling the current frame in the arena: the pending bytes (all of this frame: fewer than its
+        size) move there; later pieces go straight there (feed)."""
+        pos, arena = self._arena_pos, self._arena_mv
+        for i, p in enumerate(self._parts):
+            mv = memoryview(p)[self._off:] if i == 0 else p
+            arena[pos:pos + len(mv)] = mv
+            pos += len(mv)
+        self._parts.clear()
+        self._off = 0
+        self._fill = pos - self._arena_pos
+
     def next_frame(self) -> bytes | memoryview | None:
         if self._have < self._need:
             return None
@@ -153,9 +182,19 @@ class FrameDecoder:
                 raise RemoteProtocolError("frame's first segment is empty: no root pointer", "malformed-frame")
             self._frame, self._table, self._need = total, table, total
             if self._have < total:
+                arena = self._arena_mv
+                if arena is not None and self._arena_pos + total <= len(arena):
+                    self._fill_from_parts()
                 return None
         total, table = self._frame, self._table
-        frame = self._take(total)
+        if self._fill >= 0:
+            start = self._arena_pos
+            frame = self._arena_mv[start:start + total].toreadonly()
+            self._arena_pos += total
+            self._have -= total
+            self._fill = -1
+        else:
+            frame = self._take(total)
         self._frame, self._need = 0, 4
         if table & 7 and any(frame[table:table + 4]):
             raise RemoteProtocolError("segment-table padding is not zero", "malformed-frame")

@@ -671,14 +671,16 @@ class Session:
         self._stream_digest: bytes | None = None
 
     # --- public API
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes) -> bool:
+        """Bytes from the peer (b"": end of stream). True when next_event() may have an event; False: it would
+        say NEED_DATA (a caller may go on receiving without asking)."""
         if self._eof and data:
             raise LocalProtocolError("receive_data after end of stream")
         if not data:
             self._eof = True
-            return
+            return True
         self.bytes_received += len(data)
-        self._decoder.feed(data)
+        return self._decoder.feed(data)
 
     MAX_RESERVE = 256 << 20
 

@@ -96,3 +96,36 @@ def test_caller_buffers_are_copied_on_feed():
     d.feed(buf)
     buf[:] = b"\xff" * len(buf)
     assert d.next_frame() == frame
+
+
+def test_feed_tells_when_a_frame_can_be_whole():
+    frame = _frames()[1]
+    d = FrameDecoder()
+    assert d.feed(frame[:3]) is False                      # not even the segment count
+    assert d.feed(frame[3:8]) is True                      # the header can be read now
+    assert d.next_frame() is None
+    assert d.feed(frame[8:-1]) is False                    # the frame's size is known: one byte short
+    assert d.feed(frame[-1:]) is True and d.next_frame() == frame
+
+
+def test_reserved_frame_is_filled_piece_by_piece():
+    """With a reservation, a frame whose header arrived is copied into the reserved memory as its pieces come:
+    no piece is held until the frame is whole; a piece spanning two frames leaves the next frame's bytes."""
+    f1, f2 = _frames()[1], _frames()[3]
+    d = FrameDecoder()
+    d.reserve(1 << 20)
+    d.feed(f1[:100])
+    assert d.next_frame() is None and d._parts == [] and d._fill == 100
+    d.feed(f1[100:200])
+    assert d._parts == [] and d._fill == 200
+    d.feed(f1[200:] + f2[:50])                              # the rest of f1 and the start of f2
+    assert d._parts == [f2[:50]] and d.pending == len(f1) - 200 + 250
+    got = d.next_frame()
+    assert isinstance(got, memoryview) and got.readonly and bytes(got) == f1
+    d.feed(f2[50:])
+    assert bytes(d.next_frame()) == f2 and d.pending == 0
+    d.feed(f1[:100])                                        # reservation dropped mid-frame: nothing is lost
+    assert d.next_frame() is None and d._fill == 100
+    d.reserve(0)
+    d.feed(f1[100:])
+    assert d.next_frame() == f1
