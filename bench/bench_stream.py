@@ -107,12 +107,12 @@ _marks: dict[str, float] = {}
 
 
 def _mark_first_write() -> None:
-    orig = peer_mod.Conn.send_many
+    orig = peer_mod.Conn.send_prepared
 
-    async def send_many(self, events, *a, **kw):
+    async def send_prepared(self, prep, *a, **kw):
         _marks.setdefault("first_write", time.perf_counter())
-        await orig(self, events, *a, **kw)
-    peer_mod.Conn.send_many = send_many
+        await orig(self, prep, *a, **kw)
+    peer_mod.Conn.send_prepared = send_prepared
 
 
 def _mark_stream_end() -> None:

@@ -226,6 +226,13 @@ def _features(vm: S.VmProfile) -> tuple[int, ...] | None:
 
 
 # --- the I/O shell ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    """Events encoded back to back (Conn.prepare): the bytes, and each event with its first byte's offset."""
+    data: memoryview
+    events: list
+
+
 class Conn:
     def __init__(self, stream: trio.abc.Stream, session: ps.Session, metrics: Metrics | None,
                  on_event: Callable[[str, object], None] | None = None) -> None:
@@ -237,39 +244,54 @@ class Conn:
         self.on_event("out", event)
         await self._write(self.session.send(event))
 
+    def prepare(self, events) -> "Prepared":
+        """Encode events into one buffer for send_prepared (the session counts them as sent from here on;
+        send_failed() if they never go out). The source does this right after reading the paused VM, so that
+        the stream phase only writes."""
+        parts: list = []
+        starts: list[tuple[int, object]] = []
+        pos = 0
+        for ev in events:
+            p = self.session.send_parts(ev)
+            starts.append((pos, ev))
+            parts.extend(p)
+            pos += sum(map(len, p))
+        return Prepared(memoryview(b"".join(parts)), starts)
+
+    async def send_prepared(self, prep: "Prepared", batch_bytes: int = 256 * 1024, timeout: float | None = None,
+                            first_bytes: int = 0) -> None:
+        """Write prepared events as one byte stream in pieces of batch_bytes (the first of first_bytes, when set:
+        the receiver starts on it sooner), one TLS write each, straight from the buffer (a frame may straddle two
+        writes: the peer reads a byte stream). Pieces are multiples of TLS_RECORD bytes, so every TLS record is
+        full: no short record for the receiver to read and decrypt on its own. batch_bytes < TLS_RECORD: each
+        event is written alone (tests cut the stream there). on_event("out", ev) is told as ev's first byte is
+        about to be written. timeout: seconds each write may take (a stalled peer is noticed per write)."""
+        data, evs = prep.data, prep.events
+        told = 0
+
+        def tell(upto: int) -> None:
+            nonlocal told
+            while told < len(evs) and evs[told][0] < upto:
+                self.on_event("out", evs[told][1])
+                told += 1
+        if batch_bytes < TLS_RECORD:
+            bounds = [start for start, _ in evs] + [len(data)]
+            for i in range(len(evs)):
+                tell(bounds[i] + 1)
+                await self._write(data[bounds[i]:bounds[i + 1]], timeout)
+            return
+        pos, limit = 0, min(first_bytes or batch_bytes, batch_bytes)
+        while pos < len(data):
+            piece = max(TLS_RECORD, limit - limit % TLS_RECORD)
+            tell(pos + piece)
+            await self._write(data[pos:pos + piece], timeout)
+            pos += piece
+            limit = batch_bytes
+
     async def send_many(self, events, batch_bytes: int = 256 * 1024, timeout: float | None = None,
                         first_bytes: int = 0) -> None:
-        """Several events as one byte stream, written in pieces of batch_bytes (the first of first_bytes, when
-        set: the receiver starts on it sooner): one TLS write per piece, one copy of the events' bytes (their
-        pieces joined into the write buffer; a frame may straddle two writes: the peer reads a byte stream).
-        Pieces of a multiple of TLS_RECORD bytes fill every TLS record: no short record for the receiver to
-        read and decrypt on its own. batch_bytes < TLS_RECORD: each event is written alone (tests cut there).
-        timeout: seconds each write may take (a stalled peer is noticed per write, not per stream)."""
-        if batch_bytes < TLS_RECORD:
-            for ev in events:
-                self.on_event("out", ev)
-                await self._write(self.session.send(ev), timeout)
-            return
-        buf: list = []
-        size = 0
-        limit = min(first_bytes or batch_bytes, batch_bytes)
-        for ev in events:
-            self.on_event("out", ev)
-            parts = self.session.send_parts(ev)
-            buf.extend(parts)
-            size += sum(map(len, parts))
-            if size < limit:
-                continue
-            data = memoryview(b"".join(buf))
-            pos = 0
-            while size - pos >= limit:
-                piece = limit - limit % TLS_RECORD
-                await self._write(data[pos:pos + piece], timeout)
-                pos += piece
-                limit = batch_bytes
-            buf, size = [data[pos:]], size - pos
-        if size:
-            await self._write(b"".join(buf), timeout)
+        """prepare() then send_prepared()."""
+        await self.send_prepared(self.prepare(events), batch_bytes, timeout, first_bytes)
 
     async def _write(self, data: bytes, timeout: float | None = None) -> None:
         try:
@@ -512,9 +534,13 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             if changed:
                 raise PeerError("vm", "the VM changed between plan and pause (the plan no longer describes it; "
                                       "migrate again): " + "; ".join(changed))
-            chunks = list(_chunks(vm_id, regsets, cfg.chunk_registers, checksum, version, cfg.chunk_bytes))
+            stream_bytes = conn.prepare(_chunks(vm_id, regsets, cfg.chunk_registers, checksum, version,
+                                                cfg.chunk_bytes))
+            del regsets
         with m.phase("stream"):
-            await conn.send_many(chunks, max(1, cfg.send_batch_bytes), cfg.phase_timeout, cfg.first_batch_bytes)
+            await conn.send_prepared(stream_bytes, max(1, cfg.send_batch_bytes), cfg.phase_timeout,
+                                     cfg.first_batch_bytes)
+            del stream_bytes
             end = conn.session.stream_end()
             await conn.send(end)
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):
