@@ -8,7 +8,11 @@ P0-15 U256, FFR, VLS), Z/P/FFR filled with random data. Both ends use the simula
 
 Printed:
   payload    register ids + values the source streams (what a VMM must move), MB
-  peer       payload / (source's first chunk write .. destination verified StreamEnd), MB/s
+  peer       payload / (source's first chunk write .. destination verified StreamEnd), MB/s. The source
+             encodes the whole stream (frames, XXH3 checksums, StreamEnd) right after reading the paused
+             VM, in its "read" phase: the window is what moves bytes (as the baseline's, whose bytes exist
+             before its clock starts); encoding is inside the blackout figure. The destination's window
+             includes every chunk's checksum check, ordering and the StreamEnd digest.
   raw TLS    the payload's number of bytes through a plain trio SSLStream pair (same TLS contexts, same
              256 KiB writes, also two processes), MB/s
   ratio      peer / raw TLS (target >= 0.8)

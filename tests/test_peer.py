@@ -291,3 +291,41 @@ async def test_send_many_writes_whole_tls_records():
     out2 = _Writes()
     await Conn(out2, s2, None).send_many(chunks, 1)
     assert [len(w) for w in out2.writes] == [len(ps.encode(c)) for c in chunks]
+
+
+class _PerWrite(Passthrough, trio.abc.Stream):
+    """Passes through; notes, per write, its size and the frames it completes."""
+
+    def __init__(self, inner):
+        from invariantd.protocol.framing import FrameDecoder
+        super().__init__(inner)
+        self.dec, self.writes = FrameDecoder(), []
+
+    async def send_all(self, data):
+        self.dec.feed(data)
+        done = []
+        while (f := self.dec.next_frame()) is not None:
+            done.append(type(ps.decode(f)).__name__)
+        self.writes.append((len(data), done))
+        await self.inner.send_all(data)
+
+
+async def test_stream_goes_out_as_whole_records_with_its_stream_end(nursery, pki):
+    """The source writes the chunks and their StreamEnd as one byte stream: whole TLS records, the StreamEnd in
+    the same write as the end of the last chunk (no extra round of write / wake-up for it)."""
+    from invariantd.daemon.peer import TLS_RECORD
+    a, b = source(pki, vcpus=96), Node(sim(), pki)
+    _, port = await b.listen(nursery)
+    stream = _PerWrite(await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost"))
+    cfg = replace(CFG, chunk_registers=4096, chunk_bytes=8 * 1024, send_batch_bytes=2 * TLS_RECORD,
+                  first_batch_bytes=TLS_RECORD)
+    res = await migrate_out(stream, a.registry, "vm-1", cfg=cfg)
+    with trio.fail_after(5):
+        await b.done.wait()
+    assert res.result == "committed"
+    first = next(i for i, (_, done) in enumerate(stream.writes) if "VcpuChunk" in done)
+    last = next(i for i, (_, done) in enumerate(stream.writes) if "StreamEnd" in done)
+    sizes = [n for n, _ in stream.writes[first:last + 1]]
+    assert len(sizes) >= 3 and sizes[0] == TLS_RECORD and set(sizes[1:-1]) == {2 * TLS_RECORD}
+    assert "VcpuChunk" in stream.writes[last][1]             # the last chunk ends in the StreamEnd's write
+    assert sum(d.count("VcpuChunk") for _, d in stream.writes) > 3
