@@ -289,11 +289,6 @@ class Conn:
             pos += piece
             limit = batch_bytes
 
-    async def send_many(self, events, batch_bytes: int = 256 * 1024, timeout: float | None = None,
-                        first_bytes: int = 0) -> None:
-        """prepare() then send_prepared()."""
-        await self.send_prepared(self.prepare(events), batch_bytes, timeout, first_bytes)
-
     async def _write(self, data: bytes, timeout: float | None = None) -> None:
         try:
             if timeout is None:

@@ -20,3 +20,12 @@ def test_unit_is_notify_with_watchdog_and_only_dev_kvm():
     assert svc["Type"] == "notify" and svc["WatchdogSec"]
     assert svc["DevicePolicy"] == "closed" and svc["DeviceAllow"] == "/dev/kvm rw"
     assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
+
+
+def test_guest_packages_follow_pyproject():
+    """The lab installs into its arm64 guests exactly the runtime dependencies pyproject.toml declares (read
+    from the source tree, so a dependency added since the editable install still reaches the guests)."""
+    import tomllib
+    from invariantd.daemon.lab.provision import runtime_requirements
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert runtime_requirements() == sorted(declared) and any(r.startswith("xxhash") for r in declared)

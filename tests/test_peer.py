@@ -265,7 +265,7 @@ class _Writes(trio.abc.Stream):
         pass
 
 
-async def test_send_many_writes_whole_tls_records():
+async def test_prepared_stream_is_written_in_whole_tls_records():
     """The stream goes out in record-aligned writes (no short TLS record mid-stream), the first one smaller;
     the bytes are exactly the events' encodings back to back; a receiver decodes every event."""
     from invariantd.daemon.peer import TLS_RECORD, Conn
@@ -275,7 +275,9 @@ async def test_send_many_writes_whole_tls_records():
     chunks = [ps.VcpuChunk.build_multi("vm", 0, i, z, [[i * k << 2000 for k in range(40)]] * 4, "xxh3")
               for i in range(16)]
     out = _Writes()
-    await Conn(out, s, None).send_many(chunks, 8 * TLS_RECORD, None, 2 * TLS_RECORD)
+    told = []
+    conn = Conn(out, s, None, lambda d, ev: told.append((len(out.writes), ev)))
+    await conn.send_prepared(conn.prepare(chunks), 8 * TLS_RECORD, None, 2 * TLS_RECORD)
     sizes = [len(w) for w in out.writes]
     assert sizes[0] == 2 * TLS_RECORD and all(n == 8 * TLS_RECORD for n in sizes[1:-1])
     assert 0 < sizes[-1] <= 8 * TLS_RECORD
@@ -286,10 +288,18 @@ async def test_send_many_writes_whole_tls_records():
     while (ev := d.next_event()) is not ps.NEED_DATA:
         got.append(ev)
     assert got == chunks
+    # progress: each event is told just before the write that carries its first byte
+    offsets = [0]
+    for c in chunks:
+        offsets.append(offsets[-1] + len(ps.encode(c)))
+    ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
+    assert [ev for _, ev in told] == chunks
+    assert [w for w, _ in told] == [next(k for k, e in enumerate(ends) if e > off) for off in offsets[:-1]]
     # below a record, every event is its own write (what the cut-mid-stream tests rely on)
     s2, _ = pair_at_ready((3,), (3,), vcpus=4)
     out2 = _Writes()
-    await Conn(out2, s2, None).send_many(chunks, 1)
+    conn2 = Conn(out2, s2, None)
+    await conn2.send_prepared(conn2.prepare(chunks), 1)
     assert [len(w) for w in out2.writes] == [len(ps.encode(c)) for c in chunks]
 
 

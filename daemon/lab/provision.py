@@ -421,8 +421,19 @@ GUEST_PLATFORMS = ("manylinux_2_36_aarch64", "manylinux_2_34_aarch64", "manylinu
 
 
 def runtime_requirements() -> list[str]:
-    """The project's runtime dependencies (pyproject [project] dependencies, no extras)."""
+    """The project's runtime dependencies (pyproject [project] dependencies, no extras): from the source tree
+    the guest runs (its pyproject.toml: current even when the editable install's metadata is older), else
+    from the installed package's metadata."""
+    import tomllib
     from importlib.metadata import PackageNotFoundError, requires
+
+    from .guest import source_root
+    pyproject = source_root() / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            return sorted(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+        except (tomllib.TOMLDecodeError, KeyError) as e:
+            raise LabUnavailable(f"{pyproject}: cannot read [project] dependencies ({e})") from None
     try:
         reqs = requires("invariantd") or []
     except PackageNotFoundError:
