@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .catalog import Field, Safety, catalog, mask_index
 from . import regid
-from .negotiate import CAP239, _BMAP2_SUPPORTED, _wa2_fold
+from .negotiate import CAP239, _wa2_fold
 from .policy import Policy, default_policy
 from .schemas import HostCapabilities, Implementation, VmProfile
 
@@ -154,9 +154,9 @@ def baseline(hosts: list[HostCapabilities], name: str = "baseline", revision: in
                              key=lambda i: (i.midr, i.revidr, i.aidr)))
         bm2 = cat.id_of("KVM_REG_ARM_VENDOR_HYP_BMAP_2")
         if len(impls) > 1 and bm2 in out:
-            out[bm2] = _BMAP2_SUPPORTED
+            out[bm2] = discovery = cat.fwregs[bm2].accepts        # DISCOVER_IMPL_VER | _CPUS (fwregs.tsv)
             lowered.append(Change("KVM_REG_ARM_VENDOR_HYP_BMAP_2", "", tuple(m.get(bm2, 0) for m in maps),
-                                  _BMAP2_SUPPORTED, "errata discovery on: the guest learns every host's implementation"))
+                                  discovery, "errata discovery on: the guest learns every host's implementation"))
         elif len(impls) == 1:
             impls = ()
     prof = VmProfile(name=name, revision=revision, features=hosts[0].base_features,

@@ -105,6 +105,7 @@ class FwReg:
     kind: str        # psci | workaround | bitmap
     reset: str       # "host" or a number
     since: tuple[int, ...]
+    accepts: int = 0  # bitmap: bits a new VM accepts beyond the value it reads (its reset / the host's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +153,7 @@ class Catalog:
         self.fwregs: dict[int, FwReg] = {}
         for r in _rows("fwregs.tsv"):
             rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))
-            self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]))
+            self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]), int(r["accepts"], 0))
         self.drift: dict[int, Drift] = {}
         for r in _rows("drift.tsv"):
             rid = self.id_of(r["register"])

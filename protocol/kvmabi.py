@@ -4,8 +4,10 @@ ioctl numbers follow the asm-generic _IOC layout: nr 7:0, type 15:8 (KVMIO=0xAE)
 """
 from __future__ import annotations
 
+import csv
 import errno as _errno
 import os
+from importlib import resources
 
 KVMIO = 0xAE
 _NONE, _W, _R, _RW = 0, 1, 2, 3
@@ -53,8 +55,21 @@ CAPS = {
 globals().update(CAPS)
 CAP_NAMES = {v: k for k, v in CAPS.items()}
 
-VCPU_FEATURES = {"POWER_OFF": 0, "EL1_32BIT": 1, "PSCI_0_2": 2, "PMU_V3": 3, "SVE": 4,
-                 "PTRAUTH_ADDRESS": 5, "PTRAUTH_GENERIC": 6, "HAS_EL2": 7, "HAS_EL2_E2H0": 8}
+
+
+def _vcpu_features() -> list[dict[str, str]]:
+    """data/vcpu_features.tsv: one row per KVM_ARM_VCPU_INIT feature bit (name, bit, gating capability)."""
+    text = resources.files(__package__).joinpath("data", "vcpu_features.tsv").read_text()
+    rows = list(csv.DictReader([ln for ln in text.splitlines() if ln and not ln.startswith("#")], delimiter="\t"))
+    for r in rows:
+        if r["capability"] not in ("always", "unchecked") and r["capability"] not in CAPS:
+            raise ValueError(f"vcpu_features.tsv: {r['name']}: unknown capability {r['capability']!r}")
+    return rows
+
+
+VCPU_FEATURES = {r["name"]: int(r["bit"]) for r in _vcpu_features()}
+# feature -> the KVM_CAP_* that gates it, "always" or "unchecked" (see the table's header)
+FEATURE_GATES = {r["name"]: r["capability"] for r in _vcpu_features()}
 KVM_ARM_VCPU_SVE = 4
 KVM_ARM_FEATURE_ID_RANGE_SIZE = 192
 KVM_EXIT_MMIO = 6

@@ -22,20 +22,13 @@ from functools import lru_cache
 
 from . import errata
 from .catalog import Field, Safety, catalog, mask_index
-from . import regid
+from . import kvmabi, regid
 from .policy import Policy, default_policy
 from .schemas import HostCapabilities, Plan, PlanEntry, Verdict, VmProfile
 
 DIGEST_TAG = b"invariantd/plan-digest@1\n"
 CAP239 = "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS"
-# VENDOR_HYP_BMAP_2 reads 0 on a new VM but accepts DISCOVER_IMPL_VER | DISCOVER_IMPL_CPUS
-# (Documentation/virt/kvm/arm/fw-pseudo-registers.rst, Linux 6.15).
-_BMAP2_SUPPORTED = 0b11
 _MIDR_SAME_PART = ("Implementer", "Architecture", "PartNum")
-# vCPU init features and the capability that must be offered for KVM_ARM_VCPU_INIT to accept them.
-_FEATURE_CAPS = {"PSCI_0_2": "KVM_CAP_ARM_PSCI_0_2", "EL1_32BIT": "KVM_CAP_ARM_EL1_32BIT",
-                 "PMU_V3": "KVM_CAP_ARM_PMU_V3", "SVE": "KVM_CAP_ARM_SVE",
-                 "PTRAUTH_ADDRESS": "KVM_CAP_ARM_PTRAUTH_ADDRESS", "PTRAUTH_GENERIC": "KVM_CAP_ARM_PTRAUTH_GENERIC"}
 
 
 @lru_cache(maxsize=None)
@@ -181,8 +174,10 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
     # vCPU init features: the destination must offer each one (the target itself is never migrated).
     caps = dict(dest.caps)
     for feat in vm.features:
-        cap = _FEATURE_CAPS.get(feat)
-        if cap is None:
+        cap = kvmabi.FEATURE_GATES.get(feat, "unchecked")       # data/vcpu_features.tsv
+        if cap == "always":
+            continue
+        if cap == "unchecked":
             c.add("vcpu_init", 0, feat, 1, 0, 0, Verdict.REFUSE, f"vCPU feature {feat}: invariantd cannot check it yet")
         elif cap not in caps:
             c.notes.append(f"vCPU feature {feat}: the destination document does not report {cap}; "
@@ -514,7 +509,7 @@ def _fw(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
                   f"source level {s:#x} is above the destination's {d:#x}: the destination is less mitigated "
                   f"(KVM refuses with EINVAL)")
     elif kind == "bitmap":
-        supported = d | (_BMAP2_SUPPORTED if name.endswith("BMAP_2") else 0)
+        supported = d | fw.accepts                        # bits a new VM takes beyond its own (fwregs.tsv)
         if s & ~supported:
             c.add(name, rid, "", s, d, d, Verdict.REFUSE,
                   f"hypercall bits {s & ~supported:#x} are not offered by the destination ({supported:#x})")

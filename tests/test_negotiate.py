@@ -414,3 +414,24 @@ def test_vcpu_features_need_the_destination_caps():
     assert e.verdict is Verdict.REFUSE and "KVM_CAP_ARM_SVE" in e.reason and not plan.migratable
     dst["caps"]["KVM_CAP_ARM_SVE"] = 1
     assert negotiate(sve, host(dst)).migratable
+
+
+def test_vcpu_feature_gates_come_from_the_table():
+    """data/vcpu_features.tsv: POWER_OFF is accepted by every arm64 KVM; HAS_EL2 is not checked yet (refused)."""
+    from invariantd.protocol import kvmabi
+    assert kvmabi.FEATURE_GATES["SVE"] == "KVM_CAP_ARM_SVE" and kvmabi.VCPU_FEATURES["HAS_EL2"] == 7
+    dst = make_doc("7.3")
+    vm = S.vm_from_host(host(make_doc("7.3")))
+    off = negotiate(S.VmProfile(vm.name, 1, ("POWER_OFF", "PSCI_0_2"), vm.values, vm.reg_list), host(dst))
+    assert off.migratable and not [e for e in off.entries if e.register == "vcpu_init"]
+    el2 = negotiate(S.VmProfile(vm.name, 1, ("PSCI_0_2", "HAS_EL2"), vm.values, vm.reg_list), host(dst))
+    e = entry(el2, "vcpu_init", "HAS_EL2")
+    assert e.verdict is Verdict.REFUSE and "cannot check it yet" in e.reason and not el2.migratable
+
+
+def test_bmap2_discovery_bits_are_data():
+    from invariantd.protocol.catalog import catalog
+    cat = catalog()
+    bm2 = cat.id_of("KVM_REG_ARM_VENDOR_HYP_BMAP_2")
+    assert cat.fwregs[bm2].accepts == 0b11
+    assert all(fw.accepts == 0 for rid, fw in cat.fwregs.items() if rid != bm2)

@@ -362,9 +362,9 @@ class SimVcpu:
             if "WORKAROUND" in cat.name(reg_id):
                 return          # accepted but not stored: GET keeps reporting the host's own level
         elif group == "fw-bmap":
-            if value & ~self.vm.host.values.get(reg_id, 0) and value != cur:
-                if not (reg_id == regid.fw_bmap(3) and not value & ~0b11):
-                    raise KvmError(op, E.EINVAL, reg_id, "unsupported hypercall bit")
+            offered = self.vm.host.values.get(reg_id, 0) | cat.fwregs[reg_id].accepts      # fwregs.tsv
+            if value & ~offered and value != cur:
+                raise KvmError(op, E.EINVAL, reg_id, "unsupported hypercall bit")
             if value != cur and self.vm.has_ran:
                 raise KvmError(op, E.EBUSY, reg_id)
         elif group == "demux":
