@@ -21,7 +21,10 @@ Printed:
              releases it, s; "before pause" = migrate_out start -> pause (VM still running)
   phases     per-phase seconds on both sides
 
-    .venv/bin/python bench/bench_stream.py [VCPUS] [--profile]
+    .venv/bin/python bench/bench_stream.py [VCPUS] [--profile] [--real]
+
+--real: both daemons on this machine's /dev/kvm instead of the simulated host (on x86 the generic path: its
+register list is small, so the ratio says little; the blackout is real KVM_GET/SET_ONE_REG work).
 """
 from __future__ import annotations
 
@@ -65,9 +68,21 @@ def pki(d: str) -> dict[str, str]:
     return files
 
 
-def source_vm(n: int, name: str = "vm-big") -> tuple[VmRegistry, int]:
-    host = SimHost(PROFILE)
+def make_host(backend: str):
+    if backend == "kvm":
+        from invariantd.daemon.kvm.real import RealKvm
+        return RealKvm()
+    return SimHost(PROFILE)
+
+
+def source_vm(n: int, name: str = "vm-big", backend: str = "sim") -> tuple[VmRegistry, int]:
+    """The VM to migrate and its payload bytes. sim: the max@7.3 profile with SVE on, Z/P/FFR random.
+    kvm: this machine's /dev/kvm (x86: the generic path, the registers KVM_GET_REG_LIST / the MSR list gives)."""
+    host = make_host(backend)
     reg = VmRegistry(host)
+    if backend == "kvm":
+        mvm = reg.create(name, n)
+        return reg, sum(8 + regid.size_bytes(r) for v in mvm.vcpus.values() for r in v.reg_list())
     pref = host.init.target
     feats = (abi.VCPU_FEATURES["PSCI_0_2"], abi.KVM_ARM_VCPU_SVE)
     mvm = reg.create(name, n, init=VcpuInit(pref, feats))
@@ -133,10 +148,10 @@ def _mark_stream_end() -> None:
     peer_mod.Conn.expect = expect
 
 
-def dst_proc(files, runs: int, conn, prof: bool) -> None:
-    """Destination daemon: one SimHost, `runs` incoming migrations; per run its phases and result."""
+def dst_proc(files, runs: int, conn, prof: bool, backend: str = "sim") -> None:
+    """Destination daemon: one host, `runs` incoming migrations; per run its phases and result."""
     _mark_stream_end()
-    dst = SimHost(PROFILE)
+    dst = make_host(backend)
     reg = VmRegistry(dst)
     caps = probe(dst)
     out: list[dict] = []
@@ -165,14 +180,15 @@ def dst_proc(files, runs: int, conn, prof: bool) -> None:
     conn.send(out)
 
 
-def src_proc(files, n: int, runs: int, port: int, conn, prof: bool) -> None:
-    """Source daemon: `runs` fresh 256-vCPU VMs migrated one after the other to the destination process."""
+def src_proc(files, n: int, runs: int, port: int, conn, prof: bool, backend: str = "sim") -> None:
+    """Source daemon: `runs` fresh n-vCPU VMs migrated one after the other to the destination process (each
+    created just before its run: a real host need not hold them all)."""
     _mark_first_write()
-    regs = [source_vm(n, f"vm-{i}") for i in range(runs)]
     out: list[dict] = []
 
     async def main():
-        for i, (reg, payload) in enumerate(regs):
+        for i in range(runs):
+            reg, payload = source_vm(n, f"vm-{i}", backend)
             mvm = reg.get(f"vm-{i}")
             t_release: list[float] = []
             t_pause: list[float] = []
@@ -203,14 +219,14 @@ def src_proc(files, n: int, runs: int, port: int, conn, prof: bool) -> None:
     conn.send(out)
 
 
-def peer_runs(files, n: int, runs: int, prof: bool) -> tuple[list[dict], list[dict]]:
+def peer_runs(files, n: int, runs: int, prof: bool, backend: str = "sim") -> tuple[list[dict], list[dict]]:
     ctx = mp.get_context("spawn")
     d_parent, d_child = ctx.Pipe()
     s_parent, s_child = ctx.Pipe()
-    dp = ctx.Process(target=dst_proc, args=(files, runs, d_child, prof))
+    dp = ctx.Process(target=dst_proc, args=(files, runs, d_child, prof, backend))
     dp.start()
     port = d_parent.recv()
-    sp = ctx.Process(target=src_proc, args=(files, n, runs, port, s_child, prof))
+    sp = ctx.Process(target=src_proc, args=(files, n, runs, port, s_child, prof, backend))
     sp.start()
     src = s_parent.recv()
     dst = d_parent.recv()
@@ -289,13 +305,14 @@ def raw_runs(files, nbytes: int, runs: int) -> list[float]:
 def main(argv: list[str]) -> int:
     n = int(next((a for a in argv if a.isdigit()), 256))
     prof = "--profile" in argv
+    backend = "kvm" if "--real" in argv else "sim"
     runs, rounds = 5, int(os.environ.get("ROUNDS", "4"))    # rounds alternate peer and raw (same machine state)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         files = pki(d)
         src, dst, raws = [], [], []
         for _ in range(rounds):
-            s_, d_ = peer_runs(files, n, runs, prof)
+            s_, d_ = peer_runs(files, n, runs, prof, backend)
             assert all(x["ok"] for x in d_), d_
             src += s_
             dst += d_
@@ -310,8 +327,12 @@ def main(argv: list[str]) -> int:
     peer_rate, raw_rate = mb / streams[best], mb / raw
     wire = dst[best]["stream_wire"]
     blackouts = [x["blackout"] for x in src]
-    print(f"VM: {n} vCPUs x {src[0]['regs_per_vcpu']} registers (SVE: Z0-31 U2048, P0-15, FFR, VLS), "
-          f"profile {PROFILE} (simulated host both ends); source and destination in separate processes")
+    if backend == "kvm":
+        print(f"VM: {n} vCPUs x {src[0]['regs_per_vcpu']} registers on this machine's /dev/kvm (both ends; the "
+              f"generic path); source and destination in separate processes")
+    else:
+        print(f"VM: {n} vCPUs x {src[0]['regs_per_vcpu']} registers (SVE: Z0-31 U2048, P0-15, FFR, VLS), "
+              f"profile {PROFILE} (simulated host both ends); source and destination in separate processes")
     print(f"payload  {mb:8.2f} MB   (register ids + values, per vCPU); peer stream on the wire {wire / 1e6:.2f} MB "
           f"(chunks + StreamEnd)")
     print(f"peer     {peer_rate:8.1f} MB/s  payload / (source first chunk write .. destination StreamEnd verified), "

@@ -455,6 +455,13 @@ def apply_report(events) -> tuple[list, list]:
     return counted, adjusted
 
 
+def _by_register(events) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for e in events:
+        out.setdefault(e.register, []).append(e)
+    return out
+
+
 Planner = Callable[[S.VmProfile, S.HostCapabilities, Policy], S.Plan]
 PlanChecker = Callable[[S.Plan, S.VmProfile], None]
 
@@ -667,9 +674,9 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             res = await apply_vm_async(backend, regsets, apply_policy, features=feats)   # threads on real KVM
             counted, adjusted = apply_report(res.events)
             m.record_apply_events(counted)
-            for ev in adjusted:
-                log.warning("migration %s: vCPU %s %s read back differently (KVM adjusts it): %s",
-                            prop.migration_id, ev.vcpu, ev.register, ev.detail)
+            for reg, evs in _by_register(adjusted).items():     # one line per register, not per vCPU
+                log.warning("migration %s: %s read back differently on %d vCPU(s) (KVM adjusts it); vCPU %s: %s",
+                            prop.migration_id, reg, len(evs), evs[0].vcpu, evs[0].detail)
             bad = [str(x) for x in res.mismatches[:8]]
             for i in sorted(res.written):
                 bad += plan_deviations(plan, res.written[i], res.dropped[i], vcpu=i)

@@ -245,7 +245,7 @@ def test_real_apply_tsc_adjusted_and_equal_refused_write(kvm):
 
 
 @pytest.mark.kvm
-async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm):
+async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm, caplog):
     from invariantd.daemon.kvm.real import RealKvm
     dst_kvm = RealKvm()
     try:
@@ -274,6 +274,9 @@ async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm):
         assert dst1.get_regs(ids)[0] == src1.get_regs(ids)[0]
         # the TSC read-backs were reported (one per vCPU), not hidden
         assert sorted(e.vcpu for e in r.events if e.action == "readback-adjusted") == [0, 1]
+        # ... and logged once per register, not once per vCPU (a 256-vCPU VM gets one line)
+        lines = [m for m in caplog.messages if "read back differently" in m]
+        assert len(lines) == 1 and "MSR_0x10 read back differently on 2 vCPU(s)" in lines[0], lines
         assert b.metrics.migrations.labels("committed")._value.get() == 1
     finally:
         for m in list(b.registry.vms.values()):
