@@ -537,6 +537,55 @@ def threaded(backend: Backend) -> bool:
     return getattr(backend, "kind", "") == "kvm"
 
 
+async def _each(fn, indices, limiter) -> dict:
+    """fn(i) for every vCPU, spread over up to limiter.total_tokens worker threads that each take the next vCPU
+    from a shared list (one thread hand-off per worker, not per vCPU: a vCPU's work is ~0.3 ms, about what a
+    trio thread round-trip costs). -> {i: result}; re-raises the lowest vCPU's failure (an EBUSY replay first);
+    after a failure the workers take no new vCPU."""
+    import threading
+    from functools import partial
+
+    import trio
+    todo = list(indices)
+    out: dict[int, object] = {}
+    errs: dict[int, Exception] = {}
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if errs or not todo:
+                    return
+                i = todo.pop(0)
+            try:
+                out[i] = fn(i)
+            except Exception as e:      # ApplyError / _Replay / KvmError: collected, raised in order
+                errs[i] = e
+
+    k = max(1, min(len(todo), int(limiter.total_tokens)))
+    async with trio.open_nursery() as n:
+        for _ in range(k):
+            n.start_soon(partial(trio.to_thread.run_sync, worker, limiter=limiter))
+    if errs:
+        replay = next((e for _, e in sorted(errs.items()) if isinstance(e, _Replay)), None)
+        raise replay or errs[min(errs)]
+    return out
+
+
+async def read_vm_async(vcpus: Mapping[int, Vcpu], backend: Backend, *, limiter=None
+                        ) -> dict[int, list[tuple[int, int]]]:
+    """read_vm for a trio caller (the event loop keeps running): on the real backend (threaded()) the vCPUs are
+    spread over worker threads as in apply_vm_async; elsewhere read_vm in one worker thread."""
+    import os
+
+    import trio
+    if not threaded(backend):
+        return await trio.to_thread.run_sync(read_vm, vcpus)
+    limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    per = await _each(lambda i: read_vm({i: vcpus[i]})[i], sorted(vcpus), limiter)
+    return {i: per[i] for i in sorted(vcpus)}
+
+
 async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
                          *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
                          verify: bool = True, limiter=None, threads: bool | None = None) -> ApplyResult:
@@ -548,8 +597,6 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
     everything) and errors as apply_vm; with several failing vCPUs the lowest vCPU's error is raised.
     Elsewhere: apply_vm in one worker thread."""
     import os
-    import threading
-    from functools import partial
 
     import trio
     if not (threaded(backend) if threads is None else threads):
@@ -559,36 +606,6 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
     limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
     events: list[ApplyEvent] = []
     replays = 0
-
-    async def each(fn, indices):
-        """fn(i) for every vCPU, spread over up to limiter.total_tokens worker threads that each take the next
-        vCPU from a shared list (one thread hand-off per worker, not per vCPU: a vCPU's work is ~0.3 ms, about
-        what a trio thread round-trip costs). -> {i: result}; re-raises the lowest vCPU's failure (an EBUSY
-        replay first); after a failure the workers take no new vCPU."""
-        todo = list(indices)
-        out: dict[int, object] = {}
-        errs: dict[int, Exception] = {}
-        lock = threading.Lock()
-
-        def worker() -> None:
-            while True:
-                with lock:
-                    if errs or not todo:
-                        return
-                    i = todo.pop(0)
-                try:
-                    out[i] = fn(i)
-                except Exception as e:      # ApplyError / _Replay / KvmError: collected, raised in order
-                    errs[i] = e
-
-        k = max(1, min(len(todo), int(limiter.total_tokens)))
-        async with trio.open_nursery() as n:
-            for _ in range(k):
-                n.start_soon(partial(trio.to_thread.run_sync, worker, limiter=limiter))
-        if errs:
-            replay = next((e for _, e in sorted(errs.items()) if isinstance(e, _Replay)), None)
-            raise replay or errs[min(errs)]
-        return out
 
     for attempt in (0, 1):
         run = _Run(backend, regsets, policy, events, init, features, vm_type)
@@ -600,10 +617,10 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
                     run.phase_vcpu(i, True)
                 run.ap.phase = "state"
             await trio.to_thread.run_sync(serial_part, limiter=limiter)
-            await each(lambda i: run.phase_vcpu(i, False), run.indices)
+            await _each(lambda i: run.phase_vcpu(i, False), run.indices, limiter)
             mismatches: list[Mismatch] = []
             if verify:
-                per = await each(run.verify_vcpu, run.indices)
+                per = await _each(run.verify_vcpu, run.indices, limiter)
                 for i in run.indices:
                     mismatches += per[i]
             return run.result(mismatches, replays)

@@ -43,7 +43,8 @@ from ..protocol.framing import Limits
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import Policy, default_policy
 from . import probe
-from .apply import ApplyError, apply_vm, apply_vm_async, plan_deviations, policy_from_plan, read_vm, vm_wide
+from .apply import (ApplyError, apply_vm, apply_vm_async, plan_deviations, policy_from_plan, read_vm, read_vm_async,
+                    vm_wide)
 from .kvm.backend import Backend, Vcpu
 from .kvm.errors import KvmError
 from .metrics import Metrics
@@ -534,7 +535,7 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             mvm.pause()
             paused = True
             try:
-                regsets = read_vm(mvm.vcpus)
+                regsets = await read_vm_async(mvm.vcpus, registry.backend)    # threads on real KVM
             except KvmError as e:
                 raise PeerError("vm", f"cannot read the paused source VM: {e}") from None
             changed = profile_changes(vm, vm_profile(vm_id, mvm.init, profile_view(regsets, pol),

@@ -9,8 +9,13 @@ import pytest
 import trio
 
 from invariantd.daemon.apply import ApplyError, ApplyPolicy, ACCEPT_DESTINATION, apply_vm, apply_vm_async, \
-    read_vm, threaded
+    read_vm, read_vm_async, threaded
+from invariantd.daemon.kvm.errors import KvmError
+from invariantd.daemon.sim.host import SimHost
+from invariantd.daemon.vms import VmRegistry
 from invariantd.protocol import kvmabi as abi
+from invariantd.protocol import regid
+from fixtures import synthetic_doc
 from test_apply import A72_R0P3, A72_R0P4, CAT, FaultBackend, ISAR0, MIDR, SCTLR, actions, host, patch, \
     source_regs
 
@@ -116,3 +121,51 @@ def test_real_threaded_equals_serial(kvm):
     finally:
         a.close()
         b.close()
+
+
+def test_read_vm_async_equals_read_vm(kvm):
+    """The source's pause read: threaded on the real binding, same registers and values as the serial read, in
+    vCPU order; an unreadable register raises the same KvmError naming it."""
+    vm = kvm.create_vm()
+    try:
+        vcpus = {i: vm.create_vcpu(i) for i in range(6)}
+        if kvm.arch == "aarch64":
+            from invariantd.daemon.kvm.backend import VcpuInit
+            pref = vm.preferred_target()
+            for v in vcpus.values():
+                v.init(VcpuInit(pref.target, (abi.VCPU_FEATURES["PSCI_0_2"],)))
+        serial = read_vm(vcpus)
+        got = run(read_vm_async, vcpus, kvm)
+        assert list(got) == sorted(vcpus)
+        tsc = regid.x86_msr(0x10) if kvm.arch == "x86_64" else None       # keeps counting between reads
+        strip = lambda rs: [(r, v) for r, v in rs if r != tsc]              # noqa: E731
+        assert {i: strip(rs) for i, rs in got.items()} == {i: strip(rs) for i, rs in serial.items()}
+        assert [r for r, _ in got[5]] == [r for r, _ in serial[5]]
+        bad = 0x6030000000000000 | (0x7FFF << 16) if kvm.arch == "aarch64" else regid.x86_msr(0xDEAD0000)
+        with pytest.raises(KvmError) as a:
+            read_vm(vcpus, [bad])
+        with pytest.raises(KvmError) as b:
+            run(read_vm_async, {i: _Only(v, bad) for i, v in vcpus.items()}, kvm)
+        assert str(a.value) == str(b.value)
+    finally:
+        vm.close()
+
+
+class _Only:
+    """A vCPU whose register list is one (unknown) register."""
+
+    def __init__(self, vcpu, reg):
+        self.vcpu, self.reg = vcpu, reg
+
+    def reg_list(self):
+        return [self.reg]
+
+    def get_regs(self, ids):
+        return self.vcpu.get_regs(ids)
+
+
+def test_read_vm_async_on_the_simulated_host():
+    host = SimHost(doc=synthetic_doc("6.12"))
+    reg = VmRegistry(host)
+    vcpus = reg.create("vm", 3).vcpus
+    assert run(read_vm_async, vcpus, host) == read_vm(vcpus)
