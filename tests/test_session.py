@@ -246,8 +246,9 @@ def _valid_frames() -> list[bytes]:
 VALID = _valid_frames()
 
 
-def _feed_all(role, data: bytes, pieces: int):
+def _feed_all(role, data: bytes, pieces: int, reserve: int = 0):
     s = Session(role, Limits(max_frame_bytes=1 << 16, traversal_limit_in_words=1 << 14))
+    s.reserve(reserve)                  # frames then go straight into reserved memory as they arrive
     step = max(1, len(data) // max(1, pieces))
     events = []
     try:
@@ -267,9 +268,10 @@ def _feed_all(role, data: bytes, pieces: int):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=512), st.integers(1, 8), st.sampled_from([ps.SOURCE, ps.DESTINATION]))
-def test_any_bytes_give_events_or_remote_error(data, pieces, role):
-    _feed_all(role, data, pieces)
+@given(st.binary(max_size=512), st.integers(1, 8), st.sampled_from([ps.SOURCE, ps.DESTINATION]),
+       st.sampled_from([0, 64, 4096]))
+def test_any_bytes_give_events_or_remote_error(data, pieces, role, reserve):
+    _feed_all(role, data, pieces, reserve)
 
 
 @settings(max_examples=300, deadline=None)
@@ -279,4 +281,7 @@ def test_mutated_valid_frames_give_events_or_remote_error(i, data):
     for _ in range(data.draw(st.integers(1, 6))):
         pos = data.draw(st.integers(0, len(frame) - 1))
         frame[pos] = data.draw(st.integers(0, 255))
-    _feed_all(ps.DESTINATION, bytes(frame), data.draw(st.integers(1, 5)))
+    pieces = data.draw(st.integers(1, 5))
+    plain = _feed_all(ps.DESTINATION, bytes(frame), pieces)
+    # the same outcome when frames are copied into reserved memory as they arrive (too small or ample)
+    assert _feed_all(ps.DESTINATION, bytes(frame), pieces, data.draw(st.sampled_from([300, 1 << 16]))) == plain
