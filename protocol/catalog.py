@@ -91,6 +91,7 @@ class SysReg:
     encoding: tuple[int, int, int, int, int]
     cls: str          # imp_id | id | cache | state
     reg_id: int
+    visibility: str = "-"   # aa32: RAZ + userspace writes ignored on a host without AArch32 EL0 (sysregs.tsv)
 
     @property
     def mask_index(self) -> int | None:
@@ -147,7 +148,9 @@ class Catalog:
                 raise CatalogError(f"sysregs.tsv: duplicate register {r['name']} / {rid:#x}")
             if r["class"] not in ("imp_id", "id", "cache", "state"):
                 raise CatalogError(f"sysregs.tsv: {r['name']}: unknown class {r['class']!r}")
-            reg = SysReg(r["name"], enc, r["class"], rid)
+            if r["visibility"] not in ("-", "aa32"):
+                raise CatalogError(f"sysregs.tsv: {r['name']}: unknown visibility {r['visibility']!r}")
+            reg = SysReg(r["name"], enc, r["class"], rid, r["visibility"])
             self.sysregs[reg.name] = reg
             self.by_id[rid] = reg
         self.fwregs: dict[int, FwReg] = {}
@@ -256,6 +259,18 @@ class Catalog:
         if d.group in ("fw", "fw-bmap"):
             return "fw"
         return d.group
+
+    def visibility(self, reg_id: int) -> str:
+        """sysregs.tsv's visibility rule of a register ("-" when none)."""
+        reg = self.by_id.get(reg_id)
+        return reg.visibility if reg else "-"
+
+    def aarch32_el0(self, values) -> bool:
+        """Whether a host (its ID_AA64PFR0_EL1 value in `values`, reg_id -> value) runs AArch32 at EL0: KVM's
+        kvm_supports_32bit_el0(). Without it the "aa32" registers read 0 and ignore userspace writes."""
+        pfr0 = self.id_of("ID_AA64PFR0_EL1")
+        el0 = next(f for f in self.fields_of("ID_AA64PFR0_EL1") if f.name == "EL0")
+        return pfr0 in values and el0.get(values[pfr0]) >= 2
 
     def fields_of(self, reg: str | int) -> tuple[Field, ...]:
         name = reg if isinstance(reg, str) else self.name(reg)

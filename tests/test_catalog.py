@@ -86,3 +86,37 @@ def test_shipped_tables_cover_the_id_registers():
         assert cat.fields_of(reg), reg
     assert mask_index((3, 0, 0, 7, 4)) == 60
     assert mask_index((3, 2, 0, 0, 0)) is None
+
+
+def test_aa32_visibility_rows_match_the_kernel_list():
+    from test_conformance_sim import AA32_ID
+    cat = catalog()
+    assert {r.name for r in cat.sysregs.values() if r.visibility == "aa32"} == AA32_ID
+    pfr0 = cat.id_of("ID_AA64PFR0_EL1")
+    assert cat.aarch32_el0({pfr0: 0x2}) and not cat.aarch32_el0({pfr0: 0x1}) and not cat.aarch32_el0({})
+
+
+def test_simulated_host_without_aarch32_el0_ignores_aa32_writes():
+    """a64fx (no AArch32): KVM's aa32_id_visibility makes ID_ISAR0_EL1 & co. read 0 and ignore userspace writes,
+    even after the first run; an AArch32-capable host (cortex-a76) checks them as usual."""
+    from invariantd.daemon.sim.host import SimHost
+    isar0 = catalog().id_of("ID_ISAR0_EL1")
+    for spec, raz in (("a64fx@7.3", True), ("cortex-a76@7.3", False)):
+        host = SimHost(spec)
+        vm = host.create_vm()
+        v = vm.create_vcpu(0)
+        from invariantd.daemon.kvm.backend import VcpuInit
+        v.init(VcpuInit(host.init.target, host.init.features))
+        before = v.get_reg(isar0)
+        assert (before == 0) == raz
+        if raz:
+            v.set_reg(isar0, 0x02101110)                   # accepted, ignored
+            assert v.get_reg(isar0) == 0
+            v.run_once()
+            v.set_reg(isar0, 0x1)                          # after the first run too
+            assert v.get_reg(isar0) == 0
+        else:
+            import pytest
+            from invariantd.daemon.kvm.errors import KvmError
+            with pytest.raises(KvmError):
+                v.set_reg(isar0, before + 0x10)              # raises a field: refused

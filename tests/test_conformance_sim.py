@@ -20,10 +20,26 @@ def _host(spec):
     return SimHost(spec)
 
 
+# KVM's AA32_ID_SANITISED / AA32_ID_WRITABLE registers (arch/arm64/kvm/sys_regs.c; ID_AFR0/ID_DFR1 are hidden)
+AA32_ID = {"ID_PFR0_EL1", "ID_PFR1_EL1", "ID_DFR0_EL1", "ID_MMFR0_EL1", "ID_MMFR1_EL1", "ID_MMFR2_EL1",
+           "ID_MMFR3_EL1", "ID_ISAR0_EL1", "ID_ISAR1_EL1", "ID_ISAR2_EL1", "ID_ISAR3_EL1", "ID_ISAR4_EL1",
+           "ID_ISAR5_EL1", "ID_MMFR4_EL1", "ID_ISAR6_EL1", "MVFR0_EL1", "MVFR1_EL1", "MVFR2_EL1", "ID_PFR2_EL1",
+           "ID_MMFR5_EL1"}
+PFR0 = "0x603000000013c020"          # ID_AA64PFR0_EL1 (3,0,0,4,0)
+
+
+def _raz_wi(doc, reg) -> bool:
+    """aa32_id_visibility: no AArch32 at EL0 (ID_AA64PFR0_EL1.EL0, bits 3:0, below 2) -> RAZ, writes ignored."""
+    kernel = tuple(map(int, doc["kernel_version"].split(".")))[:2]
+    return reg in AA32_ID and kernel >= (6, 1) and int(doc["values"][PFR0], 16) & 0xF < 2
+
+
 def _expected_field(era, doc, meta):
     """OK or the errno a field write must get, from the safety rule alone."""
     cat = catalog()
     reg, fname = meta["register"], meta["field"]
+    if _raz_wi(doc, reg):
+        return "OK"
     f = next(x for x in cat.fields_of(reg) if x.name == fname)
     cls = cat.reg_class(cat.id_of(reg))
     refusal = "EINVARIANT" if (era.name == "patched" and cls == "cache") else "EINVAL"
@@ -78,6 +94,8 @@ def test_every_generated_case_follows_the_rules(spec):
         if want == "OK" and meta["to"] == 0xF and (meta["register"], meta["field"]) in rewritten:
             mask = rewritten[(meta["register"], meta["field"])]
             assert int(steps[1][2], 16) == written & ~mask, f"{spec} {name}: IMP_DEF PMU not stored as none"
+        elif _raz_wi(doc, meta["register"]):
+            assert int(steps[1][2], 16) == 0, f"{spec} {name}: RAZ/WI register did not read 0"
         elif want == "OK":
             assert int(steps[1][2], 16) == written, f"{spec} {name}: accepted value not stored"
         else:
@@ -85,6 +103,7 @@ def test_every_generated_case_follows_the_rules(spec):
         assert steps[2][1] == "OK", f"{spec} {name}: restoring the host value failed"
         checked += 1
     assert checked > 100
+    assert any(_raz_wi(doc, m["register"]) for m in res["meta"].values()) == (spec.startswith("a64fx"))
     inv = "EINVARIANT" if era.name == "patched" else "EINVAL"
     assert cases["impid/midr-next-revision"][0][1] == inv
     assert cases["impid/midr-next-revision"][1] == ["get", "OK", doc["values"][f"{catalog().id_of('MIDR_EL1'):#x}"]]

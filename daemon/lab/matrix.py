@@ -22,6 +22,8 @@ MODELS = {
     "cortex-a72-r1p0": "cortex-a72,midr=0x411fd080",
     "neoverse-n1": "neoverse-n1",
     "max": "max,pauth-impdef=on",
+    "a64fx": "a64fx",
+    "cortex-a76": "cortex-a76",
 }
 KERNELS = ("6.1", "6.12", "7.x")
 # registers whose value changes between two reads (counters): not part of a profile comparison

@@ -144,6 +144,8 @@ class SimHost:
             for k, v in masks.items():
                 self.masks[int(k)] = int(v, 16)
         self.kernel_tuple = _ver(doc["kernel_version"])[:2]
+        # no AArch32 at EL0: the "aa32" ID registers are RAZ and ignore userspace writes (6.1+, sysregs.tsv)
+        self.aa32_raz = self.kernel_tuple >= (6, 1) and not self.catalog.aarch32_el0(self.values)
         self.init = VcpuInit(doc["vcpu_init"]["target"],
                              tuple(abi.VCPU_FEATURES[f] for f in doc["vcpu_init"]["base_features"]))
 
@@ -307,6 +309,8 @@ class SimVcpu:
 
     def get_reg(self, reg_id: int) -> int:
         self._check("KVM_GET_ONE_REG", reg_id)
+        if self.vm.host.aa32_raz and self.vm.host.catalog.visibility(reg_id) == "aa32":
+            return 0
         return self._store(reg_id)[reg_id]
 
     def get_reg_list(self, capacity: int) -> list[int]:
@@ -349,9 +353,11 @@ class SimVcpu:
         size = regid.size_bytes(reg_id)
         if value < 0 or value >> (8 * size):
             raise KvmError(op, E.EINVAL, reg_id, f"value does not fit {size} bytes")
+        cat = self.vm.host.catalog
+        if self.vm.host.aa32_raz and cat.visibility(reg_id) == "aa32":
+            return                      # REG_USER_WI: accepted, ignored (no setter runs, not even after first run)
         store = self._store(reg_id)
         cur = store[reg_id]
-        cat = self.vm.host.catalog
         cls = cat.reg_class(reg_id)
         group = regid.decode(reg_id).group
         era = self.vm.host.era
