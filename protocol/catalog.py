@@ -110,6 +110,22 @@ class FwReg:
 
 
 @dataclass(frozen=True, slots=True)
+class Precheck:
+    """A check one of KVM's custom ID-register setters makes before the generic rule (prechecks.tsv)."""
+    register: str
+    field: Field
+    min: int | None               # raw field values below it: EINVAL
+    refuse: tuple[int, ...]       # raw field values refused: EINVAL
+    rewrite: tuple[int, int] | None   # (from, to): KVM stores `to` when userspace writes `from`
+    since: tuple[int, ...]
+    why: str
+
+    def refuses(self, value: int) -> bool:
+        raw = self.field.raw(value)
+        return (self.min is not None and raw < self.min) or raw in self.refuse
+
+
+@dataclass(frozen=True, slots=True)
 class Drift:
     register: str
     reg_id: int
@@ -157,6 +173,16 @@ class Catalog:
         for r in _rows("fwregs.tsv"):
             rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))
             self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]), int(r["accepts"], 0))
+        self.prechecks: dict[str, tuple[Precheck, ...]] = {}
+        for r in _rows("prechecks.tsv"):
+            f = next((x for x in self.fields_of(r["register"]) if x.name == r["field"]), None)
+            if f is None:
+                raise CatalogError(f"prechecks.tsv: {r['register']}.{r['field']}: no such field in id_fields.tsv")
+            pc = Precheck(r["register"], f, int(r["min"]) if r["min"] else None,
+                          tuple(int(x) for x in r["refuse"].split(";") if x),
+                          tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
+                          _kver(r["since"]), r["why"])
+            self.prechecks[pc.register] = self.prechecks.get(pc.register, ()) + (pc,)
         self.drift: dict[int, Drift] = {}
         for r in _rows("drift.tsv"):
             rid = self.id_of(r["register"])
@@ -280,6 +306,18 @@ class Catalog:
         return {f.name: f.raw(value) for f in self.fields_of(reg)}
 
     # --- the kernel's per-field rule ----------------------------------------------------------
+    def precheck(self, reg: str, value: int, kernel: tuple[int, ...]) -> tuple[int, list[tuple[Field, str]]]:
+        """KVM's custom setter of `reg` on `kernel` (prechecks.tsv): (the value KVM would store, its refusals)."""
+        stored, problems = value, []
+        for pc in self.prechecks.get(reg, ()):
+            if tuple(kernel) < pc.since:
+                continue
+            if pc.refuses(value):
+                problems.append((pc.field, f"{pc.field.name}={pc.field.raw(value):#x}: {pc.why}"))
+            elif pc.rewrite and pc.field.raw(value) == pc.rewrite[0]:
+                stored = pc.field.put(stored, pc.rewrite[1])
+        return stored, problems
+
     def check_write(self, reg: str | int, val: int, limit: int, writable: int,
                     kernel: tuple[int, ...] | None = None) -> list[tuple[Field | None, str]]:
         """arm64_check_features(): every problem with writing `val` where the kernel holds `limit`.

@@ -72,7 +72,7 @@ def _wa2_fold(v: int) -> int:
 
 class _Ctx:
     __slots__ = ("vm", "dest", "pol", "cat", "src", "dst", "dst_listed", "masks", "kernel", "cap239",
-                 "entries", "frags", "notes", "dview_midr", "errata_missing")
+                 "entries", "frags", "notes", "dview_midr", "errata_missing", "aa32")
 
     def __init__(self, vm: VmProfile, dest: HostCapabilities, pol: Policy) -> None:
         self.vm, self.dest, self.pol, self.cat = vm, dest, pol, catalog()
@@ -82,6 +82,8 @@ class _Ctx:
         self.masks = dest.writable_masks
         self.kernel = dest.kernel
         self.cap239 = dest.cap(CAP239) > 0
+        # AArch32 at EL0: (destination host, VM); without it KVM makes the "aa32" ID registers RAZ/WI (6.1+)
+        self.aa32 = (self.cat.aarch32_el0(self.dst), self.cat.aarch32_el0(self.src))
         self.entries: list[PlanEntry] = []
         self.frags: list[bytes] = []
         self.notes: list[str] = []
@@ -156,7 +158,7 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
                 key = (rid, s, d, pol.digest)
                 fn = _fw
             else:
-                key = (rid, s, d, _mask(c, rid), per_field_key)
+                key = (rid, s, d, _mask(c, rid), per_field_key, c.aa32)
                 fn = _idreg
             hit = memo.get(key)
             if hit is None:
@@ -415,6 +417,13 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
         c.add(name, rid, "", s, d, s, Verdict.IDENTICAL, "same value")
         return
     pol, cat = c.pol, c.cat
+    if cat.visibility(rid) == "aa32" and not c.aa32[0] and tuple(c.kernel) >= (6, 1):
+        c.add(name, rid, "", s, d, d, Verdict.REFUSE,
+              f"{note}the destination has no AArch32 at EL0: KVM reads {name} as 0 and ignores writes, so the guest "
+              f"would see 0 instead of {s:#x}" + ("" if c.aa32[1] else
+                                                  " (the VM has no AArch32 EL0 either, so the value is UNKNOWN to "
+                                                  "its guest; carrying it as 0 is not planned yet)"))
+        return
     syn = pol.synthetic.get(rid)
     if syn is not None and c.kernel >= syn.since:
         if s & ~syn.mask:
@@ -427,18 +436,22 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
     planned = s
     refused = overridden = False
     covered = 0
+    # KVM's own setter for this register refuses some field values before the generic rule (prechecks.tsv)
+    setter = {f.name: why for f, why in cat.precheck(name, s, c.kernel)[1]} if per_field else {}
     for f in cat.fields_of(name):
         covered |= f.mask
         if not (s ^ d) & f.mask:
             continue
         fs, fd = f.get(s), f.get(d)
         writable = per_field and f.in_kernel(c.kernel) and (f.mask & wmask) == f.mask
-        if writable and f.safe_value(fs, fd) == fs:
+        if writable and f.safe_value(fs, fd) == fs and f.name not in setter:
             c.add(name, rid, f.name, f.raw(s), f.raw(d), f.raw(s), Verdict.SET,
                   f"{note}writable here and {_type(f)}-safe against the destination's {f.raw(d):#x}")
             continue
         if not per_field:
             why = f"ID registers must match on kernel {c.dest.kernel_version} (no writable masks)"
+        elif f.name in setter:
+            why = f"KVM's setter refuses it ({setter[f.name]})"
         elif not writable:
             why = "not writable on the destination (outside its writable mask)"
         else:
@@ -471,8 +484,11 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
                   f"{note}bits {rest:#x} differ and lie outside every catalogued field: {pol.exact_reason}")
     if not refused:
         # Safety net: the planned value must pass the destination kernel's own rule.
-        problems = (cat.check_write(name, planned, d, wmask, c.kernel) if per_field
-                    else ([] if planned == d else [(None, "value differs and this kernel accepts only its own")]))
+        if per_field:
+            stored, problems = cat.precheck(name, planned, c.kernel)
+            problems += cat.check_write(name, stored, d, wmask, c.kernel)
+        else:
+            problems = [] if planned == d else [(None, "value differs and this kernel accepts only its own")]
         if problems:
             refused = True
             c.add(name, rid, "(check)", planned, d, d, Verdict.REFUSE,

@@ -116,3 +116,46 @@ def test_a_drift_register_holding_guest_state_refuses():
     src["values"][f"{catalog().id_of('TCR2_EL1'):#x}"] = "0x1"
     plan = negotiate(S.load_source(src, extra), S.host_from_doc(probe_doc(f"cortex-a72-r0p4@{k}"), extra))
     assert entry(plan, "TCR2_EL1").verdict is Verdict.REFUSE and not plan.migratable
+
+
+# --- hosts without AArch32 (a64fx) and KVM's setter checks -------------------------------------------------------
+AA32_REGS = ("ID_ISAR0_EL1", "MVFR0_EL1", "ID_DFR0_EL1")
+
+
+@pytest.mark.parametrize("kernel", ["6.1", "6.12", "7.3"])
+def test_to_a_host_without_aarch32_the_aa32_registers_are_refused_with_the_reason(kernel):
+    plan, _ = plan_for(f"cortex-a76@{kernel}", f"a64fx@{kernel}")
+    assert not plan.migratable
+    rows = {e.register: e for e in plan.entries if not e.field}
+    for reg in AA32_REGS:
+        e = rows[reg]
+        assert e.verdict is Verdict.REFUSE and "no AArch32 at EL0" in e.reason and "reads" in e.reason, e
+        assert "UNKNOWN" not in e.reason                   # the A76 VM has AArch32 EL0: its guest may use it
+    el0 = next(e for e in plan.entries if (e.register, e.field) == ("ID_AA64PFR0_EL1", "EL0"))
+    assert el0.verdict is Verdict.REFUSE
+
+
+def test_between_hosts_without_aarch32_the_aa32_registers_are_identical():
+    plan, _ = plan_for("a64fx@6.12", "a64fx@7.3")
+    rows = {e.register: e for e in plan.entries if not e.field}
+    assert all(rows[r].verdict is Verdict.IDENTICAL and rows[r].source == 0 for r in AA32_REGS)
+
+
+def test_a_value_kvms_setter_refuses_is_not_planned_as_set():
+    """ID_DFR0_EL1.CopDbg below Armv8 debug: set_id_dfr0_el1 refuses it (prechecks.tsv) although the generic rule
+    calls lowering safe; the plan must not say "set" (the apply would meet EINVAL after the pause)."""
+    from invariantd.protocol.catalog import catalog
+    cat = catalog()
+    dfr0 = cat.id_of("ID_DFR0_EL1")
+    copdbg = next(f for f in cat.fields_of("ID_DFR0_EL1") if f.name == "CopDbg")
+    extra = frozenset(default_policy().drift)
+    src = probe_doc("cortex-a76@7.3")
+    vm = S.load_source(src, extra)
+    vals = dict(vm.values)
+    vals[dfr0] = copdbg.put(vals[dfr0], 0)
+    vm = S.VmProfile(vm.name, vm.revision, vm.features, tuple(sorted(vals.items())), vm.reg_list)
+    plan = negotiate(vm, S.host_from_doc(probe_doc("cortex-a76@7.3"), extra))
+    row = next(e for e in plan.entries if (e.register, e.field) == ("ID_DFR0_EL1", "CopDbg"))
+    assert row.verdict is not Verdict.SET and "setter refuses" in row.reason, row
+    reg = next(e for e in plan.entries if e.register == "ID_DFR0_EL1" and not e.field)
+    assert reg.verdict is Verdict.REFUSE or copdbg.get(reg.planned) >= 6, reg

@@ -2,7 +2,7 @@
 
 Host facts (register list, reset values, caps, writable masks, per-CPU MIDRs) come from a profile: a
 capability document written by `invariantctl lab profile` on a real kernel. Behaviour that differs by
-kernel comes from eras.tsv and prechecks.tsv. The per-field rule is the catalog's check_write(), the
+kernel comes from eras.tsv and protocol/data/prechecks.tsv. The per-field rule is the catalog's check_write(), the
 same code the negotiation engine uses.
 """
 from __future__ import annotations
@@ -77,18 +77,6 @@ def era_for(kernel: str) -> Era:
     raise ProfileError(f"no simulated kernel era covers {kernel} (eras: "
                        + ", ".join(f"{e.name} {'.'.join(map(str, e.lo))}-{'.'.join(map(str, e.hi))}"
                                    for e in eras().values() if e.lo) + ")")
-
-
-@lru_cache(maxsize=1)
-def prechecks() -> dict[str, list[tuple[str, int | None, tuple[int, ...], str]]]:
-    out: dict[str, list] = {}
-    for r in _tsv("prechecks.tsv"):
-        out.setdefault(r["register"], []).append(
-            (r["field"], int(r["min"]) if r["min"] else None,
-             tuple(int(x) for x in r["refuse"].split(";") if x),
-             tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
-             _ver(r["since"]) if r["since"] else (0,), r["why"]))
-    return out
 
 
 _PROFILE_DIR = ("data", "profiles")
@@ -435,15 +423,9 @@ class SimVcpu:
                 raise KvmError(op, era.invariant_errno if invariant else E.EINVAL, reg_id,
                                problems[0][1] if legacy else "ID registers must match the host on this kernel")
             return value
-        stored = value
-        for fname, lo, refuse, rewrite, since, why in prechecks().get(name, ()):
-            if host.kernel_tuple < since:
-                continue
-            f = next(x for x in cat.fields_of(name) if x.name == fname)
-            if (lo is not None and f.raw(value) < lo) or f.raw(value) in refuse:
-                raise KvmError(op, E.EINVAL, reg_id, f"{fname}={f.raw(value):#x}: {why}")
-            if rewrite and f.raw(value) == rewrite[0]:
-                stored = f.put(stored, rewrite[1])
+        stored, refused = cat.precheck(name, value, host.kernel_tuple)     # protocol/data/prechecks.tsv
+        if refused:
+            raise KvmError(op, E.EINVAL, reg_id, refused[0][1])
         if stored != value:     # a rewritten value goes through the generic rule as what KVM stores
             return self._set_idlike(op, reg_id, cls, stored, cur)
         if value == cur:
