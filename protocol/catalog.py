@@ -173,16 +173,6 @@ class Catalog:
         for r in _rows("fwregs.tsv"):
             rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))
             self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]), int(r["accepts"], 0))
-        self.prechecks: dict[str, tuple[Precheck, ...]] = {}
-        for r in _rows("prechecks.tsv"):
-            f = next((x for x in self.fields_of(r["register"]) if x.name == r["field"]), None)
-            if f is None:
-                raise CatalogError(f"prechecks.tsv: {r['register']}.{r['field']}: no such field in id_fields.tsv")
-            pc = Precheck(r["register"], f, int(r["min"]) if r["min"] else None,
-                          tuple(int(x) for x in r["refuse"].split(";") if x),
-                          tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
-                          _kver(r["since"]), r["why"])
-            self.prechecks[pc.register] = self.prechecks.get(pc.register, ()) + (pc,)
         self.drift: dict[int, Drift] = {}
         for r in _rows("drift.tsv"):
             rid = self.id_of(r["register"])
@@ -206,6 +196,16 @@ class Catalog:
         for reg, fields in acc.items():
             self._validate(reg, fields)
             self.fields[reg] = tuple(fields)
+        self.prechecks: dict[str, tuple[Precheck, ...]] = {}
+        for r in _rows("prechecks.tsv"):
+            f = next((x for x in self.fields_of(r["register"]) if x.name == r["field"]), None)
+            if f is None:
+                raise CatalogError(f"prechecks.tsv: {r['register']}.{r['field']}: no such field in id_fields.tsv")
+            pc = Precheck(r["register"], f, int(r["min"]) if r["min"] else None,
+                          tuple(int(x) for x in r["refuse"].split(";") if x),
+                          tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
+                          _kver(r["since"]), r["why"])
+            self.prechecks[pc.register] = self.prechecks.get(pc.register, ()) + (pc,)
 
     @staticmethod
     def _validate(reg: str, fields: list[Field]) -> None:
