@@ -159,3 +159,20 @@ def test_a_value_kvms_setter_refuses_is_not_planned_as_set():
     assert row.verdict is not Verdict.SET and "setter refuses" in row.reason, row
     reg = next(e for e in plan.entries if e.register == "ID_DFR0_EL1" and not e.field)
     assert reg.verdict is Verdict.REFUSE or copdbg.get(reg.planned) >= 6, reg
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_vm_without_aarch32_restores_on_the_simulated_a76(kernel):
+    """The simulated twin of tests/lab/test_cross_kernel.py's AArch32-hiding restore: same plan, same events."""
+    from invariantd.daemon import vmstate
+    from invariantd.daemon.lab.matrix import hide_aarch32
+    from invariantd.daemon.sim import SimHost
+    state = vmstate.capture(SimHost(f"cortex-a76@{kernel}"), 2)
+    hide_aarch32(state)
+    code, rep = vmstate.restore(SimHost(f"cortex-a76@{kernel}"), state)
+    assert code == 0, rep
+    rows = {(e["register"], e["field"]): e["verdict"] for e in rep["plan"]["entries"]}
+    assert rows[("ID_DFR0_EL1", "")] == "override" and rows[("ID_DFR0_EL1", "CopDbg")] == "override"
+    assert {(e["register"], e["errno"], e["action"]) for e in rep["events"]
+            if e["action"] != "readback-adjusted"} == {("ID_DFR0_EL1", "EINVAL", "override-plan")}
+    assert rep["mismatches"] == [] and rep["deviations"] == []

@@ -10,9 +10,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..conformance import compare, run_suite
 from ..sim.host import SimHost, era_for
+from ...protocol.catalog import catalog
 from . import LabError, run_in_guest, run_many_in_guest
 
 # profile name -> QEMU -cpu model (one row per CPU model; the profile file is NAME@<kernel major.minor>.json)
@@ -104,14 +106,37 @@ CAPTURE = ["-m", "invariantd.daemon.vmstate", "capture", "--vcpus", "2"]
 RESTORE = ["-m", "invariantd.daemon.vmstate", "restore", "/opt/ivd/job/in.state.json", "--json"]
 
 
-def cross_restore(src: tuple[str, str], dst: tuple[str, str]) -> tuple[int, dict]:
+def hide_aarch32(state: dict) -> None:
+    """Edit a captured VM state into one whose guest sees no AArch32 (ID_AA64PFR0_EL1.EL0 = 1, the AArch32 ID
+    registers 0): what a VM from a host without AArch32 (a64fx, Neoverse-N2) carries."""
+    cat = catalog()
+    pfr0 = cat.id_of("ID_AA64PFR0_EL1")
+    el0 = next(f for f in cat.fields_of("ID_AA64PFR0_EL1") if f.name == "EL0")
+    aa32 = {r.reg_id for r in cat.sysregs.values() if r.visibility == "aa32"}
+    for regs in state["regsets"].values():
+        for pair in regs:
+            r = int(pair[0], 16)
+            if r == pfr0:
+                pair[1] = f"{el0.put(int(pair[1], 16), 1):#x}"
+            elif r in aa32:
+                pair[1] = "0x0"
+
+
+def cross_restore(src: tuple[str, str], dst: tuple[str, str],
+                  edit: Callable[[dict], None] | None = None) -> tuple[int, dict]:
     """Capture a 2-vCPU VM (run once) on real kernel+CPU `src`, restore it on real kernel+CPU `dst`:
     plan against the destination kernel's own capabilities, apply with the retry, read back.
+    edit(state): change the captured state before the restore (e.g. hide_aarch32).
     Returns (the restore's exit code, its report)."""
     cap = run_in_guest(src[0], MODELS[src[1]], CAPTURE)
     if cap.returncode != 0:
         raise LabError(_failed(cap, f"capture on {src}"))
-    res = run_many_in_guest(dst[0], MODELS[dst[1]], [RESTORE], files={"state.json": cap.stdout.encode()})[0]
+    data = cap.stdout.encode()
+    if edit is not None:
+        state = json.loads(cap.stdout)
+        edit(state)
+        data = json.dumps(state).encode()
+    res = run_many_in_guest(dst[0], MODELS[dst[1]], [RESTORE], files={"state.json": data})[0]
     if res.returncode not in (0, 3, 5):
         raise LabError(_failed(res, f"restore on {dst}"))
     report = json.loads(res.stdout)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from invariantd.daemon import lab
-from invariantd.daemon.lab.matrix import cross_restore
+from invariantd.daemon.lab.matrix import cross_restore, hide_aarch32
 
 pytestmark = pytest.mark.lab
 
@@ -61,3 +61,19 @@ def test_other_part_is_refused_before_anything_is_applied(provisioned):
     assert code == 3
     assert "registers" not in rep and "events" not in rep
     assert not rep["plan"]["migratable"]
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.x"])
+def test_vm_without_aarch32_restores_on_an_aarch32_host(provisioned, kernel):
+    """A VM whose guest sees no AArch32 (ID_AA64PFR0_EL1.EL0 = 1, AArch32 ID registers 0, as a VM from an a64fx
+    or Neoverse-N2 carries) restored on a real Cortex-A76: the kernel takes every zero but ID_DFR0_EL1's, whose
+    setter refuses CopDbg below Armv8 (EINVAL). The plan knew (prechecks.tsv): it overrides that field with the
+    destination's, and the apply's EINVAL retry lands exactly there."""
+    code, rep = cross_restore((kernel, "cortex-a76"), (kernel, "cortex-a76"), edit=hide_aarch32)
+    assert code == 0, rep.get("error") or rep.get("mismatches")
+    ch = changed(rep)
+    assert ch[("ID_DFR0_EL1", "")] == "override" and ch[("ID_DFR0_EL1", "CopDbg")] == "override"
+    assert ch[("ID_ISAR0_EL1", "")] == "set" and ch[("ID_AA64PFR0_EL1", "EL0")] == "set"
+    assert ("ID_DFR0_EL1", "EINVAL", "override-plan") in actions(rep)
+    assert [a for a in actions(rep) if a[0] != "ID_DFR0_EL1" and a[2] != "readback-adjusted"] == []
+    assert rep["mismatches"] == [] and rep["deviations"] == []
