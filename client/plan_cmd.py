@@ -2,7 +2,7 @@
 
 plan --from VMPROFILE|CAPS --to CAPS [--policy FILE] [--json]
     A capability document (`invariantctl probe --json`) given to --from stands for a VM created on that
-    host with its defaults. Prints one row per register and per differing field (register, field, source,
+    host with its defaults; a shipped host profile name (e.g. cortex-a76@7.3) stands for its document. Prints one row per register and per differing field (register, field, source,
     destination, verdict, reason) and a summary of what the guest will see change.
     Exit codes: 0 migratable, 3 refused (not migratable), 2 bad input (the message names what is wrong).
 baseline CAPS... [--name NAME] [--revision N] [--policy FILE] [--json] [-o FILE]
@@ -24,11 +24,19 @@ def _err(message: str, code: int = EXIT_USAGE):
 
 
 def _read_json(path: str, what: str) -> dict:
+    """A JSON file; or, when no such file exists, a shipped simulated host (`cortex-a76@7.3`, the --sim specs):
+    its capability document, as `invariantctl probe --sim SPEC --json` prints it."""
     try:
         with open(path, "rb") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise _err(f"{what} {path}: no such file") from None
+        from ..daemon.sim.host import list_profiles
+        known = list_profiles()
+        if path.split("-patched")[0] in known:
+            from ..daemon.probe import probe
+            from ..daemon.sim.host import SimHost
+            return probe(SimHost(path), profile=path)
+        raise _err(f"{what} {path}: no such file, and not a shipped host profile ({', '.join(known)})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _err(f"{what} {path}: malformed JSON ({e})") from None
     except OSError as e:

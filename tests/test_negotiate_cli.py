@@ -95,3 +95,14 @@ def test_baseline_conflict_exit_3(files, capsys):
     b = files("b.json", make_doc("6.1", {reg: field_put(reg, "AES", 1)}, masks=None))
     code, out, _ = run(["baseline", a, b], capsys)
     assert code == 3 and "CONFLICT ID_AA64ISAR0_EL1.AES" in out
+
+
+def test_plan_takes_shipped_host_profiles_by_name(capsys):
+    """A76 -> N1: another part with the same features: migratable on 7.3 (MIDR pinned with cap 239), refused on
+    6.12 (no cap 239); a name that is neither a file nor a shipped profile lists the shipped ones."""
+    code, out, _ = run(["plan", "--from", "cortex-a76@7.3", "--to", "neoverse-n1@7.3"], capsys)
+    assert code == 0 and " pin " in out and "MIGRATABLE" in out
+    code, out, _ = run(["plan", "--from", "cortex-a76@6.12", "--to", "neoverse-n1@6.12"], capsys)
+    assert code == 3 and "PartNum" in out
+    code, _, err = run(["plan", "--from", "cortex-a99@7.3", "--to", "neoverse-n1@7.3"], capsys)
+    assert code == 2 and "not a shipped host profile" in err and "a64fx@7.3" in err
