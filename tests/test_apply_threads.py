@@ -97,16 +97,21 @@ def kvm():
     k.close()
 
 
+def _vcpus(kvm, vm, n: int) -> dict:
+    """n vCPUs of `vm`, initialised on arm64 (preferred target, PSCI 0.2)."""
+    vcpus = {i: vm.create_vcpu(i) for i in range(n)}
+    if kvm.arch == "aarch64":
+        from invariantd.daemon.kvm.backend import VcpuInit
+        pref = vm.preferred_target()
+        for v in vcpus.values():
+            v.init(VcpuInit(pref.target, (abi.VCPU_FEATURES["PSCI_0_2"],)))
+    return vcpus
+
+
 def test_real_threaded_equals_serial(kvm):
     src = kvm.create_vm()
     try:
-        vcpus = {i: src.create_vcpu(i) for i in range(8)}
-        if kvm.arch == "aarch64":
-            from invariantd.daemon.kvm.backend import VcpuInit
-            pref = src.preferred_target()
-            for v in vcpus.values():
-                v.init(VcpuInit(pref.target, (abi.VCPU_FEATURES["PSCI_0_2"],)))
-        regsets = read_vm(vcpus)
+        regsets = read_vm(_vcpus(kvm, src, 8))
     finally:
         src.close()
     if not regsets[0]:
@@ -128,12 +133,7 @@ def test_read_vm_async_equals_read_vm(kvm):
     vCPU order; an unreadable register raises the same KvmError naming it."""
     vm = kvm.create_vm()
     try:
-        vcpus = {i: vm.create_vcpu(i) for i in range(6)}
-        if kvm.arch == "aarch64":
-            from invariantd.daemon.kvm.backend import VcpuInit
-            pref = vm.preferred_target()
-            for v in vcpus.values():
-                v.init(VcpuInit(pref.target, (abi.VCPU_FEATURES["PSCI_0_2"],)))
+        vcpus = _vcpus(kvm, vm, 6)
         serial = read_vm(vcpus)
         got = run(read_vm_async, vcpus, kvm)
         assert list(got) == sorted(vcpus)
