@@ -32,6 +32,7 @@ class Case:
     cap239_first: bool = False
     run_first: bool = False
     meta: dict = field(default_factory=dict)
+    features: tuple[str, ...] = ("PSCI_0_2",)              # the vCPU's init features (kvmabi names)
 
 
 def _field_cases(doc: dict) -> list[Case]:
@@ -117,15 +118,35 @@ def generate(doc: dict) -> list[Case]:
         v = values.get(ctr, 0)
         l1ip = next(f for f in cat.fields_of("CTR_EL0") if f.name == "L1Ip")
         cases.append(Case("cache/CTR_EL0/l1ip-vpipt", "cache", [("set", ctr, l1ip.put(v, 0)), ("get", ctr)]))
-    return cases + _field_cases(doc)
+    return cases + _sve_cases(doc) + _field_cases(doc)
 
 
-def _fresh(backend, cap239: bool):
+def _sve_cases(doc: dict) -> list[Case]:
+    """KVM_REG_ARM64_SVE_VLS on an SVE vCPU (set_sve_vls): the host's set, a lower maximum, only 128 bits, a hole,
+    one above the host's maximum, none, and a write after KVM_ARM_VCPU_FINALIZE."""
+    if not doc["caps"].get("KVM_CAP_ARM_SVE") or "sve_vls" not in doc:
+        return []
+    vls = int(doc["sve_vls"], 16)
+    top = vls.bit_length()
+    sets = [("host", vls), ("only-128", 1), ("zero", 0)]
+    if vls & (vls - 1):
+        sets += [("drop-max", vls & ~(1 << (top - 1))), ("hole", vls & ~1)]
+    if top < 512:
+        sets.append(("above", vls | (1 << top)))
+    sve = ("PSCI_0_2", "SVE")
+    cases = [Case(f"sve/vls-{label}", "sve", [("set", regid.SVE_VLS, v), ("get", regid.SVE_VLS)], features=sve)
+             for label, v in sets]
+    cases.append(Case("sve/vls-after-finalize", "sve", [("finalize",), ("set", regid.SVE_VLS, vls),
+                                                        ("get", regid.SVE_VLS)], features=sve))
+    return cases
+
+
+def _fresh(backend, cap239: bool, features: tuple[str, ...] = ("PSCI_0_2",)):
     vm = backend.create_vm(0)
     if cap239:
         vm.enable_cap(abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS)
     vcpu = vm.create_vcpu(0)
-    vcpu.init(VcpuInit(vm.preferred_target().target, (abi.VCPU_FEATURES["PSCI_0_2"],)))
+    vcpu.init(VcpuInit(vm.preferred_target().target, tuple(abi.VCPU_FEATURES[f] for f in features)))
     return vm, vcpu
 
 
@@ -157,7 +178,7 @@ def run_case(backend, case: Case, caps: dict) -> list[list]:
         finally:
             vm.close()
         return [[a, b, None] for a, b, _ in out]
-    vm, vcpu = _fresh(backend, cap239)
+    vm, vcpu = _fresh(backend, cap239, case.features)
     try:
         if case.run_first:
             out.append(["run", *_ok(vcpu.run_once)])
@@ -187,6 +208,9 @@ def run_case(backend, case: Case, caps: dict) -> list[list]:
             elif op == "masks-bad":
                 st, _ = _ok(lambda: _masks_bad_range(vm))
                 out.append(["masks-bad-range", st, None])
+            elif op == "finalize":
+                st, _ = _ok(lambda: vcpu.finalize(abi.KVM_ARM_VCPU_SVE))
+                out.append(["finalize", st, None])
             elif op == "check":
                 out.append(["check_extension", "OK", vm.check_extension(step[1])])
     finally:

@@ -111,7 +111,7 @@ def vm_profile(vm_id: str, init, regsets: Mapping[int, Sequence[tuple[int, int]]
     first = list(regsets[min(regsets)])
     keep = frozenset(policy.drift)
     cat = catalog()
-    values = {r: v for r, v in first if r in keep or cat.reg_class(r) in S.PLANNED_CLASSES}
+    values = {r: v for r, v in first if r in keep or r in S.PLANNED_IDS or cat.reg_class(r) in S.PLANNED_CLASSES}
     for rid, d in policy.drift.items():
         resets = getattr(d, "resets", None) or (d.reset,)
         for regs in regsets.values():

@@ -71,7 +71,22 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
         doc["registers"] = describe(ids, dict(zip(ids, vals)), doc["writable_masks"])
     finally:
         vm.close()
+    if doc["caps"].get("KVM_CAP_ARM_SVE"):
+        doc["sve_vls"] = f"{sve_vector_lengths(backend):#x}"
     return doc
+
+
+def sve_vector_lengths(backend: Backend) -> int:
+    """KVM_REG_ARM64_SVE_VLS of a fresh SVE vCPU before finalize: the host's vector lengths (bit vq-1 set for
+    each supported vq = VL/128). A VM's set must match it exactly up to the VM's own maximum (set_sve_vls)."""
+    vm = backend.create_vm(0)
+    try:
+        vcpu = vm.create_vcpu(0)
+        vcpu.init(VcpuInit(vm.preferred_target().target,
+                           tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES) + (abi.VCPU_FEATURES["SVE"],)))
+        return vcpu.get_reg(regid.SVE_VLS)
+    finally:
+        vm.close()
 
 
 def describe(ids, values: dict[int, int], masks: dict | None) -> list[dict]:

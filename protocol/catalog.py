@@ -138,6 +138,27 @@ class Drift:
         return self.resets[0]
 
 
+def sve_vqs(vls: int) -> list[int]:
+    """The vector lengths of a KVM_REG_ARM64_SVE_VLS value, in quadwords (bit vq-1; VL = 128 * vq bits)."""
+    return [q + 1 for q in range(vls.bit_length()) if vls >> q & 1]
+
+
+def sve_vls_problem(vls: int, host: int) -> str | None:
+    """Why KVM_SET_ONE_REG(KVM_REG_ARM64_SVE_VLS) = vls fails on a host offering `host` (set_sve_vls,
+    arch/arm64/kvm/guest.c), or None: at least one length, the maximum within the host's, and exactly the host's
+    lengths up to that maximum (KVM can only cap the length, ZCR_EL2.LEN; it cannot hide one below the cap)."""
+    if not vls:
+        return "no vector length"
+    top = vls.bit_length()
+    bits = lambda v: "/".join(str(128 * q) for q in sve_vqs(v)) or "none"        # noqa: E731
+    if top > host.bit_length():
+        return f"maximum VL {128 * top} above the host's {128 * host.bit_length()} (host offers {bits(host)})"
+    if vls != host & ((1 << top) - 1):
+        return (f"VLs {bits(vls)} are not the host's up to {128 * top} ({bits(host & ((1 << top) - 1))}): KVM can "
+                f"cap the vector length but not hide one below the cap")
+    return None
+
+
 def mask_index(enc: tuple[int, int, int, int, int]) -> int | None:
     op0, op1, crn, crm, op2 = enc
     if op0 != 3 or crn != 0 or op1 not in (0, 1, 3) or crm > 7:

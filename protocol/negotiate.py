@@ -21,7 +21,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from . import errata
-from .catalog import Field, Safety, catalog, mask_index
+from .catalog import Field, Safety, catalog, mask_index, sve_vls_problem, sve_vqs
 from . import kvmabi, regid
 from .policy import Policy, default_policy
 from .schemas import HostCapabilities, Plan, PlanEntry, Verdict, VmProfile
@@ -133,6 +133,9 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
     per_field_key = (c.masks is None, c.kernel, dest.kernel_version, pol.digest)
     errata_key = tuple(e.erratum for e in c.errata_missing)
     for rid in ids:
+        if rid == regid.SVE_VLS:
+            _sve_vls(c, src.get(rid), dst.get(rid))
+            continue
         name, cls, _ = _meta(rid)
         s = src.get(rid)
         d = dst.get(rid)
@@ -500,6 +503,24 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
                                                               f"fields where the policy allows the guest to see them")
     else:
         c.add(name, rid, "", s, d, planned, Verdict.SET, f"{note}every differing field is writable and safe here")
+
+
+def _sve_vls(c: _Ctx, s: int | None, d: int | None) -> None:
+    """An SVE VM's vector lengths (KVM_REG_ARM64_SVE_VLS) against the destination's: KVM's set_sve_vls rule
+    (catalog.sve_vls_problem), which the simulator applies too and the real kernels confirm (conformance)."""
+    if s is None or "SVE" not in c.vm.features:
+        return                                   # not an SVE VM: no vector lengths to carry
+    name, rid = "KVM_REG_ARM64_SVE_VLS", regid.SVE_VLS
+    if d is None:
+        c.add(name, rid, "", s, 0, s, Verdict.SET, "the destination document does not list its SVE vector lengths: "
+                                                   "KVM decides when the VLs are written (before finalize)")
+    elif s == d:
+        c.add(name, rid, "", s, d, s, Verdict.IDENTICAL, "same vector lengths")
+    elif (why := sve_vls_problem(s, d)) is None:
+        c.add(name, rid, "", s, d, s, Verdict.SET, f"VLs {', '.join(str(128 * q) for q in sve_vqs(s))} are the "
+                                                   f"destination's up to their maximum: KVM caps the length there")
+    else:
+        c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"KVM refuses the VM's vector lengths here: {why}")
 
 
 def _fw(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:

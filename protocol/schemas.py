@@ -27,6 +27,7 @@ NESTING_LIMIT = 16
 
 # Register classes the negotiation looks at (catalog.reg_class()).
 PLANNED_CLASSES = ("id", "imp_id", "cache", "fw")
+PLANNED_IDS = frozenset({regid.SVE_VLS})     # planned too: an SVE VM's vector lengths against the host's
 
 
 class SchemaError(ValueError):
@@ -172,7 +173,7 @@ def _reg_key(key: str, what: str) -> int:
 
 @lru_cache(maxsize=1 << 16)
 def _keep(rid: int, extra: frozenset[int]) -> bool:
-    return rid in extra or catalog().reg_class(rid) in PLANNED_CLASSES
+    return rid in extra or rid in PLANNED_IDS or catalog().reg_class(rid) in PLANNED_CLASSES
 
 
 def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCapabilities:
@@ -208,6 +209,8 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
             masks = tuple(words)
         caps = tuple(sorted((str(k), int(v)) for k, v in doc["caps"].items()))
         midrs = tuple(_hex(m, "cpu_midrs") for m in doc.get("cpu_midrs") or ())
+        if doc.get("sve_vls"):      # an SVE vCPU's KVM_REG_ARM64_SVE_VLS before finalize: the host's lengths
+            values[regid.SVE_VLS] = _hex(doc["sve_vls"], "sve_vls")
     except (AttributeError, TypeError) as e:
         raise SchemaError(f"capability document: malformed field ({e})") from None
     init = doc.get("vcpu_init") or {}

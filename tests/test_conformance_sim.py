@@ -129,6 +129,7 @@ def test_every_generated_case_follows_the_rules(spec):
         assert cases["impid-cap239-after-run/midr-next-revision"][1][1] == "EBUSY"
     else:
         assert cases["impid-cap239/midr-next-revision"][0][0] == "skip"
+    _check_sve(doc, cases)
     assert cases["masks/ioctl"][0][1] == ("EINVAL" if doc["writable_masks"] is None else "OK")
     assert cases["masks/bad-range"][0][1] == "EINVAL"
 
@@ -163,3 +164,23 @@ def test_unknown_profile_lists_known_ones():
         SimHost("no-such-cpu@6.12")
     with pytest.raises(ProfileError, match="PROFILE@KERNEL"):
         SimHost("cortex-a72")
+
+
+def _check_sve(doc, cases):
+    """set_sve_vls restated: lengths = bits vq-1; the VM's maximum within the host's and exactly the host's lengths up
+    to it; nothing after finalize (EPERM); a refused write leaves the host's set."""
+    sve = {k: v for k, v in cases.items() if k.startswith("sve/")}
+    if not doc["caps"].get("KVM_CAP_ARM_SVE") or "sve_vls" not in doc:
+        assert not sve
+        return
+    host = int(doc["sve_vls"], 16)
+    want = {"sve/vls-host": ("OK", host), "sve/vls-only-128": ("OK", 1), "sve/vls-zero": ("EINVAL", host)}
+    top = host.bit_length()
+    if host & (host - 1):
+        want["sve/vls-drop-max"] = ("OK", host & ~(1 << (top - 1)))
+        want["sve/vls-hole"] = ("EINVAL", host)
+    want["sve/vls-above"] = ("EINVAL", host)
+    assert set(sve) == set(want) | {"sve/vls-after-finalize"}, sorted(sve)
+    for name, (errno, after) in want.items():
+        assert sve[name][0][1] == errno and int(sve[name][1][2], 16) == after, (name, sve[name])
+    assert [st for _, st, _ in sve["sve/vls-after-finalize"]] == ["OK", "EPERM", "OK"]

@@ -176,3 +176,41 @@ def test_vm_without_aarch32_restores_on_the_simulated_a76(kernel):
     assert {(e["register"], e["errno"], e["action"]) for e in rep["events"]
             if e["action"] != "readback-adjusted"} == {("ID_DFR0_EL1", "EINVAL", "override-plan")}
     assert rep["mismatches"] == [] and rep["deviations"] == []
+
+
+# --- SVE vector lengths (KVM_REG_ARM64_SVE_VLS) -------------------------------------------------------------------
+def _sve_vm(spec: str, vls: int | None = None):
+    """A VM with SVE on `spec`'s host: its profile carries the vector lengths (the host's unless `vls`)."""
+    from invariantd.protocol import regid
+    extra = frozenset(default_policy().drift)
+    vm = S.load_source(probe_doc(spec), extra)
+    vals = dict(vm.values)
+    assert regid.SVE_VLS in vals                           # the host document lists its lengths (probe.py)
+    if vls is not None:
+        vals[regid.SVE_VLS] = vls
+    return S.VmProfile(vm.name, vm.revision, tuple(vm.features) + ("SVE",), tuple(sorted(vals.items())),
+                       vm.reg_list)
+
+
+def _vls_row(vm, spec):
+    plan = negotiate(vm, S.host_from_doc(probe_doc(spec), frozenset(default_policy().drift)))
+    return next(e for e in plan.entries if e.register == "KVM_REG_ARM64_SVE_VLS"), plan
+
+
+def test_sve_vector_lengths_follow_kvms_rule():
+    # a64fx offers 128/256/512; QEMU max 128..2048 in steps of 128 (the real kernels report 0xb and 0xffff)
+    assert probe_doc("a64fx@7.3")["sve_vls"] == "0xb" and probe_doc("max@7.3")["sve_vls"] == "0xffff"
+    assert "sve_vls" not in probe_doc("cortex-a76@7.3")
+    row, _ = _vls_row(_sve_vm("max@7.3"), "max@6.12")
+    assert row.verdict is Verdict.IDENTICAL
+    row, plan = _vls_row(_sve_vm("a64fx@7.3"), "max@7.3")     # max also offers 384 below 512: cannot be hidden
+    assert row.verdict is Verdict.REFUSE and "384" in row.reason and not plan.migratable
+    row, _ = _vls_row(_sve_vm("max@7.3"), "a64fx@7.3")        # up to 2048 onto a 512 host
+    assert row.verdict is Verdict.REFUSE and "above the host's 512" in row.reason
+    row, _ = _vls_row(_sve_vm("max@7.3", vls=0x3), "a64fx@7.3")   # a VMM that capped the VM at 256 bits
+    assert row.verdict is Verdict.SET and "128, 256" in row.reason
+
+
+def test_vm_without_sve_plans_no_vector_lengths():
+    plan, _ = plan_for("max@7.3", "a64fx@7.3")
+    assert not [e for e in plan.entries if e.register == "KVM_REG_ARM64_SVE_VLS"]

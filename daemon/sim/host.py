@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ...protocol import kvmabi as abi
 from ...protocol import regid
-from ...protocol.catalog import Catalog, catalog, mask_index
+from ...protocol.catalog import Catalog, catalog, mask_index, sve_vls_problem
 from ..kvm.backend import VcpuInit, reg_list_handshake
 from ..kvm.errors import KvmError
 
@@ -132,6 +132,7 @@ class SimHost:
             for k, v in masks.items():
                 self.masks[int(k)] = int(v, 16)
         self.kernel_tuple = _ver(doc["kernel_version"])[:2]
+        self.sve_vls = int(doc.get("sve_vls", "0x1"), 16)      # the host's SVE vector lengths (probe.py)
         # no AArch32 at EL0: the "aa32" ID registers are RAZ and ignore userspace writes (6.1+, sysregs.tsv)
         self.aa32_raz = self.kernel_tuple >= (6, 1) and not self.catalog.aarch32_el0(self.values)
         self.init = VcpuInit(doc["vcpu_init"]["target"],
@@ -248,7 +249,7 @@ class SimVcpu:
                    + [regid.sve_ffr(), regid.SVE_VLS])
             self.listed += sve
             for r in sve:
-                self.values[r] = 1 if r == regid.SVE_VLS else 0
+                self.values[r] = host.sve_vls if r == regid.SVE_VLS else 0
         if self.vm.vm_values is None:
             self.vm.vm_values = {r: v for r, v in self.values.items() if _vm_wide(cat.reg_class(r))}
 
@@ -260,6 +261,16 @@ class SimVcpu:
         if self.finalized:
             raise KvmError("KVM_ARM_VCPU_FINALIZE", E.EPERM, detail="already finalized")
         self.finalized = True
+
+    def _check_vls(self, op: str, value: int) -> int:
+        """set_sve_vls (arch/arm64/kvm/guest.c): before finalize only; the set's maximum within the host's, and
+        exactly the host's vector lengths up to that maximum (KVM can only cap ZCR_EL2.LEN, not hide one)."""
+        if self.finalized:
+            raise KvmError(op, E.EPERM, regid.SVE_VLS, "SVE already finalized")
+        why = sve_vls_problem(value, self.vm.host.sve_vls)
+        if why:
+            raise KvmError(op, E.EINVAL, regid.SVE_VLS, why)
+        return value
 
     def run_once(self) -> str:
         if self.features is None:
@@ -344,6 +355,9 @@ class SimVcpu:
         cat = self.vm.host.catalog
         if self.vm.host.aa32_raz and cat.visibility(reg_id) == "aa32":
             return                      # REG_USER_WI: accepted, ignored (no setter runs, not even after first run)
+        if reg_id == regid.SVE_VLS:
+            self.values[reg_id] = self._check_vls(op, value)
+            return
         store = self._store(reg_id)
         cur = store[reg_id]
         cls = cat.reg_class(reg_id)
