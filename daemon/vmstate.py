@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 
 from ..protocol import kvmabi as abi
+from ..protocol import regid
 from ..protocol import schemas as S
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
@@ -35,16 +37,24 @@ def _backend(sim: str | None):
 
 def capture(backend, vcpus: int, features=("PSCI_0_2",), run: bool = True) -> dict:
     """A fresh VM with `vcpus` vCPUs (run once each when `run`, so KVM has frozen its ID registers as a running
-    guest's would be), its register sets, and the source host's capability document."""
+    guest's would be), its register sets, and the source host's capability document. With "SVE" in `features`
+    each vCPU is finalized at the host's vector lengths and its Z/P/FFR registers hold pseudo-random data
+    (what KVM keeps of it: the bits within the vector length) before the run."""
     vm = backend.create_vm(0)
     try:
         feats = tuple(abi.VCPU_FEATURES[f] for f in features)
         init = VcpuInit(vm.preferred_target().target, feats) if backend.arch == "aarch64" else None
         handles = {}
+        rnd = random.Random(0x5FE)
         for i in range(vcpus):
             v = vm.create_vcpu(i)
             if init is not None:
                 v.init(init)
+            if "SVE" in features:
+                v.finalize(abi.KVM_ARM_VCPU_SVE)
+                for r in v.reg_list():
+                    if regid.decode(r).group == "sve" and r != regid.SVE_VLS:
+                        v.set_reg(r, rnd.getrandbits(8 * regid.size_bytes(r)))
             handles[i] = v
         if run:
             for v in handles.values():
@@ -117,6 +127,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("capture", help="create a VM here and print its vCPU state document")
     c.add_argument("--vcpus", type=int, default=2)
     c.add_argument("--no-run", action="store_true", help="do not enter the guest once before reading")
+    c.add_argument("--sve", action="store_true", help="vCPUs with SVE (Z/P/FFR filled with pseudo-random data)")
     c.add_argument("--sim", metavar="PROFILE@KERNEL", help="capture on the simulated host")
     r = sub.add_parser("restore", help="plan against this host and apply a captured state")
     r.add_argument("file", help="state document (- for stdin)")
@@ -125,7 +136,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     backend = _backend(a.sim)
     if a.cmd == "capture":
-        json.dump(capture(backend, a.vcpus, run=not a.no_run), sys.stdout)
+        feats = ("PSCI_0_2", "SVE") if a.sve else ("PSCI_0_2",)
+        json.dump(capture(backend, a.vcpus, feats, run=not a.no_run), sys.stdout)
         sys.stdout.write("\n")
         return 0
     try:

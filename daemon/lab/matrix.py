@@ -123,12 +123,12 @@ def hide_aarch32(state: dict) -> None:
 
 
 def cross_restore(src: tuple[str, str], dst: tuple[str, str],
-                  edit: Callable[[dict], None] | None = None) -> tuple[int, dict]:
+                  edit: Callable[[dict], None] | None = None, sve: bool = False) -> tuple[int, dict]:
     """Capture a 2-vCPU VM (run once) on real kernel+CPU `src`, restore it on real kernel+CPU `dst`:
     plan against the destination kernel's own capabilities, apply with the retry, read back.
-    edit(state): change the captured state before the restore (e.g. hide_aarch32).
-    Returns (the restore's exit code, its report)."""
-    cap = run_in_guest(src[0], MODELS[src[1]], CAPTURE)
+    edit(state): change the captured state before the restore (e.g. hide_aarch32). sve: vCPUs with SVE, Z/P/FFR
+    holding pseudo-random data. Returns (the restore's exit code, its report)."""
+    cap = run_in_guest(src[0], MODELS[src[1]], CAPTURE + (["--sve"] if sve else []))
     if cap.returncode != 0:
         raise LabError(_failed(cap, f"capture on {src}"))
     data = cap.stdout.encode()
