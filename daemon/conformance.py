@@ -138,6 +138,12 @@ def _sve_cases(doc: dict) -> list[Case]:
              for label, v in sets]
     cases.append(Case("sve/vls-after-finalize", "sve", [("finalize",), ("set", regid.SVE_VLS, vls),
                                                         ("get", regid.SVE_VLS)], features=sve))
+    cat = catalog()
+    pfr0, zfr0 = cat.id_of("ID_AA64PFR0_EL1"), cat.id_of("ID_AA64ZFR0_EL1")
+    cases.append(Case("sve/id-view", "sve", [("get", pfr0), ("get", zfr0)], features=sve))
+    view = {int(k, 16): int(v, 16) for k, v in (doc.get("sve_values") or {}).items()}
+    if pfr0 in view:          # the SVE view is the limit an SVE vCPU's writes are checked against
+        cases.append(Case("sve/pfr0-view-same", "sve", [("set", pfr0, view[pfr0]), ("get", pfr0)], features=sve))
     return cases
 
 

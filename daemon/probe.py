@@ -72,19 +72,30 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
     finally:
         vm.close()
     if doc["caps"].get("KVM_CAP_ARM_SVE"):
-        doc["sve_vls"] = f"{sve_vector_lengths(backend):#x}"
+        vls, view = sve_view(backend, doc["values"])
+        doc["sve_vls"] = f"{vls:#x}"
+        doc["sve_values"] = view
     return doc
 
 
-def sve_vector_lengths(backend: Backend) -> int:
-    """KVM_REG_ARM64_SVE_VLS of a fresh SVE vCPU before finalize: the host's vector lengths (bit vq-1 set for
-    each supported vq = VL/128). A VM's set must match it exactly up to the VM's own maximum (set_sve_vls)."""
+def sve_view(backend: Backend, base_values: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """A fresh vCPU with SVE: KVM_REG_ARM64_SVE_VLS before finalize, the host's vector lengths (bit vq-1 per
+    supported vq = VL/128; a VM's set must match it up to its own maximum, set_sve_vls), and the ID registers that
+    read differently than on a vCPU without SVE (ID_AA64PFR0_EL1.SVE, ID_AA64ZFR0_EL1: KVM hides them without the
+    feature), as {id: value} in the document's hex form."""
+    cat = catalog()
     vm = backend.create_vm(0)
     try:
         vcpu = vm.create_vcpu(0)
         vcpu.init(VcpuInit(vm.preferred_target().target,
                            tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES) + (abi.VCPU_FEATURES["SVE"],)))
-        return vcpu.get_reg(regid.SVE_VLS)
+        vls = vcpu.get_reg(regid.SVE_VLS)
+        vcpu.finalize(abi.KVM_ARM_VCPU_SVE)          # the register list needs it
+        ids = [r for r in vcpu.reg_list() if cat.reg_class(r) in ("id", "imp_id", "cache")]
+        vals, errs = vcpu.get_regs(ids)
+        view = {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
+                if not e and base_values.get(f"{r:#x}") != f"{v:#x}"}
+        return vls, view
     finally:
         vm.close()
 

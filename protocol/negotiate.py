@@ -78,6 +78,8 @@ class _Ctx:
         self.vm, self.dest, self.pol, self.cat = vm, dest, pol, catalog()
         self.src = _src_values(vm)
         self.dst = dict(dest.values)
+        if "SVE" in vm.features:             # an SVE VM meets the destination's SVE view of its ID registers
+            self.dst.update(dest.sve_values)
         self.dst_listed = frozenset(dest.reg_list)
         self.masks = dest.writable_masks
         self.kernel = dest.kernel

@@ -180,7 +180,16 @@ def _check_sve(doc, cases):
         want["sve/vls-drop-max"] = ("OK", host & ~(1 << (top - 1)))
         want["sve/vls-hole"] = ("EINVAL", host)
     want["sve/vls-above"] = ("EINVAL", host)
-    assert set(sve) == set(want) | {"sve/vls-after-finalize"}, sorted(sve)
+    view_cases = {"sve/pfr0-view-same"} if PFR0 in (doc.get("sve_values") or {}) else set()
+    assert set(sve) == set(want) | {"sve/vls-after-finalize", "sve/id-view"} | view_cases, sorted(sve)
+    for name in view_cases:
+        assert sve[name][0][1] == "OK", (name, sve[name])
+    # an SVE vCPU reads ID_AA64PFR0_EL1.SVE (bits 35:32) set, and the document's SVE view where it has one
+    view = {int(k, 16): int(v, 16) for k, v in (doc.get("sve_values") or {}).items()}
+    pfr0_id, zfr0_id = int(PFR0, 16), 0x603000000013c024
+    got_pfr0, got_zfr0 = (int(x[2], 16) for x in sve["sve/id-view"])
+    assert got_pfr0 == view.get(pfr0_id, int(doc["values"][PFR0], 16)) and (got_pfr0 >> 32) & 0xF >= 1, doc["profile"]
+    assert got_zfr0 == view.get(zfr0_id, int(doc["values"].get(f"{zfr0_id:#x}", "0x0"), 16))
     for name, (errno, after) in want.items():
         assert sve[name][0][1] == errno and int(sve[name][1][2], 16) == after, (name, sve[name])
     assert [st for _, st, _ in sve["sve/vls-after-finalize"]] == ["OK", "EPERM", "OK"]

@@ -214,3 +214,17 @@ def test_sve_vector_lengths_follow_kvms_rule():
 def test_vm_without_sve_plans_no_vector_lengths():
     plan, _ = plan_for("max@7.3", "a64fx@7.3")
     assert not [e for e in plan.entries if e.register == "KVM_REG_ARM64_SVE_VLS"]
+
+
+@pytest.mark.parametrize("model", ["a64fx", "max"])
+def test_sve_vm_restores_on_a_newer_simulated_kernel(model):
+    """The simulated twin of the lab's SVE restore: planned against the destination's SVE view of ID_AA64PFR0_EL1
+    (its base view hides PFR0.SVE, and the plan refused), Z/P/FFR read back equal."""
+    from invariantd.daemon import vmstate
+    from invariantd.daemon.sim import SimHost
+    state = vmstate.capture(SimHost(f"{model}@6.12"), 2, ("PSCI_0_2", "SVE"))
+    code, rep = vmstate.restore(SimHost(f"{model}@7.3"), state)
+    assert code == 0, rep.get("error") or [e for e in rep["plan"]["entries"] if e["verdict"] == "refuse"]
+    assert rep["mismatches"] == [] and rep["deviations"] == []
+    vls = next(e for e in rep["plan"]["entries"] if e["register"] == "KVM_REG_ARM64_SVE_VLS")
+    assert vls["verdict"] == "identical"

@@ -63,6 +63,13 @@ def test_host_round_trip_real_shapes():
         h = host(doc)
         assert S.host_from_bytes(S.host_to_bytes(h)) == h
     assert S.host_from_bytes(S.host_to_bytes(host(make_doc("6.1", masks=None)))).writable_masks is None
+    # an SVE host: its vector lengths (a value) and the ID registers an SVE vCPU reads differently
+    from invariantd.daemon.probe import probe
+    from invariantd.daemon.sim.host import SimHost
+    from invariantd.protocol import regid
+    sve = S.host_from_doc(probe(SimHost("max@7.3"), profile="max@7.3"))
+    assert dict(sve.values)[regid.SVE_VLS] == 0xFFFF and sve.sve_values
+    assert S.host_from_bytes(S.host_to_bytes(sve)) == sve
 
 
 def test_vm_and_plan_round_trip():

@@ -133,6 +133,7 @@ class SimHost:
                 self.masks[int(k)] = int(v, 16)
         self.kernel_tuple = _ver(doc["kernel_version"])[:2]
         self.sve_vls = int(doc.get("sve_vls", "0x1"), 16)      # the host's SVE vector lengths (probe.py)
+        self.sve_values = _hexmap(doc.get("sve_values") or {})  # ID registers an SVE vCPU reads differently
         # no AArch32 at EL0: the "aa32" ID registers are RAZ and ignore userspace writes (6.1+, sysregs.tsv)
         self.aa32_raz = self.kernel_tuple >= (6, 1) and not self.catalog.aarch32_el0(self.values)
         self.init = VcpuInit(doc["vcpu_init"]["target"],
@@ -250,6 +251,9 @@ class SimVcpu:
             self.listed += sve
             for r in sve:
                 self.values[r] = host.sve_vls if r == regid.SVE_VLS else 0
+            for r, v in host.sve_values.items():        # KVM shows PFR0.SVE / ZFR0 to an SVE vCPU only
+                if r in self.values:
+                    self.values[r] = v
         if self.vm.vm_values is None:
             self.vm.vm_values = {r: v for r, v in self.values.items() if _vm_wide(cat.reg_class(r))}
 
@@ -406,6 +410,8 @@ class SimVcpu:
         host, vm, era, cat = self.vm.host, self.vm, self.vm.host.era, self.vm.host.catalog
         name = cat.name(reg_id)
         reset = host.values.get(reg_id, 0)
+        if _SVE_FEATURE in (self.features or ()) and reg_id in host.sve_values:
+            reset = host.sve_values[reg_id]          # an SVE vCPU's limit is the SVE view (PFR0.SVE, ZFR0)
         if cls == "imp_id":
             if value == cur:
                 return value

@@ -47,6 +47,9 @@ struct HostCapabilities {
   profile @10 :Text;                  # simulated profile name or host name
   vcpuTarget @11 :UInt32;
   baseFeatures @12 :List(Text);
+  sveValues @13 :List(RegValue);      # ID registers a vCPU *with SVE* reads differently (ID_AA64PFR0_EL1.SVE,
+                                      # ID_AA64ZFR0_EL1; KVM hides them without the feature); empty: no SVE or
+                                      # an older daemon (an SVE VM is then planned against the base view)
 }
 
 struct VmProfile {

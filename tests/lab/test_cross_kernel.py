@@ -91,3 +91,26 @@ def test_other_part_same_features_migrates_with_midr_pinned(provisioned, src_ker
     assert ch[("ID_AA64PFR1_EL1", "SSBS")] == "set" and ch[("ID_AA64MMFR0_EL1", "PARANGE")] == "set"
     assert not [a for a in actions(rep) if a[2] not in ("readback-adjusted", "drop-reset")], actions(rep)
     assert rep["mismatches"] == [] and rep["deviations"] == []
+
+
+@pytest.mark.parametrize("model", ["a64fx", "max"])
+def test_sve_vm_moves_to_a_newer_real_kernel(provisioned, model):
+    """An SVE VM (Z/P/FFR holding data, the host's vector lengths: a64fx 128/256/512, max 128..2048) from 6.12 to
+    7.3: the lengths are identical, ID_AA64PFR0_EL1 is planned against the destination's *SVE* view (KVM shows
+    PFR0.SVE only to an SVE vCPU: against the base view the plan refused), every Z/P/FFR read back equal."""
+    code, rep = cross_restore(("6.12", model), ("7.x", model), sve=True)
+    assert code == 0, rep.get("error") or rep.get("mismatches")
+    ch = changed(rep)
+    assert ("KVM_REG_ARM64_SVE_VLS", "") not in ch                       # identical
+    assert ch.get(("ID_AA64PFR0_EL1", "SVE")) is None and ch.get(("ID_AA64PFR0_EL1", ""), "set") == "set"
+    assert rep["registers"] > 2 * (32 + 16 + 1)                           # both vCPUs' Z, P and FFR among them
+    assert rep["mismatches"] == [] and rep["deviations"] == []
+
+
+def test_sve_vector_lengths_kvm_cannot_offer_refuse_the_plan(provisioned):
+    """a64fx (128/256/512) onto QEMU max (128..2048): KVM can cap the length at 512 but cannot hide 384, so the plan
+    refuses the VM's lengths (the conformance suite shows the real set_sve_vls refusing such a hole)."""
+    code, rep = cross_restore(("7.x", "a64fx"), ("7.x", "max"), sve=True)
+    assert code == 3
+    vls = next(e for e in rep["plan"]["entries"] if e["register"] == "KVM_REG_ARM64_SVE_VLS")
+    assert vls["verdict"] == "refuse" and "384" in vls["reason"]
