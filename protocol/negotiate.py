@@ -84,8 +84,10 @@ class _Ctx:
         self.masks = dest.writable_masks
         self.kernel = dest.kernel
         self.cap239 = dest.cap(CAP239) > 0
-        # AArch32 at EL0: (destination host, VM); without it KVM makes the "aa32" ID registers RAZ/WI (6.1+)
-        self.aa32 = (self.cat.aarch32_el0(self.dst), self.cat.aarch32_el0(self.src))
+        # AArch32 at EL0: (destination host, VM); without it KVM makes the "aa32" ID registers RAZ/WI (6.1+).
+        # None: the document has no ID_AA64PFR0_EL1 to tell (the ordinary rules apply)
+        pfr0 = self.cat.id_of("ID_AA64PFR0_EL1")
+        self.aa32 = tuple(self.cat.aarch32_el0(v) if pfr0 in v else None for v in (self.dst, self.src))
         self.entries: list[PlanEntry] = []
         self.frags: list[bytes] = []
         self.notes: list[str] = []
@@ -422,7 +424,7 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
         c.add(name, rid, "", s, d, s, Verdict.IDENTICAL, "same value")
         return
     pol, cat = c.pol, c.cat
-    if cat.visibility(rid) == "aa32" and not c.aa32[0] and tuple(c.kernel) >= (6, 1):
+    if cat.visibility(rid) == "aa32" and c.aa32[0] is False and tuple(c.kernel) >= (6, 1):
         c.add(name, rid, "", s, d, d, Verdict.REFUSE,
               f"{note}the destination has no AArch32 at EL0: KVM reads {name} as 0 and ignores writes, so the guest "
               f"would see 0 instead of {s:#x}" + ("" if c.aa32[1] else
