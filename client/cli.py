@@ -45,6 +45,16 @@ def print_caps_summary(doc: dict, label: str) -> None:
     print(f"per-CPU MIDR: {', '.join(doc.get('cpu_midrs') or []) or 'n/a'}   registers listed: "
           f"{len(doc.get('reg_list') or [])}   writable masks: "
           f"{'not offered' if doc.get('writable_masks') is None else len(doc['writable_masks'])}")
+    if doc.get("sve_vls"):
+        from ..protocol.catalog import sve_vqs
+        vls = ", ".join(str(128 * q) for q in sve_vqs(int(doc["sve_vls"], 16)))
+        print(f"SVE vector lengths: {vls} bits   an SVE vCPU reads differently: "
+              f"{', '.join(_reg_name(k) for k in doc.get('sve_values') or {}) or 'nothing'}")
+
+
+def _reg_name(hex_id: str) -> str:
+    from ..protocol.catalog import catalog
+    return catalog().name(int(hex_id, 16))
 
 
 def cmd_probe(args) -> int:

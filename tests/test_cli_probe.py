@@ -24,3 +24,11 @@ def test_probe_help_mentions_exit_codes(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "Exit codes" in capsys.readouterr().out
+
+
+def test_probe_shows_sve_vector_lengths(capsys):
+    assert main(["probe", "--sim", "a64fx@7.3"]) == 0
+    out = capsys.readouterr().out
+    assert "SVE vector lengths: 128, 256, 512 bits" in out and "reads differently: ID_AA64PFR0_EL1" in out
+    assert main(["probe", "--sim", "cortex-a76@7.3"]) == 0
+    assert "SVE vector lengths" not in capsys.readouterr().out
