@@ -56,7 +56,6 @@ globals().update(CAPS)
 CAP_NAMES = {v: k for k, v in CAPS.items()}
 
 
-
 def _vcpu_features() -> list[dict[str, str]]:
     """data/vcpu_features.tsv: one row per KVM_ARM_VCPU_INIT feature bit (name, bit, gating capability)."""
     text = resources.files(__package__).joinpath("data", "vcpu_features.tsv").read_text()
@@ -67,9 +66,10 @@ def _vcpu_features() -> list[dict[str, str]]:
     return rows
 
 
-VCPU_FEATURES = {r["name"]: int(r["bit"]) for r in _vcpu_features()}
+_FEATURE_ROWS = _vcpu_features()
+VCPU_FEATURES = {r["name"]: int(r["bit"]) for r in _FEATURE_ROWS}
 # feature -> the KVM_CAP_* that gates it, "always" or "unchecked" (see the table's header)
-FEATURE_GATES = {r["name"]: r["capability"] for r in _vcpu_features()}
+FEATURE_GATES = {r["name"]: r["capability"] for r in _FEATURE_ROWS}
 KVM_ARM_VCPU_SVE = 4
 KVM_ARM_FEATURE_ID_RANGE_SIZE = 192
 KVM_EXIT_MMIO = 6
