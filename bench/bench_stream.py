@@ -88,8 +88,7 @@ def source_vm(n: int, name: str = "vm-big", backend: str = "sim") -> tuple[VmReg
     mvm = reg.create(name, n, init=VcpuInit(pref, feats))
     rnd = random.Random(1)
     payload = 0
-    for v in mvm.vcpus.values():
-        v.finalize(abi.KVM_ARM_VCPU_SVE)
+    for v in mvm.vcpus.values():             # created finalized (VmRegistry.create), at the host's lengths
         for r in v.reg_list():
             d = regid.decode(r)
             if d.group == "sve" and r != regid.SVE_VLS:

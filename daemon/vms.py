@@ -20,6 +20,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..protocol import kvmabi as abi
+from ..protocol import regid
 from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
 
 
@@ -99,9 +101,17 @@ class VmRegistry:
                     init = VcpuInit(pref.target, (2,))          # PSCI 0.2
                 for v in cpus.values():
                     v.init(init)
+            sve = init is not None and abi.KVM_ARM_VCPU_SVE in init.features
+            if sve:     # as a VMM does before the first run: vector lengths (the host's unless given), finalize
+                for i, v in cpus.items():
+                    vls = dict((regs or {}).get(i, ())).get(regid.SVE_VLS)
+                    if vls is not None:
+                        v.set_reg(regid.SVE_VLS, vls)
+                    v.finalize(abi.KVM_ARM_VCPU_SVE)
             for i, rs in (regs or {}).items():
                 for r, val in rs:
-                    cpus[i].set_reg(r, val)
+                    if not (sve and r == regid.SVE_VLS):
+                        cpus[i].set_reg(r, val)
         except BaseException:
             vm.close()
             raise

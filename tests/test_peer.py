@@ -18,6 +18,7 @@ from invariantd.daemon.sim.host import SimHost, eras
 from invariantd.daemon.vms import VmRegistry, VmState
 from invariantd.protocol import session as ps
 from invariantd.protocol.catalog import catalog
+from invariantd.protocol.schemas import Verdict
 
 
 MIDR = catalog().id_of("MIDR_EL1")
@@ -339,3 +340,42 @@ async def test_stream_goes_out_as_whole_records_with_its_stream_end(nursery, pki
     assert len(sizes) >= 3 and sizes[0] == TLS_RECORD and set(sizes[1:-1]) == {2 * TLS_RECORD}
     assert "VcpuChunk" in stream.writes[last][1]             # the last chunk ends in the StreamEnd's write
     assert sum(d.count("VcpuChunk") for _, d in stream.writes) > 3
+
+
+async def _sve_migration(nursery, pki, src_spec, dst_spec):
+    from invariantd.daemon.kvm.backend import VcpuInit
+    from invariantd.protocol import kvmabi, regid
+    a, b = Node(SimHost(src_spec), pki, "node-a"), Node(SimHost(dst_spec), pki)
+    init = VcpuInit(a.host.init.target, (kvmabi.VCPU_FEATURES["PSCI_0_2"], kvmabi.VCPU_FEATURES["SVE"]))
+    mvm = a.registry.create("vm-1", 2, init)                # finalized at the host's lengths
+    z3 = regid.sve_z(3)
+    for i, v in mvm.vcpus.items():
+        v.set_reg(z3, (0x5A5A << (16 * i)) | 1)
+    _, port = await b.listen(nursery)
+    stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    plans = []
+    try:
+        res = await migrate_out(stream, a.registry, "vm-1", cfg=replace(CFG, chunk_registers=4096),
+                                on_plan=plans.append)
+    except PeerError as e:
+        res = e
+    with trio.fail_after(5):
+        await b.done.wait()
+    return a, b, res, plans[0], z3
+
+
+async def test_sve_vm_created_over_the_daemon_migrates_to_a_newer_kernel(nursery, pki):
+    """An SVE VM the daemon created (VmRegistry.create finalizes it, as a VMM would) moves a64fx 6.12 -> 7.3: its
+    vector lengths identical, ID_AA64PFR0_EL1 planned against the destination's SVE view, Z registers equal."""
+    a, b, res, plan, z3 = await _sve_migration(nursery, pki, "a64fx@6.12", "a64fx@7.3")
+    assert not isinstance(res, PeerError) and res.result == "committed", res
+    rows = {e.register: e.verdict for e in plan.entries if not e.field}
+    assert rows["KVM_REG_ARM64_SVE_VLS"] is Verdict.IDENTICAL and rows["ID_AA64PFR0_EL1"] is not Verdict.REFUSE
+    dst = b.registry.get("vm-1").vcpus
+    assert [dst[i].get_reg(z3) for i in (0, 1)] == [1 | 0x5A5A, 1 | (0x5A5A << 16)]
+
+
+async def test_sve_vm_refused_where_kvm_cannot_offer_its_lengths(nursery, pki):
+    a, b, res, plan, _ = await _sve_migration(nursery, pki, "a64fx@7.3", "max@7.3")
+    assert isinstance(res, PeerError) and res.kind == "plan" and "384" in str(res)
+    assert a.registry.get("vm-1").state is VmState.RUNNING and b.registry.vms == {}
