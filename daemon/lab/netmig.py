@@ -57,7 +57,7 @@ def _client(addr: str, timeout: float = 60):
 
 
 def _vm_view(v: dict) -> dict:
-    return {k: v.get(k) for k in ("name", "state", "vcpus", "origin", "history")}
+    return {k: v.get(k) for k in ("name", "state", "vcpus", "origin", "history", "features")}
 
 
 async def _dest(args, out: dict) -> int:
@@ -110,7 +110,7 @@ async def _source(args, out: dict) -> int:
         def rpc(fn, *a):
             return trio.to_thread.run_sync(lambda: fn(*a))
         try:
-            out["vm_created"] = _vm_view(await rpc(client.create_vm, args.vm, args.vcpus))
+            out["vm_created"] = _vm_view(await rpc(client.create_vm, args.vm, args.vcpus, args.feature or ()))
             # the destination guest may still be booting: retry the plan (it fetches the peer's capabilities
             # over the peer's RPC) until it answers
             deadline = time.monotonic() + args.peer_wait
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     s.add_argument("--peer", required=True, help="NAME=IP")
     s.add_argument("--vm", required=True)
     s.add_argument("--vcpus", type=int, default=2)
+    s.add_argument("--feature", action="append", help="vCPU init feature of the VM (repeatable, e.g. SVE)")
     s.add_argument("--peer-wait", type=float, default=90)
     s.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args(argv)

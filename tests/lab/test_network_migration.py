@@ -52,8 +52,9 @@ def _summary(res, who: str) -> dict:
         pytest.fail(f"{who}: no JSON summary (rc={res.returncode}); stderr:\n{res.stderr[-3000:]}\nlog {res.log_path}")
 
 
-def test_migration_over_the_network_between_real_kernels(provisioned, tmp_path):
-    pki = make_pki(tmp_path, nodes=(DEST[4], SOURCE[4], "operator"))
+def _pair(tmp_path, dest, source, features=()):
+    """Destination and source guests on one socket link; -> (dest summary, source summary, results, seconds)."""
+    pki = make_pki(tmp_path, nodes=(dest[4], source[4], "operator"))
     common = {"ca.pem": open(pki["ca"], "rb").read(), "operator.pem": open(pki["operator"], "rb").read()}
     port = _free_port()
     env = {"IVD_HOST_EPOCH": f"{time.time():.0f}"}
@@ -81,15 +82,16 @@ def test_migration_over_the_network_between_real_kernels(provisioned, tmp_path):
     threads = []
     try:
         ta = threading.Thread(target=guest, daemon=True, name="guest-dest", args=(
-            "dest", DEST, ["dest", "--node", DEST[4], "--wait-vm", VM, "--timeout", "110"], "listen", on_line_a))
+            "dest", dest, ["dest", "--node", dest[4], "--wait-vm", VM, "--timeout", "110"], "listen", on_line_a))
         ta.start()
         threads.append(ta)
         # the connecting QEMU must start after the listening one is up (README §8): wait for A's READY marker
         assert ready.wait(READY_TIMEOUT), f"destination guest not ready within {READY_TIMEOUT}s"
         assert not isinstance(results.get("dest"), BaseException), f"destination guest failed: {results['dest']}"
         tb = threading.Thread(target=guest, daemon=True, name="guest-source", args=(
-            "source", SOURCE, ["source", "--node", SOURCE[4], "--peer", f"{DEST[4]}={DEST[2].split('/')[0]}",
-                               "--vm", VM, "--vcpus", "2", "--peer-wait", "80", "--timeout", "60"], "connect"))
+            "source", source, ["source", "--node", source[4], "--peer", f"{dest[4]}={dest[2].split('/')[0]}",
+                               "--vm", VM, "--vcpus", "2", "--peer-wait", "80", "--timeout", "60",
+                               *[x for f in features for x in ("--feature", f)]], "connect"))
         tb.start()
         threads.append(tb)
         for t in threads:
@@ -108,6 +110,11 @@ def test_migration_over_the_network_between_real_kernels(provisioned, tmp_path):
             raise AssertionError(f"{role} guest failed: {r}") from r
 
     a, b = _summary(results["dest"], "destination"), _summary(results["source"], "source")
+    return a, b, results, total
+
+
+def test_migration_over_the_network_between_real_kernels(provisioned, tmp_path):
+    a, b, results, total = _pair(tmp_path, DEST, SOURCE)
     print(f"\nnetwork migration 6.12/r0p3 -> 7.x/r0p4: {b.get('migration', {}).get('state')} in "
           f"{b.get('migration_wall_s')} s wall (elapsed_ms {b.get('migration', {}).get('elapsed_ms')}), "
           f"plan tries {b.get('plan_tries')}, whole test {total:.1f} s "
@@ -133,3 +140,20 @@ def test_migration_over_the_network_between_real_kernels(provisioned, tmp_path):
     assert a["vm"]["name"] == VM and a["vm"]["state"] == "running" and a["vm"]["vcpus"] == 2, a["vm"]
     assert a["vm"]["origin"] == "incoming", a["vm"]
     assert b["source_vm"]["state"] == "released", b["source_vm"]
+
+
+def test_sve_vm_over_the_network_between_real_kernels(provisioned, tmp_path):
+    """An SVE VM (a64fx: 128/256/512-bit vectors) created over the source daemon's RPC, migrated 6.12 -> 7.3 by the
+    real daemons: the vector lengths are identical, ID_AA64PFR0_EL1 is planned against the destination's SVE view,
+    and the VM runs on the destination."""
+    dest = ("7.x", "a64fx", "10.0.0.1/24", "52:54:00:12:34:01", "node-a")
+    source = ("6.12", "a64fx", "10.0.0.2/24", "52:54:00:12:34:02", "node-b")
+    a, b, results, _ = _pair(tmp_path, dest, source, features=("PSCI_0_2", "SVE"))
+    assert results["source"].returncode == 0, json.dumps(b, indent=1)[-3000:] + results["source"].stderr[-2000:]
+    assert results["dest"].returncode == 0, json.dumps(a, indent=1)[-3000:] + results["dest"].stderr[-2000:]
+    assert b["vm_created"]["features"] == ["PSCI_0_2", "SVE"], b["vm_created"]
+    mig = b["migration"]
+    assert mig["state"] == "committed" and mig["vcpus_done"] == 2, mig
+    ch = {(e["register"], e["field"]): e["verdict"] for e in b["plan"]["changed"]}
+    assert ("KVM_REG_ARM64_SVE_VLS", "") not in ch and ch.get(("ID_AA64PFR0_EL1", "")) != "refuse", ch
+    assert a["vm"]["state"] == "running" and a["vm"]["vcpus"] == 2, a["vm"]
