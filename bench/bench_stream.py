@@ -147,6 +147,18 @@ def _mark_stream_end() -> None:
     peer_mod.Conn.expect = expect
 
 
+async def _serve(files, handler, got: trio.Semaphore, runs: int, conn) -> None:
+    """A mutual-TLS listener on a free loopback port (sent over `conn`) until `runs` connections were handled
+    (each handler releases `got` once)."""
+    async with trio.open_nursery() as nursery:
+        lst = tls.PeerListener(handler, tls.server_context(files["node-b"], None, files["ca"]), "127.0.0.1",
+                               0, handshake_timeout=30)
+        conn.send(await nursery.start(lst.run))
+        for _ in range(runs):
+            await got.acquire()
+        nursery.cancel_scope.cancel()
+
+
 def dst_proc(files, runs: int, conn, prof: bool, backend: str = "sim") -> None:
     """Destination daemon: one host, `runs` incoming migrations; per run its phases and result."""
     _mark_stream_end()
@@ -168,13 +180,7 @@ def dst_proc(files, runs: int, conn, prof: bool, backend: str = "sim") -> None:
                 reg.remove(vm.vm_id)
             got.release()
 
-        async with trio.open_nursery() as nursery:
-            lst = tls.PeerListener(handler, tls.server_context(files["node-b"], None, files["ca"]), "127.0.0.1",
-                                   0, handshake_timeout=30)
-            conn.send(await nursery.start(lst.run))
-            for _ in range(runs):
-                await got.acquire()
-            nursery.cancel_scope.cancel()
+        await _serve(files, handler, got, runs, conn)
     _profiled(lambda: trio.run(main), prof, "destination")
     conn.send(out)
 
@@ -252,13 +258,7 @@ def raw_server(files, nbytes: int, runs: int, conn) -> None:
             await stream.send_all(b"k")
             got.release()
 
-        async with trio.open_nursery() as nursery:
-            lst = tls.PeerListener(handler, tls.server_context(files["node-b"], None, files["ca"]), "127.0.0.1",
-                                   0, handshake_timeout=30)
-            conn.send(await nursery.start(lst.run))
-            for _ in range(runs):
-                await got.acquire()
-            nursery.cancel_scope.cancel()
+        await _serve(files, handler, got, runs, conn)
     trio.run(main)
     conn.send(ends)
 
