@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         q = lsub.add_parser(name, help=hlp)
         q.add_argument("--kernel", action="append", help="kernel key (6.1, 6.12, 7.x); repeatable; default all")
         q.add_argument("--model", action="append",
-                       help="profile name (cortex-a72-r0p3, ..., cortex-a76, neoverse-n1, a64fx, max)")
+                       help="profile name (cortex-a53, cortex-a72-r0p3, ..., cortex-a76, neoverse-n1, a64fx, max)")
         q.add_argument("--json", action="store_true")
         if name == "profile":
             from pathlib import Path

@@ -26,6 +26,7 @@ MODELS = {
     "max": "max,pauth-impdef=on",
     "a64fx": "a64fx",
     "cortex-a76": "cortex-a76",
+    "cortex-a53": "cortex-a53",
 }
 KERNELS = ("6.1", "6.12", "7.x")
 # registers whose value changes between two reads (counters): not part of a profile comparison
