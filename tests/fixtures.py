@@ -83,3 +83,23 @@ class Passthrough:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def real_kvm(need=None):
+    """This machine's /dev/kvm (RealKvm), or pytest.skip naming why not. need(kvm) -> a reason to skip, or None."""
+    import os
+
+    import pytest
+    from invariantd.daemon.kvm.errors import KvmError
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine")
+    from invariantd.daemon.kvm.real import RealKvm
+    try:
+        k = RealKvm()
+    except (OSError, KvmError) as e:
+        pytest.skip(f"/dev/kvm present but not usable: {e}")
+    why = need(k) if need is not None else None
+    if why:
+        k.close()
+        pytest.skip(why)
+    return k

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import errno as E
-import os
 
 import pytest
 
-from fixtures import synthetic_doc
+from fixtures import real_kvm, synthetic_doc
 from invariantd.daemon.apply import (ACCEPT_DESTINATION, ApplyError, ApplyPolicy, apply_vm, read_vm,
                                      default_drop_if_reset)
 from invariantd.daemon.kvm.errors import KvmError
@@ -307,13 +306,7 @@ def test_policy_json_roundtrip_and_validation():
 
 # --- the real /dev/kvm (x86 here: MSRs through ONE_REG) -----------------------------------------------------
 def _real():
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm on this machine: the real-KVM apply path is not exercised")
-    from invariantd.daemon.kvm.real import RealKvm
-    try:
-        return RealKvm()
-    except KvmError as e:
-        pytest.skip(f"/dev/kvm present but unusable: {e}")
+    return real_kvm()
 
 
 @pytest.mark.kvm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno as E
-import os
 
 import pytest
 import trio
@@ -15,7 +14,7 @@ from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vms import VmRegistry
 from invariantd.protocol import kvmabi as abi
 from invariantd.protocol import regid
-from fixtures import synthetic_doc
+from fixtures import real_kvm, synthetic_doc
 from test_apply import A72_R0P3, A72_R0P4, CAT, FaultBackend, ISAR0, MIDR, SCTLR, actions, host, patch, \
     source_regs
 
@@ -84,15 +83,7 @@ def test_transient_retry_and_readback_in_workers():
 # --- this machine's real /dev/kvm -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kvm():
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm")
-    from invariantd.daemon.kvm.real import RealKvm
-    try:
-        k = RealKvm()
-    except OSError as e:
-        pytest.skip(f"cannot open /dev/kvm: {e}")
-    if not k.check_extension(abi.CAPS["KVM_CAP_ONE_REG"]):
-        pytest.skip("no ONE_REG on this kernel")
+    k = real_kvm(lambda k: None if k.check_extension(abi.CAPS["KVM_CAP_ONE_REG"]) else "no ONE_REG on this kernel")
     yield k
     k.close()
 

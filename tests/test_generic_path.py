@@ -5,13 +5,12 @@ Pure cases always run; the real-/dev/kvm cases skip where /dev/kvm or x86 ONE_RE
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import trio
 import trustme
 
-from fixtures import synthetic_doc
+from fixtures import real_kvm, synthetic_doc
 from invariantd.daemon import tls
 from invariantd.daemon.apply import (READBACK_MAY_DIFFER, ApplyError, ApplyPolicy, Mismatch, ReadbackRule,
                                      _adjusted, apply_vm)
@@ -186,16 +185,8 @@ async def test_caps_only_fetch_is_not_an_aborted_migration(nursery, pki, code, c
 # --- this machine's real /dev/kvm (x86) -------------------------------------------------------------------------
 @pytest.fixture
 def kvm():
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm on this machine")
-    from invariantd.daemon.kvm.real import RealKvm
-    try:
-        k = RealKvm()
-    except OSError as e:
-        pytest.skip(f"/dev/kvm present but not usable: {e}")
-    if k.arch != "x86_64" or not k.check_extension(70):
-        k.close()
-        pytest.skip("needs x86 KVM with ONE_REG for MSRs (Linux >= 6.18)")
+    k = real_kvm(lambda k: None if k.arch == "x86_64" and k.check_extension(70)
+                 else "needs x86 KVM with ONE_REG for MSRs (Linux >= 6.18)")
     yield k
     k.close()
 

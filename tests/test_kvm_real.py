@@ -3,10 +3,10 @@
 Skipped only where /dev/kvm is absent or unusable; the skip says so.
 """
 import errno
-import os
 
 import pytest
 
+from fixtures import real_kvm
 from invariantd.protocol import regid
 
 pytestmark = pytest.mark.kvm
@@ -14,13 +14,7 @@ pytestmark = pytest.mark.kvm
 
 @pytest.fixture
 def kvm():
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm on this machine: the real-binding tests need it")
-    from invariantd.daemon.kvm.real import RealKvm
-    try:
-        k = RealKvm()
-    except OSError as e:
-        pytest.skip(f"/dev/kvm present but not usable: {e}")
+    k = real_kvm()
     yield k
     k.close()
 
