@@ -118,6 +118,7 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
                       smp: int = 2, memory_mb: int = 1024,
                       files: dict[str, bytes] | None = None,
                       net: tuple | None = None,
+                      rootfs: str | os.PathLike | None = None,
                       on_line: Callable[[str], None] | None = None,
                       on_start: Callable[[subprocess.Popen], None] | None = None) -> list[GuestResult]:
     """Boot kernel `kernel_key` on QEMU `-cpu cpu` once and run `python3 *argv` for each argv,
@@ -129,6 +130,8 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
     net: ("listen" | "connect", port, "10.0.0.N/24", "52:54:00:..:..:..") gives the guest one virtio-net NIC
     (eth0, static address, lo up) on a QEMU socket link to 127.0.0.1:port (README §8: loopback only; a
     "connect" QEMU needs the "listen" one already started, e.g. wait for its READY marker via on_line).
+    rootfs: the guest's / (the ivdroot share): a ROOTFS_VARIANTS key of provision.py ("q10", "q11": trixie with
+    Debian's QEMU, built by provision(variants=...)) or a directory; default the lab's bookworm tree.
     on_line: called with each console line as it arrives (from the calling thread; keep it quick).
     on_start: called with the started process (`timeout --foreground ... qemu`; its terminate() is forwarded to
     QEMU), e.g. for another thread to stop the guest early; the run then raises LabError.
@@ -147,8 +150,11 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
     if not info:
         raise LabError(f"kernel {kernel_key!r} is not provisioned (run provision()); "
                        f"available: {', '.join(_prov.versions()) or 'none'}")
-    if not (_prov.rootfs_dir() / "usr/bin/python3").exists():
-        raise LabError("the arm64 rootfs is not provisioned (run provision())")
+    root = Path(rootfs) if isinstance(rootfs, os.PathLike) or "/" in str(rootfs or "") \
+        else _prov.rootfs_dir(rootfs or "")
+    if not (root / "usr/bin/python3").exists():
+        raise LabError(f"the arm64 rootfs {root} is not provisioned (run provision("
+                       f"{'' if not rootfs else f'variants=[{rootfs!r}]'}))")
     with cache_lock():
         initrd = _prov.build_initrd(kernel_key, net=net is not None)
     lib = build_batch_lib(batch_source)
@@ -191,14 +197,14 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
                 "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb),
                 "-nographic", "-no-reboot", "-nic", "none",
                 "-kernel", str(kdir / "vmlinuz"), "-initrd", str(initrd), "-append", append,
-                "-virtfs", f"{vfs},path={_prov.rootfs_dir()},mount_tag=ivdroot,readonly=on,id=fs0",
+                "-virtfs", f"{vfs},path={root},mount_tag=ivdroot,readonly=on,id=fs0",
                 "-virtfs", f"{vfs},path={src},mount_tag=ivdsrc,readonly=on,id=fs1",
                 "-virtfs", f"{vfs},path={job},mount_tag=ivdjob,id=fs2"]
         if net is not None:
             qemu += ["-netdev", f"socket,id=n0,{mode}=127.0.0.1:{int(port)}",
                      "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile="]
         cmd = ["timeout", "--foreground", "-k", "10", str(int(timeout)), *qemu]
-        header = (f"# kernel: {kernel_key} {info['version']} ({info['release']})\n"
+        header = (f"# kernel: {kernel_key} {info['version']} ({info['release']}), rootfs {root}\n"
                   f"# cmd: {shlex.join(cmd)}\n"
                   + "".join(f"# argv[{i}]: {shlex.join(a)}\n" for i, a in enumerate(argvs)))
         lines: list[str] = []

@@ -8,12 +8,16 @@ Everything goes to the cache (`cache_dir()`):
     kernels/KEY/    vmlinuz, config, modules/, VERSION (Debian version), kernel.json
     busybox/        busybox-static:arm64, extracted
     rootfs/         arm64 Debian bookworm tree (mmdebstrap --variant=extract), python3 + cffi
+    rootfs-q10/     on demand (provision(variants=...)): trixie trees with Debian's arm64 QEMU 10.0 / 11.1
+    rootfs-q11/     (ROOTFS_VARIANTS), python3.13 + the project's cp313 wheels
     build/          initrd-KEY.cpio.gz, libivdbatch.so builds
     logs/           one console log per guest boot
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -38,9 +42,6 @@ GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
 #: Added for guests with a NIC (run_many_in_guest(net=...)): a separate initrd, initrd-KEY-net.cpio.gz.
 NET_MODULES = ("virtio_net",)   # + failover, net_failover via its depends=
 
-ROOTFS_PACKAGES = ("python3", "python3-cffi", "libc-bin", "libstdc++6")  # libstdc++6: pycapnp's C++ core
-ROOTFS_SUITE = "bookworm"
-ROOTFS_LAYOUT = "2"           # bump to force a rebuild of cached rootfs trees
 REFRESH_AFTER = 7 * 86400     # re-resolve the archive's newest kernels after this many seconds
 
 SUITES = ("bookworm", "bookworm-updates", "trixie", "trixie-updates", "trixie-backports", "sid")
@@ -362,62 +363,145 @@ def _fetch_busybox(apt: _Apt) -> None:
 
 # --------------------------------------------------------------------------- rootfs
 
-def rootfs_dir() -> Path:
-    return cache_dir() / "rootfs"
+@dataclasses.dataclass(frozen=True)
+class RootfsSpec:
+    """One arm64 guest userland: a Debian `suite` tree (mmdebstrap --variant=extract) with `packages` (apt
+    `name` or `name/suite` pins), the project's runtime wheels for its `python` ("3.11") built against its
+    `glibc` ((2, 36)). variant: "" = the lab's default tree (cache_dir()/rootfs), else cache_dir()/rootfs-VARIANT.
+    extra_suites: further suites of the same archive in the tree's sources (e.g. trixie-backports).
+    layout: bump to force a rebuild of this tree."""
+    variant: str
+    suite: str
+    packages: tuple[str, ...]
+    python: str
+    glibc: tuple[int, int]
+    layout: str
+    extra_suites: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / (f"rootfs-{self.variant}" if self.variant else "rootfs")
+
+    @property
+    def site_dir(self) -> Path:
+        """Debian's python3 searches /usr/local/lib/pythonX.Y/dist-packages first."""
+        return self.path / f"usr/local/lib/python{self.python}/dist-packages"
+
+    @property
+    def platforms(self) -> tuple[str, ...]:
+        """manylinux tags of aarch64 wheels this tree's glibc can load, newest first."""
+        major, minor = self.glibc
+        return tuple(f"manylinux_{major}_{m}_aarch64" for m in range(minor, 16, -1)) + ("manylinux2014_aarch64",)
+
+    def stamp(self) -> str:
+        return f"{self.layout} {self.suite} {','.join(self.packages)}"
 
 
-def _rootfs_ok() -> bool:
-    st = rootfs_dir() / ".ivd-rootfs"
-    return st.exists() and st.read_text().split()[0] == ROOTFS_LAYOUT and \
-        (rootfs_dir() / "usr/bin/python3").exists()
+ROOTFS_BASE = ("python3", "python3-cffi", "libc-bin", "libstdc++6")  # libstdc++6: pycapnp's C++ core
+_QEMU_11 = ("qemu-system-arm/trixie-backports", "qemu-system-common/trixie-backports",
+            "qemu-system-data/trixie-backports")   # every QEMU binary package pinned, else unmet dependencies
+
+#: The lab's guest userlands. "": bookworm (python 3.11), every guest by default. "q10" / "q11": trixie
+#: (python 3.13) with Debian's arm64 QEMU 10.0 (trixie) / 11.1 (trixie-backports), built on demand
+#: (provision(variants=...), daemon/lab/qemu.py) for nested -accel kvm runs inside the guests.
+ROOTFS_VARIANTS: dict[str, RootfsSpec] = {
+    "": RootfsSpec("", "bookworm", ROOTFS_BASE, "3.11", (2, 36), "2", description="bookworm, python3.11"),
+    "q10": RootfsSpec("q10", "trixie", ROOTFS_BASE + ("qemu-system-arm",), "3.13", (2, 41), "1",
+                      description="trixie, python3.13, qemu-system-arm 10.0 (trixie)"),
+    "q11": RootfsSpec("q11", "trixie", ROOTFS_BASE + _QEMU_11, "3.13", (2, 41), "1",
+                      extra_suites=("trixie-backports",),
+                      description="trixie, python3.13, qemu-system-arm 11.1 (trixie-backports)"),
+}
+ROOTFS_PACKAGES = ROOTFS_VARIANTS[""].packages
+ROOTFS_SUITE = ROOTFS_VARIANTS[""].suite
+ROOTFS_LAYOUT = ROOTFS_VARIANTS[""].layout
 
 
-def _provision_rootfs() -> None:
-    if _rootfs_ok():
+def rootfs_spec(variant: str = "") -> RootfsSpec:
+    try:
+        return ROOTFS_VARIANTS[variant or ""]
+    except KeyError:
+        raise LabError(f"unknown rootfs variant {variant!r}; known: "
+                       f"{', '.join(repr(v) for v in ROOTFS_VARIANTS)}") from None
+
+
+def rootfs_dir(variant: str = "") -> Path:
+    return rootfs_spec(variant).path
+
+
+def _rootfs_ok(spec: RootfsSpec) -> bool:
+    st = spec.path / ".ivd-rootfs"
+    return st.exists() and st.read_text().split()[0] == spec.layout and (spec.path / "usr/bin/python3").exists()
+
+
+def _host_python(version: str) -> str | None:
+    """A host interpreter of the guest's minor version ("3.11"), to precompile its .pyc (they are architecture
+    independent); None when the host has none."""
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    cands = [sys.executable, shutil.which(f"python{version}") or "", shutil.which("python3") or "",
+             *map(str, sorted(pyenv.glob(f"{version}*/bin/python{version}"), reverse=True))]
+    for hp in cands:
+        if not hp or not os.access(hp, os.X_OK):
+            continue
+        v = subprocess.run([hp, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        if v == version:
+            return hp
+    return None
+
+
+def _provision_rootfs(spec: RootfsSpec | None = None) -> None:
+    spec = spec or ROOTFS_VARIANTS[""]
+    if _rootfs_ok(spec):
         return
     if os.geteuid() != 0:
         raise LabUnavailable("building the arm64 rootfs (mmdebstrap --mode=root) needs root")
     mirror, _ = _host_mirrors()
-    with phase("provision.rootfs"):
-        tmp = cache_dir() / f".rootfs-{os.getpid()}"
+    with phase(f"provision.{spec.path.name}"):
+        tmp = cache_dir() / f".{spec.path.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        sources = [f"deb {mirror} {s} main" for s in (spec.suite, *spec.extra_suites)]
         cp = run(["mmdebstrap", "--mode=root", "--variant=extract", "--architectures=arm64",
-                  "--include=" + ",".join(ROOTFS_PACKAGES), ROOTFS_SUITE, tmp,
-                  f"deb {mirror} {ROOTFS_SUITE} main"], check=False, timeout=1800)
+                  "--include=" + ",".join(spec.packages), spec.suite, tmp, *sources], check=False, timeout=1800)
         if cp.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tail = "\n".join(cp.stdout.splitlines()[-15:])
-            raise LabUnavailable(f"mmdebstrap of the arm64 rootfs from {mirror} failed:\n{tail}")
+            raise LabUnavailable(f"mmdebstrap of the arm64 {spec.suite} rootfs from {mirror} failed:\n{tail}")
+        # --variant=extract runs no maintainer scripts: a merged-/usr suite (trixie) ships only usr/{bin,sbin,lib},
+        # and without the top-level links chroot finds no ELF interpreter (/lib/ld-linux-aarch64.so.1)
+        for d in ("bin", "sbin", "lib"):
+            if not os.path.lexists(tmp / d) and (tmp / "usr" / d).is_dir():
+                (tmp / d).symlink_to(f"usr/{d}")
         for d in ("proc", "sys", "dev", "tmp", "opt/ivd/src", "opt/ivd/job", "opt/ivd/run"):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         # .pyc are architecture independent: precompile the guest's stdlib with a host python of
         # the same minor version, else every guest run byte-compiles what it imports
-        gpy = os.readlink(tmp / "usr/bin/python3") if (tmp / "usr/bin/python3").is_symlink() else ""
-        gpy = Path(gpy).name  # python3.11
-        hosts = [sys.executable, shutil.which("python3") or ""]
-        for hp in hosts:
-            if not hp:
-                continue
-            v = subprocess.run([hp, "-c", "import sys; print('python%d.%d' % sys.version_info[:2])"],
-                               stdout=subprocess.PIPE, text=True).stdout.strip()
-            if v == gpy:
-                with phase("provision.rootfs.compileall"):
-                    run([hp, "-m", "compileall", "-q", "-j0", "-s", tmp, "-p", "/",
-                         tmp / "usr/lib" / gpy, tmp / "usr/lib/python3/dist-packages"], check=False)
-                break
+        hp = _host_python(spec.python)
+        if hp:
+            with phase(f"provision.{spec.path.name}.compileall"):
+                run([hp, "-m", "compileall", "-q", "-j0", "-s", tmp, "-p", "/",
+                     tmp / f"usr/lib/python{spec.python}", tmp / "usr/lib/python3/dist-packages"], check=False)
         else:
-            log.warning("lab: no host %s to precompile the guest rootfs; guest runs will byte-compile", gpy)
-        (tmp / ".ivd-rootfs").write_text(f"{ROOTFS_LAYOUT} {ROOTFS_SUITE} {','.join(ROOTFS_PACKAGES)}\n")
-        dest = rootfs_dir()
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+            log.warning("lab: no host python%s to precompile the guest rootfs %s; guest runs will byte-compile",
+                        spec.python, spec.path.name)
+        (tmp / ".ivd-rootfs").write_text(spec.stamp() + "\n")
+        _replace_dir(tmp, spec.path)
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Put the finished tree `new` at `dest`: renames first, delete the old tree last (a guest that still has the
+    old one mounted keeps reading it until then)."""
+    old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- guest Python packages
 
-GUEST_PLATFORMS = ("manylinux_2_36_aarch64", "manylinux_2_34_aarch64", "manylinux_2_28_aarch64",
-                   "manylinux_2_17_aarch64", "manylinux2014_aarch64")    # bookworm arm64: glibc 2.36
+GUEST_PLATFORMS = ROOTFS_VARIANTS[""].platforms    # bookworm arm64: glibc 2.36
 
 
 def runtime_requirements() -> list[str]:
@@ -442,38 +526,64 @@ def runtime_requirements() -> list[str]:
     return sorted(r for r in reqs if "extra ==" not in r)
 
 
-def guest_site_dir() -> Path:
-    return rootfs_dir() / "usr/local/lib/python3.11/dist-packages"
+def guest_site_dir(variant: str = "") -> Path:
+    return rootfs_spec(variant).site_dir
 
 
-def _provision_guest_packages() -> None:
-    """The project's runtime dependencies as aarch64 cp311 wheels from PyPI, unpacked into the guest rootfs
-    (Debian's python3 searches /usr/local/lib/python3.11/dist-packages first). Redone when the list changes."""
+def _provision_guest_packages(spec: RootfsSpec | None = None) -> None:
+    """The project's runtime dependencies as aarch64 wheels for the tree's Python (cp311, cp313...) from PyPI,
+    unpacked into the guest rootfs's site dir. Redone when the list changes."""
+    spec = spec or ROOTFS_VARIANTS[""]
     reqs = runtime_requirements()
-    stamp = rootfs_dir() / ".ivd-pydeps"
+    stamp = spec.path / ".ivd-pydeps"
     want = "\n".join(reqs) + "\n"
     if stamp.exists() and stamp.read_text() == want:
         return
-    site = guest_site_dir()
-    with phase("provision.guest_packages"):
+    site = spec.site_dir
+    cpv = "cp" + spec.python.replace(".", "")
+    with phase(f"provision.guest_packages[{spec.variant or 'default'}]"):
         tmp = site.with_name(f".dist-packages-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
-               "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3",
+               "--python-version", spec.python, "--implementation", "cp", "--abi", cpv, "--abi", "abi3",
                "--abi", "none", "--target", str(tmp)]
-        for plat in GUEST_PLATFORMS:
+        for plat in spec.platforms:
             cmd += ["--platform", plat]
         cp = run(cmd + reqs, check=False, timeout=900)
         if cp.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tail = "\n".join(cp.stdout.splitlines()[-15:])
-            raise LabUnavailable(f"pip could not fetch aarch64 wheels for {' '.join(reqs)}:\n{tail}")
-        shutil.rmtree(site, ignore_errors=True)
+            raise LabUnavailable(f"pip could not fetch aarch64 {cpv} wheels for {' '.join(reqs)}:\n{tail}")
+        hp = _host_python(spec.python)
+        if hp:
+            run([hp, "-m", "compileall", "-q", "-j0", "-s", str(tmp), "-p", str(Path("/") / site.relative_to(spec.path)),
+                 str(tmp)], check=False)
         site.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(site)
-        run([sys.executable, "-m", "compileall", "-q", "-j0", "-s", str(rootfs_dir()), "-p", "/", str(site)],
-            check=False)
+        _replace_dir(tmp, site)
         stamp.write_text(want)
+
+
+def provision_rootfs(variant: str = "") -> Path:
+    """Build (once; idempotent, under the cache lock) the guest userland `variant` (ROOTFS_VARIANTS) with the
+    project's runtime wheels; -> its directory (run_many_in_guest(rootfs=variant) shares it as the guest's /)."""
+    spec = rootfs_spec(variant)
+    ensure_host_tools()
+    with cache_lock():
+        _provision_rootfs(spec)
+        _provision_guest_packages(spec)
+    return spec.path
+
+
+def rootfs_package_version(package: str, variant: str = "") -> str | None:
+    """The Debian version of `package` in the tree `variant` (e.g. "1:11.1.3+ds-1~bpo13+1" for qemu-system-arm), from
+    its changelog (--variant=extract leaves dpkg's status empty); None when absent."""
+    f = rootfs_dir(variant) / "usr/share/doc" / package / "changelog.Debian.gz"
+    try:
+        with gzip.open(f, "rt", errors="replace") as fh:
+            m = re.match(r"\S+ \(([^)]+)\)", fh.readline())
+    except OSError:
+        return None
+    return m.group(1) if m else None
 
 
 # --------------------------------------------------------------------------- initramfs
@@ -583,11 +693,12 @@ def build_initrd(key: str, net: bool = False) -> Path:
 
 # --------------------------------------------------------------------------- entry point
 
-def provision(kernels=None, *, refresh: bool = False) -> dict[str, dict]:
+def provision(kernels=None, *, refresh: bool = False, variants=()) -> dict[str, dict]:
     """Make the lab ready; idempotent and cached. Returns `versions()`.
 
     kernels: subset of KERNEL_KEYS (default: all). refresh: re-resolve the archive's newest
     kernels now (otherwise done when the last resolution is older than a week).
+    variants: further guest userlands to build besides the default one (ROOTFS_VARIANTS keys, e.g. "q11").
     Raises LabUnavailable when the machine cannot host the lab (archive unreachable, ...)."""
     keys = tuple(kernels) if kernels else KERNEL_KEYS
     bad = [k for k in keys if k not in KERNEL_KEYS]
@@ -602,8 +713,10 @@ def provision(kernels=None, *, refresh: bool = False) -> dict[str, dict]:
         with cache_lock():
             with phase("provision.kernels"):
                 _provision_kernels(keys, refresh)
-            _provision_rootfs()
-            _provision_guest_packages()
+            for variant in dict.fromkeys(("", *variants)):
+                spec = rootfs_spec(variant)
+                _provision_rootfs(spec)
+                _provision_guest_packages(spec)
             for k in keys:
                 build_initrd(k)
     return versions()
