@@ -21,7 +21,8 @@ import time
 
 import trio
 
-from invariantd.daemon.apply import ApplyPolicy, apply_vm, apply_vm_async, read_vm
+from invariantd.daemon.apply import apply_vm, apply_vm_async, read_vm
+from invariantd.protocol.program import ApplyProgram
 from invariantd.protocol import kvmabi as abi
 
 
@@ -58,11 +59,11 @@ def main() -> int:
         print("bench_apply: skipped: no ONE_REG-readable registers on this kernel")
         return 0
     total = sum(len(r) for r in regsets.values())
-    policy = ApplyPolicy()
+    program = ApplyProgram()
 
     def serial() -> float:
         t = time.perf_counter()
-        res = apply_vm(kvm, regsets, policy)
+        res = apply_vm(kvm, regsets, program)
         dt = time.perf_counter() - t
         assert res.ok, res.mismatches[:3]
         res.close()
@@ -71,7 +72,7 @@ def main() -> int:
     def threaded() -> float:
         async def go():
             t = time.perf_counter()
-            res = await apply_vm_async(kvm, regsets, policy)
+            res = await apply_vm_async(kvm, regsets, program)
             dt = time.perf_counter() - t
             assert res.ok, res.mismatches[:3]
             res.close()

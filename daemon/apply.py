@@ -1,42 +1,42 @@
-"""Apply a VM's vCPU register sets on this host, with the EINVARIANT-aware retry (DESIGN.md, step 5).
+"""Apply a VM's vCPU register sets on this host: the executor of an ApplyProgram (protocol/program.py).
 
-    result = apply_vm(backend, {0: [(reg_id, value), ...], 1: [...]}, ApplyPolicy(...))
+    result = apply_vm(backend, {0: [(reg_id, value), ...], 1: [...]}, compile_plan(plan, vm))
 
-Order: create the VM (enabling KVM_CAP_ARM_WRITABLE_IMP_ID_REGS first when the policy says so), create
-and initialise every vCPU, then phase "vm-wide" (ID / imp-ID / cache / CCSIDR / FW registers) on every
-vCPU before phase "state" (everything else) on any vCPU. Each phase is one batch call per vCPU
-(vcpu.set_regs: one errno per register); only the registers that failed are then handled one by one:
+The program - the plan compiled, the only place the plan is interpreted - says per register which value to
+write (the planned one, written directly: one ioctl) and what to do per errno when KVM refuses it; this module
+only carries that out. Order: create the VM (enabling KVM_CAP_ARM_WRITABLE_IMP_ID_REGS first when the program
+says so), create and initialise every vCPU, then phase "vm-wide" (ID / imp-ID / cache / CCSIDR / FW registers)
+on every vCPU before phase "state" (everything else) on any vCPU. Each phase is one batch call per vCPU
+(vcpu.set_regs: one errno per register); only the registers that failed are then handled one by one, by the
+program's Action for (register, errno):
 
-    errno                               action
-    EINVARIANT (any class)              plan override -> GET destination value, retry with the allowed value
-    EINVAL on id/imp_id/cache/demux/fw  GET destination value, confirm it differs, retry with the allowed value
-    EBUSY                               ordering fault: close the VM, recreate it, replay everything, once
-    ENOENT                              drop when the value equals the register's reset value
-    EINTR / EAGAIN                      bounded retry of the same value
-    anything else                       abort
+    ACCEPT_DESTINATION   GET the destination value, confirm it differs, keep it
+    WRITE_FALLBACK       write the program's fallback value
+    REPLAY               (EBUSY) ordering fault: close the VM, recreate it, replay everything, once
+    DROP                 (ENOENT) the register does not exist here and the guest cannot reach it
+    RETRY                (EINTR / EAGAIN) bounded retry of the same value
+    KEEP_IF_EQUAL        (generic path) the destination already holds the value
+    FAIL                 abort, naming register, id, errno and what to do
 
 Afterwards every written register is read back and compared with what was written (KVM can fold bits).
-Every retry, override, drop and replay is recorded as an ApplyEvent (metrics and logs use them).
+Every planned override, retry, drop and replay is recorded as an ApplyEvent (metrics and logs use them); a
+planned override is an override (errno "-"), not a failed write.
 On any abort the VM is closed: a half-applied VM is never handed out.
 """
 from __future__ import annotations
 
 import errno as E
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from ..protocol import kvmabi as abi
 from ..protocol import regid
 from ..protocol.catalog import catalog
-from ..protocol.schemas import Plan, Verdict, VmProfile
+from ..protocol.program import ID_LIKE_CLASSES, Action, ApplyProgram
+from ..protocol.schemas import Plan, Verdict
 from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
 from .kvm.errors import KvmError
 
-ACCEPT_DESTINATION = "accept-destination"
-TRANSIENT_ERRNOS = frozenset({E.EINTR, E.EAGAIN})
-# classes whose EINVAL means "the value differs from what this host offers" (the kernel's ID checks)
-ID_LIKE_CLASSES = frozenset({"id", "imp_id", "cache", "demux", "fw"})
 # classes applied VM-wide, before any other register (and before any vCPU could run)
 VM_WIDE_CLASSES = ID_LIKE_CLASSES
 
@@ -101,85 +101,6 @@ READBACK_MAY_DIFFER: dict[int, ReadbackRule] = {
         "IA32_TSC_DEADLINE", "zero-ok", "without an in-kernel local APIC KVM ignores the write and reads 0; with "
         "one, a deadline already in the past has fired and reads 0"),
 }
-
-
-def default_drop_if_reset() -> dict[int, int | tuple[int, ...]]:
-    """Registers known to come and go between kernels (protocol/data/drift.tsv), with the values a fresh vCPU
-    may hold (drop when equal)."""
-    return {rid: d.resets for rid, d in catalog().drift.items()}
-
-
-@dataclass(frozen=True)
-class ApplyPolicy:
-    """What the plan allows at apply time. The negotiation engine's Plan converts into this.
-
-    overrides: reg_id -> the value the plan allows instead of the source's, or ACCEPT_DESTINATION
-        (take whatever the destination kernel holds). Used only when the kernel refuses the source value.
-    enable_cap239: enable KVM_CAP_ARM_WRITABLE_IMP_ID_REGS before the first vCPU (MIDR/REVIDR/AIDR writable).
-    drop_if_reset: reg_id -> reset value (or a tuple of values a fresh vCPU may hold, e.g. 0 or KVM's
-        reset_unknown pattern); an ENOENT register is dropped when its value is one of them. Any
-        feature-ID slot the catalog does not name (op0=3, op1=0, CRn=0, CRm=1..7) is droppable at 0.
-    transient_retries: how many times EINTR/EAGAIN is retried per register.
-    extra_writes: reg_id -> value written in the VM-wide phase on every vCPU although the source did not
-        stream the register (the plan sets a register the source kernel did not list, e.g. an ID register
-        that read as 0 there and must read 0 here too).
-    """
-    overrides: Mapping[int, int | str] = field(default_factory=dict)
-    enable_cap239: bool = False
-    drop_if_reset: Mapping[int, int | tuple[int, ...]] = field(default_factory=default_drop_if_reset)
-    transient_retries: int = 3
-    extra_writes: Mapping[int, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.drop_if_reset, (set, frozenset)):
-            object.__setattr__(self, "drop_if_reset", {r: 0 for r in self.drop_if_reset})
-        for r, v in self.overrides.items():
-            if v != ACCEPT_DESTINATION and not (isinstance(v, int) and 0 <= v < 1 << (8 * regid.size_bytes(r))):
-                raise ValueError(f"override for {catalog().name(r)} ({r:#018x}) must be {ACCEPT_DESTINATION!r} "
-                                 f"or a value that fits the register; got {v!r}")
-        if not 0 <= self.transient_retries <= 100:
-            raise ValueError(f"transient_retries {self.transient_retries} outside 0..100")
-
-    def reset_values(self, reg_id: int) -> tuple[int, ...]:
-        """Values a fresh vCPU may hold for a droppable register; () when the register is not droppable."""
-        if reg_id in self.drop_if_reset:
-            v = self.drop_if_reset[reg_id]
-            return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-        cat = catalog()
-        if cat.reg_class(reg_id) == "id" and reg_id not in cat.by_id:
-            return (0,)
-        return ()
-
-    # canonical JSON (stable digest; the peer protocol carries it as bytes)
-    def to_dict(self) -> dict:
-        return {
-            "overrides": {f"{r:#018x}": (v if v == ACCEPT_DESTINATION else f"{v:#x}")
-                          for r, v in sorted(self.overrides.items())},
-            "enable_cap239": self.enable_cap239,
-            "drop_if_reset": {f"{r:#018x}": ([f"{x:#x}" for x in v] if isinstance(v, (tuple, list)) else f"{v:#x}")
-                              for r, v in sorted(self.drop_if_reset.items())},
-            "transient_retries": self.transient_retries,
-            "extra_writes": {f"{r:#018x}": f"{v:#x}" for r, v in sorted(self.extra_writes.items())},
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "ApplyPolicy":
-        try:
-            return cls(
-                overrides={int(k, 16): (v if v == ACCEPT_DESTINATION else int(v, 16))
-                           for k, v in d.get("overrides", {}).items()},
-                enable_cap239=bool(d.get("enable_cap239", False)),
-                drop_if_reset={int(k, 16): (tuple(int(x, 16) for x in v) if isinstance(v, list) else int(v, 16))
-                               for k, v in d["drop_if_reset"].items()}
-                if "drop_if_reset" in d else default_drop_if_reset(),
-                transient_retries=int(d.get("transient_retries", 3)),
-                extra_writes={int(k, 16): int(v, 16) for k, v in d.get("extra_writes", {}).items()},
-            )
-        except (TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"malformed apply policy: {e}") from None
-
-    def canonical_json(self) -> bytes:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,15 +211,17 @@ def _changed_fields(reg_id: int, a: int, b: int) -> tuple[str, ...]:
 
 
 class _Applier:
-    def __init__(self, policy: ApplyPolicy, events: list[ApplyEvent]) -> None:
-        self.policy, self.events = policy, events
+    """Carries out one program's decisions for the registers a batch write refused."""
+
+    def __init__(self, program: ApplyProgram, events: list[ApplyEvent]) -> None:
+        self.program, self.events = program, events
         self.cat = catalog()
         self.phase = ""
 
-    def _event(self, vcpu: int, reg_id: int, err: int, action: str, fields: tuple[str, ...] = (),
+    def _event(self, vcpu: int, reg_id: int, err: int | None, action: str, fields: tuple[str, ...] = (),
                detail: str = "") -> None:
-        self.events.append(ApplyEvent(vcpu, self.cat.name(reg_id), reg_id, abi.errno_name(err), action,
-                                      fields, detail))
+        self.events.append(ApplyEvent(vcpu, self.cat.name(reg_id), reg_id, "-" if err is None else abi.errno_name(err),
+                                      action, fields, detail))
 
     def _abort(self, vcpu: int, reg_id: int, err: int, action: str, hint: str, detail: str = "") -> ApplyError:
         self._event(vcpu, reg_id, err, "abort", detail=f"after {action}" + (f": {detail}" if detail else ""))
@@ -310,10 +233,15 @@ class _Applier:
         dropped: list[int] = []
         if not regs:
             return written, dropped
+        prog = self.program
         ids = [r for r, _ in regs]
-        vals = [v for _, v in regs]
+        vals = [prog.value_to_write(r, v) for r, v in regs]
         errs = vcpu.set_regs(ids, vals)
-        for r, v, e in zip(ids, vals, errs):
+        for (r, given), v, e in zip(regs, vals, errs):
+            if v != given and not (e and prog.decide(r, v, e) is Action.DROP):
+                op = prog.op(r)
+                self._event(vcpu.index, r, None, "override-plan", _changed_fields(r, given, v),
+                            f"{given:#x} -> {v:#x} (plan: {op.verdict.name.lower() if op else '?'})")
             if not e:
                 written[r] = v
                 continue
@@ -324,82 +252,91 @@ class _Applier:
                 written[r] = got
         return written, dropped
 
+    def _destination(self, vcpu: Vcpu, r: int, err: int) -> int:
+        try:
+            return vcpu.get_reg(r)
+        except KvmError as e:
+            raise self._abort(vcpu.index, r, e.errno_value, "get destination value",
+                              "could not read the destination's value to compare",
+                              detail=f"first refusal {abi.errno_name(err)}") from None
+
     def one(self, vcpu: Vcpu, r: int, v: int, err: int) -> int | None:
-        """Handle one refused register; returns the value finally written, None when dropped."""
-        idx, cls, pol = vcpu.index, self.cat.reg_class(r), self.policy
-        if err in TRANSIENT_ERRNOS:
-            for i in range(pol.transient_retries):
+        """Carry out the program's action for one refused register; returns the value finally written, None
+        when dropped."""
+        idx, prog = vcpu.index, self.program
+        act = prog.decide(r, v, err)
+        if act is Action.RETRY:
+            for i in range(prog.transient_retries):
                 self._event(idx, r, err, "retry-transient", detail=f"attempt {i + 2}")
                 try:
                     vcpu.set_reg(r, v)
                     return v
                 except KvmError as e:
-                    if e.errno_value not in TRANSIENT_ERRNOS:
+                    if prog.decide(r, v, e.errno_value) is not Action.RETRY:
                         return self.one(vcpu, r, v, e.errno_value)
                     err = e.errno_value
-            raise self._abort(idx, r, err, f"retry-transient x{pol.transient_retries}",
+            raise self._abort(idx, r, err, f"retry-transient x{prog.transient_retries}",
                               "the kernel kept returning a transient error; retry the migration later")
-        if err == E.EBUSY:
+        if act is Action.REPLAY:
             self._event(idx, r, err, "replay", detail="ID registers frozen: recreate the VM and replay in order")
             raise _Replay(idx, r)
-        if err == E.ENOENT:
-            resets = pol.reset_values(r)
-            if v in resets:
-                self._event(idx, r, err, "drop-reset", detail=f"absent here; value {v:#x} is a reset value")
-                return None
-            why = (f"its value {v:#x} is not a reset value ({', '.join(f'{x:#x}' for x in resets)}): the guest "
-                   f"uses it" if resets else "it is not a known drift register, so dropping it could lose guest state")
-            raise self._abort(idx, r, err, "drop-if-reset",
-                              f"the register does not exist on this kernel and {why}; migrate to a host whose "
-                              f"kernel offers it")
-        if err == abi.EINVARIANT or (err == E.EINVAL and cls in ID_LIKE_CLASSES):
-            ov = pol.overrides.get(r)
-            try:
-                dest = vcpu.get_reg(r)
-            except KvmError as e:
-                raise self._abort(idx, r, e.errno_value, "get destination value",
-                                  "could not read the destination's value to compare") from None
-            fields = _changed_fields(r, v, dest)
-            if err == E.EINVAL and dest == v:
+        if act is Action.DROP:
+            op = prog.op(r)
+            why = "the plan drops it (the guest cannot reach it)" if op is not None and not op.resets \
+                else f"value {v:#x} is a reset value"
+            self._event(idx, r, err, "drop-reset", detail=f"absent here; {why}")
+            return None
+        if act in (Action.ACCEPT_DESTINATION, Action.WRITE_FALLBACK):
+            dest = self._destination(vcpu, r, err)
+            if act is Action.ACCEPT_DESTINATION and err == E.EINVAL and dest == v:
                 raise self._abort(idx, r, err, "confirm difference",
                                   "the destination already holds this value, so the refusal is not an ID "
                                   "mismatch; check the vCPU features and kernel log")
-            if ov is None:
-                raise self._abort(idx, r, err, "none: the plan allows no override",
-                                  f"source {v:#x} differs from this host's {dest:#x}"
-                                  + (f" in {', '.join(fields)}" if fields else "")
-                                  + "; re-plan against this host (override, per-field merge or cap 239)")
-            target = dest if ov == ACCEPT_DESTINATION else int(ov)
-            action = "override-destination" if ov == ACCEPT_DESTINATION else "override-plan"
+            op = prog.op(r)
+            target = dest if act is Action.ACCEPT_DESTINATION else op.fallback
+            action = "override-destination" if act is Action.ACCEPT_DESTINATION else "override-plan"
             try:
                 vcpu.set_reg(r, target)
             except KvmError as e:
-                if e.errno_value == E.EBUSY:
-                    return self.one(vcpu, r, v, E.EBUSY)
+                if prog.decide(r, target, e.errno_value) is Action.REPLAY:
+                    return self.one(vcpu, r, v, e.errno_value)
                 raise self._abort(idx, r, e.errno_value, action,
-                                  f"the kernel refused the plan's value {target:#x} too; re-plan against "
+                                  f"the kernel refused the program's value {target:#x} too; re-plan against "
                                   f"this host", detail=f"first refusal {abi.errno_name(err)}") from None
             self._event(idx, r, err, action, _changed_fields(r, v, target), detail=f"{v:#x} -> {target:#x}")
             return target
-        if err == E.EINVAL and not _arm64(r):
-            # generic path (x86 answers EINVAL for every refusal): GET the destination value; when it already
-            # holds the source's value the state is there (e.g. a PV MSR whose write needs an in-kernel LAPIC,
-            # written 0 = disabled), else abort naming both values
-            try:
-                dest = vcpu.get_reg(r)
-            except KvmError as e:
-                raise self._abort(idx, r, e.errno_value, "get destination value",
-                                  "could not read the destination's value to compare") from None
+        if act is Action.KEEP_IF_EQUAL:
+            # generic path (x86 answers EINVAL for every refusal): when the destination already holds the value
+            # the state is there (e.g. a PV MSR whose write needs an in-kernel LAPIC, written 0 = disabled)
+            dest = self._destination(vcpu, r, err)
             if dest == v:
-                self._event(idx, r, err, "keep-equal", detail=f"write refused; the destination already holds "
-                                                              f"{v:#x}")
+                self._event(idx, r, err, "keep-equal", detail=f"write refused; the destination already holds {v:#x}")
                 return v
             raise self._abort(idx, r, err, "confirm difference",
                               f"the kernel refused the source value {v:#x}; the destination holds {dest:#x} "
                               f"(no plan override on {regid.decode(r).arch}: a vCPU feature or in-kernel device "
                               f"the source VM had may be missing here)")
-        hint = KvmError("KVM_SET_ONE_REG", err, r).hint or "no retry is defined for this errno"
-        raise self._abort(idx, r, err, "none", hint)
+        idlike = err in (E.EINVAL, abi.EINVARIANT) and self.cat.reg_class(r) in ID_LIKE_CLASSES
+        raise self._abort(idx, r, err, "none: the program allows no override" if idlike else "none",
+                          self._fail_hint(vcpu, r, v, err))
+
+    def _fail_hint(self, vcpu: Vcpu, r: int, v: int, err: int) -> str:
+        if err == E.ENOENT:
+            resets = self.program.catalog_resets(r)
+            why = (f"its value {v:#x} is not a reset value ({', '.join(f'{x:#x}' for x in resets)}): the guest "
+                   f"uses it" if resets else "it is not a known drift register the plan drops, so dropping it could lose guest state")
+            return (f"the register does not exist on this kernel and {why}; migrate to a host whose kernel "
+                    f"offers it")
+        if (err == abi.EINVARIANT or err == E.EINVAL) and self.cat.reg_class(r) in ID_LIKE_CLASSES:
+            try:
+                dest = vcpu.get_reg(r)
+            except KvmError:
+                return f"the kernel refused {v:#x}; re-plan against this host (override, per-field merge or cap 239)"
+            fields = _changed_fields(r, v, dest)
+            return (f"the kernel refused {v:#x}; this host holds {dest:#x}"
+                    + (f" (differs in {', '.join(fields)})" if fields else "")
+                    + "; re-plan against this host (override, per-field merge or cap 239)")
+        return KvmError("KVM_SET_ONE_REG", err, r).hint or "no retry is defined for this errno"
 
 
 def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit | None,
@@ -428,13 +365,13 @@ class _Run:
     """One attempt of apply_vm: setup, then the phases, then the read-back. Each step is synchronous; the
     per-vCPU steps (phase_vcpu, verify_vcpu) touch one vCPU only, so apply_vm_async runs them in threads."""
 
-    def __init__(self, backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
+    def __init__(self, backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], program: ApplyProgram,
                  events: list[ApplyEvent], init: VcpuInit | None, features: Sequence[int] | None,
                  vm_type: int) -> None:
-        self.backend, self.regsets, self.policy, self.init, self.features = backend, regsets, policy, init, features
+        self.backend, self.regsets, self.program, self.init, self.features = backend, regsets, program, init, features
         self.vm_type = vm_type
         self.indices = sorted(regsets)
-        self.ap = _Applier(policy, events)
+        self.ap = _Applier(program, events)
         self.vm: Vm | None = None
         self.vcpus: dict[int, Vcpu] = {}
         self.written: dict[int, dict[int, int]] = {i: {} for i in self.indices}
@@ -444,11 +381,11 @@ class _Run:
         self._split: dict[tuple[int, ...], tuple[frozenset, ...]] = {}
 
     def setup(self) -> None:
-        ap, policy = self.ap, self.policy
+        ap, program = self.ap, self.program
         ap.phase = "setup"
         try:
             self.vm = self.backend.create_vm(self.vm_type)
-            if policy.enable_cap239:
+            if program.enable_cap239:
                 self.vm.enable_cap(abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS)
             self.vcpus = _init_vcpus(self.backend, self.vm, self.indices, self.init, self.regsets, self.features)
         except KvmError as e:
@@ -467,9 +404,9 @@ class _Run:
         wide = self._wide_ids(tuple(r for r, _ in regs))
         skip = self.skip
         out = [(r, v) for r, v in regs if (r in wide) == want and r not in skip]
-        if want and self.policy.extra_writes:
+        if want and self.program.extra_writes:
             present = {r for r, _ in regs}
-            out += [(r, v) for r, v in self.policy.extra_writes.items() if r not in present]
+            out += [(r, v) for r, v in self.program.extra_writes if r not in present]
         return out
 
     def phase_vcpu(self, i: int, want: bool) -> None:
@@ -505,7 +442,7 @@ def _replay_error(rp: "_Replay", phase: str, events: list[ApplyEvent]) -> ApplyE
                       vcpu=rp.vcpu, phase=phase, events=events)
 
 
-def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
+def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], program: ApplyProgram,
              *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
              verify: bool = True) -> ApplyResult:
     """Create a VM on `backend` and apply every vCPU's registers. Raises ApplyError (VM closed).
@@ -517,7 +454,7 @@ def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]],
     events: list[ApplyEvent] = []
     replays = 0
     for attempt in (0, 1):
-        run = _Run(backend, regsets, policy, events, init, features, vm_type)
+        run = _Run(backend, regsets, program, events, init, features, vm_type)
         try:
             run.setup()
             for phase, want in (("vm-wide", True), ("state", False)):
@@ -588,7 +525,7 @@ async def read_vm_async(vcpus: Mapping[int, Vcpu], backend: Backend, *, limiter=
     return {i: per[i] for i in sorted(vcpus)}
 
 
-async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], policy: ApplyPolicy,
+async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], program: ApplyProgram,
                          *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
                          verify: bool = True, limiter=None, threads: bool | None = None) -> ApplyResult:
     """apply_vm for a trio caller. On the real backend (threaded()), after setup and the whole VM-wide phase
@@ -603,14 +540,14 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
     import trio
     if not (threaded(backend) if threads is None else threads):
         return await trio.to_thread.run_sync(
-            lambda: apply_vm(backend, regsets, policy, init=init, features=features, vm_type=vm_type,
+            lambda: apply_vm(backend, regsets, program, init=init, features=features, vm_type=vm_type,
                              verify=verify))
     limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
     events: list[ApplyEvent] = []
     replays = 0
 
     for attempt in (0, 1):
-        run = _Run(backend, regsets, policy, events, init, features, vm_type)
+        run = _Run(backend, regsets, program, events, init, features, vm_type)
         try:
             def serial_part() -> None:
                 run.setup()
@@ -676,48 +613,7 @@ def read_vm(vcpus: Mapping[int, Vcpu], ids: Sequence[int] | None = None) -> dict
     return out
 
 
-# --- the negotiation engine's Plan -> ApplyPolicy ---------------------------------------------------------------
-def policy_from_plan(plan: Plan, vm: VmProfile | None = None, *, transient_retries: int = 3) -> ApplyPolicy:
-    """What apply_vm may do, derived from the plan's register-level verdicts (field rows explain them, the
-    register row carries the value):
-
-        identical  nothing: the source value applies as is
-        set        nothing when planned == source (the kernel must take it); else override -> planned
-        override   overrides[reg] = planned (per-field merged ID value, or the destination's MIDR/REVIDR/AIDR);
-                   used only when the kernel refuses the source value (EINVAL on ID-like / EINVARIANT)
-        pin        enable_cap239 (before the first vCPU); the source value must then be accepted: no override
-        drop       drop_if_reset[reg] = reset values (the plan's proven source value, plus the known reset
-                   patterns of that register, e.g. KVM's UNKNOWN fill): dropped only on ENOENT at such a value
-        refuse     ValueError: a refused plan is never applied
-    Registers the plan writes that the source VM did not carry (absent from vm.values: the source kernel did
-    not list them) become extra_writes. Registers the plan does not mention get no override and no drop.
-    """
-    if not plan.migratable:
-        refused = sorted({e.register for e in plan.entries if e.verdict is Verdict.REFUSE})
-        raise ValueError(f"plan for {plan.vm_name} is refused ({', '.join(refused)}): nothing to apply")
-    src = dict(vm.values) if vm is not None else None
-    known = default_drop_if_reset()
-    overrides: dict[int, int] = {}
-    drops: dict[int, tuple[int, ...]] = {}
-    extra: dict[int, int] = {}
-    for e in plan.entries:
-        if e.field or not e.reg_id:
-            continue                        # field rows and vcpu_init rows: the register row decides
-        v = e.verdict
-        if v is Verdict.DROP:
-            alt = known.get(e.reg_id, ())
-            alt = alt if isinstance(alt, tuple) else (alt,)
-            drops[e.reg_id] = tuple(dict.fromkeys((e.source, *alt)))
-            continue
-        if src is not None and e.reg_id not in src:
-            extra[e.reg_id] = e.planned     # planned although the source never listed it
-            continue
-        if v in (Verdict.SET, Verdict.OVERRIDE) and e.planned != e.source:
-            overrides[e.reg_id] = e.planned
-    return ApplyPolicy(overrides=overrides, enable_cap239=plan.enable_cap239, drop_if_reset=drops,
-                       transient_retries=transient_retries, extra_writes=extra)
-
-
+# --- judged against the plan ----------------------------------------------------------------------------------
 def plan_deviations(plan: Plan, written: Mapping[int, int], dropped: Iterable[int] = (), *,
                     vcpu: int | None = None) -> list[str]:
     """Where an apply ended differently from the plan: a planned register holding another value than the

@@ -50,7 +50,8 @@ class Metrics:
         for ev in events:
             if ev.action == "abort":
                 continue           # the failure that led to the abort was already counted with its first refusal
-            self.set_one_reg_failures.labels(ev.register, ev.errno).inc()
+            if ev.errno != "-":    # "-": a planned override written directly, no failed write
+                self.set_one_reg_failures.labels(ev.register, ev.errno).inc()
             if ev.action in OVERRIDE_ACTIONS:
                 self.invariant_overrides.labels(ev.register, ev.action).inc()
 

@@ -20,7 +20,7 @@ the plan's reasons in the Abort, before anything moves. Otherwise the PlanPropos
 the source's Plan and its digest (negotiate.plan_digest); the destination recomputes the plan from the same
 VmProfile and its own capabilities and policy, refuses when it is refused or when the digests differ (naming
 the first differing entry), and echoes the digest in PlanAccept. The plan becomes the apply engine's
-ApplyPolicy through apply.policy_from_plan; pre-flight and the final apply are judged against the plan's
+an ApplyProgram through program.compile_plan; pre-flight and the final apply are judged against the plan's
 values (apply.plan_deviations).
 """
 from __future__ import annotations
@@ -42,8 +42,9 @@ from ..protocol.errors import ProtocolError, RemoteProtocolError
 from ..protocol.framing import Limits
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import Policy, default_policy
+from ..protocol.program import compile_plan
 from . import probe
-from .apply import (ApplyError, apply_vm, apply_vm_async, plan_deviations, policy_from_plan, read_vm, read_vm_async,
+from .apply import (ApplyError, apply_vm, apply_vm_async, plan_deviations, read_vm, read_vm_async,
                     vm_wide)
 from .kvm.backend import Backend, Vcpu
 from .kvm.errors import KvmError
@@ -631,7 +632,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                     raise ValueError(f"plan digest mismatch (source {prop.digest.hex()[:16]}, destination "
                                      f"{plan.digest.hex()[:16]}): {explain_mismatch(plan, theirs)}")
                 feats = _features(vm)
-                apply_policy = policy_from_plan(plan, vm)
+                apply_program = compile_plan(plan, vm)
                 if plan_checker is not None:
                     plan_checker(plan, vm)
             except ValueError as e:
@@ -643,7 +644,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             trial_regs = {0: list(vm.values)}
             try:
                 trial = await trio.to_thread.run_sync(
-                    lambda: apply_vm(backend, trial_regs, apply_policy, features=feats))
+                    lambda: apply_vm(backend, trial_regs, apply_program, features=feats))
                 trial.close()               # trial events go to the source in Preflight, not to metrics
                 bad = [str(x) for x in trial.mismatches] + plan_deviations(plan, trial.written[0],
                                                                           trial.dropped[0])
@@ -672,7 +673,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             if bad:
                 raise PeerError("apply", "the streamed registers are not the VM the plan was computed for: "
                                 + "; ".join(bad))
-            res = await apply_vm_async(backend, regsets, apply_policy, features=feats)   # threads on real KVM
+            res = await apply_vm_async(backend, regsets, apply_program, features=feats)   # threads on real KVM
             counted, adjusted = apply_report(res.events)
             m.record_apply_events(counted)
             for reg, evs in _by_register(adjusted).items():     # one line per register, not per vCPU

@@ -17,9 +17,10 @@ import sys
 from ..protocol import kvmabi as abi
 from ..protocol import regid
 from ..protocol import schemas as S
+from ..protocol.program import compile_plan
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
-from .apply import ApplyError, apply_vm, plan_deviations, policy_from_plan, read_vm
+from .apply import ApplyError, apply_vm, plan_deviations, read_vm
 from .kvm.backend import VcpuInit
 from .peer import host_capabilities, vm_profile
 from .probe import probe
@@ -86,7 +87,7 @@ def restore(backend, state: dict, policy=None) -> tuple[int, dict]:
         report["source"]["kernel_version"] = src_host.kernel_version
     if not plan.migratable:
         return 3, report
-    apol = policy_from_plan(plan, vm)
+    apol = compile_plan(plan, vm)
     try:
         res = apply_vm(backend, regsets, apol, features=feats if backend.arch == "aarch64" else None)
     except ApplyError as e:

@@ -132,10 +132,20 @@ class Drift:
     resets: tuple[int, ...]
     since: tuple[int, ...]
     reason: str
+    feature: tuple[int, int, int, str] | None = None   # (ID register id, shift, width, FEAT_ name); None: none
 
     @property
     def reset(self) -> int:
         return self.resets[0]
+
+    def unreachable(self, values: dict[int, int]) -> bool:
+        """Whether a guest with these ID register values cannot reach the register (its feature field is 0).
+        False when the register has no gating feature or the values do not say."""
+        if self.feature is None:
+            return False
+        rid, shift, width, _ = self.feature
+        v = values.get(rid)
+        return v is not None and (v >> shift) & ((1 << width) - 1) == 0
 
 
 def sve_vqs(vls: int) -> list[int]:
@@ -197,8 +207,16 @@ class Catalog:
         self.drift: dict[int, Drift] = {}
         for r in _rows("drift.tsv"):
             rid = self.id_of(r["register"])
+            feat = None
+            if r["feature"] != "-":
+                try:
+                    reg, shift, width, fname = r["feature"].split(":")
+                    feat = (self.id_of(reg), int(shift), int(width), fname)
+                except (ValueError, KeyError, CatalogError) as e:
+                    raise CatalogError(f"drift.tsv: {r['register']}: feature {r['feature']!r} is not "
+                                       f"REGISTER:shift:width:FEAT_NAME ({e})") from None
             self.drift[rid] = Drift(r["register"], rid, tuple(int(x, 0) for x in r["resets"].split(";")),
-                                    _kver(r["since"]), r["why"])
+                                    _kver(r["since"]), r["why"], feat)
         overrides = {(r["register"], r["field"]): r for r in _rows("kvm_overrides.tsv")}
         self.fields: dict[str, tuple[Field, ...]] = {}
         acc: dict[str, list[Field]] = {}

@@ -198,7 +198,11 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
     # Source registers the VM profile lists without a value (drift candidates only).
     if vm.reg_list:
         for rid in sorted(set(vm.reg_list) - set(c.src) - c.dst_listed):
-            if rid in pol.drift:
+            d = pol.drift.get(rid)
+            if d is not None and d.unreachable(c.src):
+                c.add(cat.name(rid), rid, "", 0, 0, 0, Verdict.DROP,
+                      f"absent on the destination; the VM has no {d.feature[3]}, so the guest cannot reach it")
+            elif d is not None:
                 c.add(cat.name(rid), rid, "", 0, 0, 0, Verdict.REFUSE,
                       "absent on the destination and the VM profile carries no value to prove it is the reset value")
 
@@ -343,7 +347,12 @@ def _absent(c: _Ctx, rid: int, name: str, cls: str, s: int) -> None:
     drift = c.pol.drift.get(rid)
     fw = c.cat.fwregs.get(rid)
     if drift is not None:
-        if s in drift.resets:
+        if drift.unreachable(c.src):
+            feat = drift.feature[3]
+            c.add(name, rid, "", s, 0, 0, Verdict.DROP, f"not listed on the destination kernel {c.dest.kernel_version}; "
+                                                        f"the VM has no {feat}, so the guest cannot reach it "
+                                                        f"(whatever it holds, {s:#x}): {drift.reason}")
+        elif s in drift.resets:
             c.add(name, rid, "", s, 0, 0, Verdict.DROP, f"not listed on the destination kernel {c.dest.kernel_version}; "
                                                         f"value {s:#x} is the reset value: {drift.reason}")
         else:

@@ -6,8 +6,8 @@ import errno as E
 import pytest
 
 from fixtures import real_kvm, synthetic_doc
-from invariantd.daemon.apply import (ACCEPT_DESTINATION, ApplyError, ApplyPolicy, apply_vm, read_vm,
-                                     default_drop_if_reset)
+from invariantd.daemon.apply import ApplyError, apply_vm, read_vm
+from invariantd.protocol.program import ApplyProgram
 from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.sim.host import SimHost, eras
 from invariantd.protocol import regid
@@ -114,14 +114,14 @@ class FaultBackend(Proxy):
 # --- the clean path ---------------------------------------------------------------------------------
 def test_identical_hosts_apply_without_events():
     src = source_regs("6.12")
-    res = apply_vm(host("6.12"), src, ApplyPolicy())
+    res = apply_vm(host("6.12"), src, ApplyProgram())
     assert res.ok and res.events == [] and res.replays == 0
     assert {i: len(w) for i, w in res.written.items()} == {i: len(r) for i, r in src.items()}
 
 
 def test_vm_wide_registers_go_first_on_every_vcpu():
     b = FaultBackend(host("6.12"))
-    apply_vm(b, source_regs("6.12"), ApplyPolicy())
+    apply_vm(b, source_regs("6.12"), ApplyProgram())
     kinds = [CAT.reg_class(r) in ("id", "imp_id", "cache", "demux", "fw") for _, _, r in b.log]
     first_state = kinds.index(False)
     assert all(kinds[:first_state]) and not any(kinds[first_state:])
@@ -131,7 +131,7 @@ def test_vm_wide_registers_go_first_on_every_vcpu():
 # --- EINVAL on an ID-like register (legacy era: any difference refused) ------------------------------
 def test_legacy_midr_einval_retried_with_destination_value():
     src = source_regs("6.1", midr=A72_R0P3)
-    res = apply_vm(host("6.1", midr=A72_R0P4), src, ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}))
+    res = apply_vm(host("6.1", midr=A72_R0P4), src, ApplyProgram.build(accept_destination=[MIDR]))
     assert res.ok
     assert actions(res.events) == [("MIDR_EL1", "EINVAL", "override-destination")] * 2
     assert res.events[0].fields == ("Revision",) or res.events[0].fields   # field named when the catalog knows it
@@ -141,7 +141,7 @@ def test_legacy_midr_einval_retried_with_destination_value():
 def test_legacy_midr_without_override_aborts_and_closes_vm():
     b = FaultBackend(host("6.1", midr=A72_R0P4))
     with pytest.raises(ApplyError) as ei:
-        apply_vm(b, source_regs("6.1", midr=A72_R0P3), ApplyPolicy())
+        apply_vm(b, source_regs("6.1", midr=A72_R0P3), ApplyProgram())
     e = ei.value
     assert (e.register, e.reg_id, e.errno_name, e.vcpu, e.phase) == ("MIDR_EL1", MIDR, "EINVAL", 0, "vm-wide")
     assert "no override" in e.action and f"{MIDR:#018x}" in str(e) and "re-plan" in e.hint
@@ -152,7 +152,7 @@ def test_legacy_midr_without_override_aborts_and_closes_vm():
 def test_einval_when_destination_holds_same_value_is_not_an_id_mismatch():
     b = FaultBackend(host("6.12"), faults={ISAR0: [E.EINVAL]})
     with pytest.raises(ApplyError) as ei:
-        apply_vm(b, source_regs("6.12"), ApplyPolicy(overrides={ISAR0: ACCEPT_DESTINATION}))
+        apply_vm(b, source_regs("6.12"), ApplyProgram.build(accept_destination=[ISAR0]))
     assert ei.value.action == "confirm difference"
 
 
@@ -160,27 +160,27 @@ def test_einval_when_destination_holds_same_value_is_not_an_id_mismatch():
 def test_patched_einvariant_override():
     src = source_regs("6.1", midr=A72_R0P3)
     dst = host("6.1", era="patched", midr=A72_R0P4)
-    res = apply_vm(dst, src, ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}))
+    res = apply_vm(dst, src, ApplyProgram.build(accept_destination=[MIDR]))
     assert actions(res.events) == [("MIDR_EL1", "EINVARIANT", "override-destination")] * 2
     assert res.ok
 
 
 def test_patched_einvariant_without_override_aborts():
     with pytest.raises(ApplyError) as ei:
-        apply_vm(host("6.1", era="patched", midr=A72_R0P4), source_regs("6.1", midr=A72_R0P3), ApplyPolicy())
+        apply_vm(host("6.1", era="patched", midr=A72_R0P4), source_regs("6.1", midr=A72_R0P3), ApplyProgram())
     assert ei.value.errno_name == "EINVARIANT" and ei.value.register == "MIDR_EL1"
 
 
 # --- per-field writable era: the plan's merged value ----------------------------------------------------
 def test_writable_lower_value_accepted_directly():
     src = patch(source_regs("6.12"), ISAR0, 0x11020)          # SHA1 0: lower-safe
-    res = apply_vm(host("6.12"), src, ApplyPolicy())
+    res = apply_vm(host("6.12"), src, ApplyProgram())
     assert res.ok and res.events == [] and res.written[1][ISAR0] == 0x11020
 
 
 def test_writable_higher_value_retried_with_plan_merge():
     src = patch(source_regs("6.12"), ISAR0, 0x11220)          # SHA1 2 > destination's 1
-    res = apply_vm(host("6.12"), src, ApplyPolicy(overrides={ISAR0: 0x11120}))
+    res = apply_vm(host("6.12"), src, ApplyProgram.build(retry_with={ISAR0: 0x11120}))
     assert actions(res.events) == [("ID_AA64ISAR0_EL1", "EINVAL", "override-plan")] * 2
     assert res.events[0].fields == ("SHA1",) and res.ok
 
@@ -188,17 +188,17 @@ def test_writable_higher_value_retried_with_plan_merge():
 def test_plan_value_refused_too_aborts():
     src = patch(source_regs("6.12"), ISAR0, 0x11220)
     with pytest.raises(ApplyError) as ei:
-        apply_vm(host("6.12"), src, ApplyPolicy(overrides={ISAR0: 0x11230}))
-    assert ei.value.action == "override-plan" and "refused the plan's value" in ei.value.hint
+        apply_vm(host("6.12"), src, ApplyProgram.build(retry_with={ISAR0: 0x11230}))
+    assert ei.value.action == "override-plan" and "refused the program's value" in ei.value.hint
 
 
 def test_cap239_makes_midr_writable():
     src = source_regs("7.0", midr=A72_R0P3)
     dst = host("7.0", midr=A72_R0P4)
-    res = apply_vm(dst, src, ApplyPolicy(enable_cap239=True))
+    res = apply_vm(dst, src, ApplyProgram(enable_cap239=True))
     assert res.ok and res.events == [] and res.written[0][MIDR] == A72_R0P3
     with pytest.raises(ApplyError) as ei:
-        apply_vm(host("7.0", midr=A72_R0P4), src, ApplyPolicy())
+        apply_vm(host("7.0", midr=A72_R0P4), src, ApplyProgram())
     assert ei.value.register == "MIDR_EL1" and ei.value.errno_name == "EINVAL"
 
 
@@ -207,7 +207,7 @@ def test_enoent_drift_registers_dropped_at_reset_value():
     src = source_regs("6.12")                                  # lists TCR2/PIR/PIRE0, the 7.0 profile does not
     assert any(r == TCR2 for r, _ in src[0])
     src = {i: regs + [(UNNAMED_ID, 0)] for i, regs in src.items()}
-    res = apply_vm(host("7.0"), src, ApplyPolicy())
+    res = apply_vm(host("7.0"), src, ApplyProgram())
     dropped = sorted({e.register for e in res.events if e.action == "drop-reset"})
     assert dropped == ["PIRE0_EL1", "PIR_EL1", "S3_0_C0_C7_7", "TCR2_EL1"]
     assert all(e.errno == "ENOENT" for e in res.events) and res.ok
@@ -217,29 +217,29 @@ def test_enoent_drift_registers_dropped_at_reset_value():
 def test_enoent_with_guest_state_aborts():
     src = patch(source_regs("6.12"), TCR2, 0x5)
     with pytest.raises(ApplyError) as ei:
-        apply_vm(host("7.0"), src, ApplyPolicy())
+        apply_vm(host("7.0"), src, ApplyProgram())
     assert ei.value.register == "TCR2_EL1" and ei.value.errno_name == "ENOENT" and "0x5" in ei.value.hint
 
 
 def test_enoent_unknown_register_aborts():
     src = {i: regs + [(regid.sysreg(3, 0, 15, 15, 7), 0)] for i, regs in source_regs("6.12").items()}
     with pytest.raises(ApplyError) as ei:
-        apply_vm(host("6.12"), src, ApplyPolicy())
+        apply_vm(host("6.12"), src, ApplyProgram())
     assert "not a known drift register" in ei.value.hint
 
 
 def test_vendor_bmap2_dropped_going_back_to_older_kernel():
     src = source_regs("7.0")
-    res = apply_vm(host("6.12"), src, ApplyPolicy())
+    res = apply_vm(host("6.12"), src, ApplyProgram())
     assert {e.register for e in res.events} == {"KVM_REG_ARM_VENDOR_HYP_BMAP_2"}
-    assert regid.fw_bmap(3) in default_drop_if_reset()
+    assert ApplyProgram().catalog_resets(regid.fw_bmap(3)) == (0,)
 
 
 # --- EBUSY: ordering fault, replay once -----------------------------------------------------------------
 def test_ebusy_recreates_vm_and_replays_once():
     b = FaultBackend(host("6.12"), ran=1)
     src = patch(source_regs("6.12"), ISAR0, 0x11020)
-    res = apply_vm(b, src, ApplyPolicy())
+    res = apply_vm(b, src, ApplyProgram())
     assert res.replays == 1 and len(b.vms) == 2 and b.vms[0].closed and not b.vms[1].closed
     assert ("ID_AA64ISAR0_EL1", "EBUSY", "replay") in actions(res.events) and res.ok
 
@@ -247,7 +247,7 @@ def test_ebusy_recreates_vm_and_replays_once():
 def test_ebusy_twice_aborts():
     b = FaultBackend(host("6.12"), ran=5)
     with pytest.raises(ApplyError) as ei:
-        apply_vm(b, patch(source_regs("6.12"), ISAR0, 0x11020), ApplyPolicy())
+        apply_vm(b, patch(source_regs("6.12"), ISAR0, 0x11020), ApplyProgram())
     assert ei.value.errno_name == "EBUSY" and "once" in ei.value.action
     assert len(b.vms) == 2 and all(vm.closed for vm in b.vms)
 
@@ -256,14 +256,14 @@ def test_ebusy_twice_aborts():
 @pytest.mark.parametrize("err", [E.EINTR, E.EAGAIN])
 def test_transient_retried(err):
     b = FaultBackend(host("6.12"), faults={SCTLR: [err, err]})
-    res = apply_vm(b, source_regs("6.12", n=1), ApplyPolicy(transient_retries=3))
+    res = apply_vm(b, source_regs("6.12", n=1), ApplyProgram(transient_retries=3))
     assert [e.action for e in res.events] == ["retry-transient"] * 2 and res.ok
 
 
 def test_transient_bounded():
     b = FaultBackend(host("6.12"), faults={SCTLR: [E.EINTR] * 10})
     with pytest.raises(ApplyError) as ei:
-        apply_vm(b, source_regs("6.12", n=1), ApplyPolicy(transient_retries=3))
+        apply_vm(b, source_regs("6.12", n=1), ApplyProgram(transient_retries=3))
     assert ei.value.action == "retry-transient x3"
     assert [e.action for e in ei.value.events] == ["retry-transient"] * 3 + ["abort"]
 
@@ -271,7 +271,7 @@ def test_transient_bounded():
 def test_other_errno_aborts():
     b = FaultBackend(host("6.12"), faults={SCTLR: [E.EPERM]})
     with pytest.raises(ApplyError) as ei:
-        apply_vm(b, source_regs("6.12", n=1), ApplyPolicy(overrides={SCTLR: ACCEPT_DESTINATION}))
+        apply_vm(b, source_regs("6.12", n=1), ApplyProgram.build(accept_destination=[SCTLR]))
     assert (ei.value.errno_name, ei.value.action, ei.value.phase) == ("EPERM", "none", "state")
 
 
@@ -279,29 +279,26 @@ def test_einval_on_state_register_aborts():
     fpsr = CAT.id_of("FPSR")
     src = patch(source_regs("6.12", n=1), fpsr, 1 << 40)      # does not fit U32
     with pytest.raises(ApplyError) as ei:
-        apply_vm(host("6.12"), src, ApplyPolicy())
+        apply_vm(host("6.12"), src, ApplyProgram())
     assert ei.value.register == "FPSR" and ei.value.errno_name == "EINVAL" and ei.value.action == "none"
 
 
 # --- read-back --------------------------------------------------------------------------------------------
 def test_readback_reports_folded_bits():
     b = FaultBackend(host("6.12"), fold={SCTLR: 0x8})
-    res = apply_vm(b, source_regs("6.12", n=1), ApplyPolicy())
+    res = apply_vm(b, source_regs("6.12", n=1), ApplyProgram())
     assert not res.ok
     [m] = res.mismatches
     assert m.register == "SCTLR_EL1" and m.actual == m.intended & ~0x8 and "SCTLR_EL1" in str(m)
 
 
-# --- the policy -------------------------------------------------------------------------------------------
-def test_policy_json_roundtrip_and_validation():
-    p = ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION, ISAR0: 0x11120}, enable_cap239=True,
-                    drop_if_reset={TCR2})
-    q = ApplyPolicy.from_dict(p.to_dict())
-    assert q == p and q.canonical_json() == p.canonical_json() and q.drop_if_reset == {TCR2: 0}
+# --- hand-built programs ---------------------------------------------------------------------------------------
+def test_hand_built_program_validation():
     with pytest.raises(ValueError, match="MIDR_EL1"):
-        ApplyPolicy(overrides={MIDR: "whatever"})
-    with pytest.raises(ValueError, match="malformed"):
-        ApplyPolicy.from_dict({"overrides": {"zz": "1"}})
+        ApplyProgram.build(retry_with={MIDR: 1 << 64})
+    with pytest.raises(ValueError, match="two ops"):
+        from invariantd.protocol.program import RegOp
+        ApplyProgram((RegOp(MIDR), RegOp(MIDR)))
 
 
 # --- the real /dev/kvm (x86 here: MSRs through ONE_REG) -----------------------------------------------------
@@ -315,7 +312,7 @@ def test_real_kvm_generic_apply_and_readback():
     if b.arch != "x86_64":
         pytest.skip("generic x86 MSR path; arm64 hosts run the conformance suite instead")
     misc, ucode = regid.x86_msr(0x1A0), regid.x86_msr(0x8B)
-    res = apply_vm(b, {0: [(misc, 1), (ucode, 0x100000000)], 1: [(misc, 1)]}, ApplyPolicy())
+    res = apply_vm(b, {0: [(misc, 1), (ucode, 0x100000000)], 1: [(misc, 1)]}, ApplyProgram())
     try:
         assert res.ok and res.events == [] and res.written[0] == {misc: 1, ucode: 0x100000000}
     finally:
@@ -329,7 +326,7 @@ def test_real_kvm_refusal_is_typed():
         pytest.skip("generic x86 MSR path")
     arch_caps = regid.x86_msr(0x10A)
     with pytest.raises(ApplyError) as ei:
-        apply_vm(b, {0: [(regid.x86_msr(0x1A0), 1), (arch_caps, 1 << 63)]}, ApplyPolicy())
+        apply_vm(b, {0: [(regid.x86_msr(0x1A0), 1), (arch_caps, 1 << 63)]}, ApplyProgram())
     e = ei.value
     # generic EINVAL rule: GET the destination's value; it differs, so abort naming both values
     assert (e.reg_id, e.errno_name, e.action, e.phase) == (arch_caps, "EINVAL", "confirm difference", "state")
@@ -347,14 +344,14 @@ def _profile(spec):
 
 
 @pytest.mark.parametrize("src,dst,policy,expect", [
-    ("cortex-a72-r0p4@6.12", "cortex-a72-r0p4@6.12", ApplyPolicy(), set()),
-    ("cortex-a72-r0p3@6.12", "cortex-a72-r0p4@6.12", ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}),
+    ("cortex-a72-r0p4@6.12", "cortex-a72-r0p4@6.12", ApplyProgram(), set()),
+    ("cortex-a72-r0p3@6.12", "cortex-a72-r0p4@6.12", ApplyProgram.build(accept_destination=[MIDR]),
      {("MIDR_EL1", "EINVAL", "override-destination")}),
     ("cortex-a72-r0p3@6.1-patched", "cortex-a72-r0p4@6.1-patched",
-     ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION}), {("MIDR_EL1", "EINVARIANT", "override-destination")}),
-    ("cortex-a72-r0p3@7.3", "cortex-a72-r0p4@7.3", ApplyPolicy(enable_cap239=True), set()),
+     ApplyProgram.build(accept_destination=[MIDR]), {("MIDR_EL1", "EINVARIANT", "override-destination")}),
+    ("cortex-a72-r0p3@7.3", "cortex-a72-r0p4@7.3", ApplyProgram(enable_cap239=True), set()),
     # real 6.12 holds KVM's reset_unknown pattern in PIR_EL1/PIRE0_EL1: still droppable on 7.3
-    ("cortex-a72-r0p4@6.12", "cortex-a72-r0p4@7.3", ApplyPolicy(),
+    ("cortex-a72-r0p4@6.12", "cortex-a72-r0p4@7.3", ApplyProgram(),
      {("TCR2_EL1", "ENOENT", "drop-reset"), ("PIR_EL1", "ENOENT", "drop-reset"),
       ("PIRE0_EL1", "ENOENT", "drop-reset")}),
 ])

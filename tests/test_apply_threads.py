@@ -7,8 +7,8 @@ import errno as E
 import pytest
 import trio
 
-from invariantd.daemon.apply import ApplyError, ApplyPolicy, ACCEPT_DESTINATION, apply_vm, apply_vm_async, \
-    read_vm, read_vm_async, threaded
+from invariantd.daemon.apply import ApplyError, apply_vm, apply_vm_async, read_vm, read_vm_async, threaded
+from invariantd.protocol.program import ApplyProgram
 from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vms import VmRegistry
@@ -38,7 +38,7 @@ def test_backend_decides_threads():
 @pytest.mark.parametrize("limit", [1, 3, 64])
 def test_threaded_equals_serial(limit):
     src = source_regs("6.1", n=8, midr=A72_R0P3)
-    pol = ApplyPolicy(overrides={MIDR: ACCEPT_DESTINATION})
+    pol = ApplyProgram.build(accept_destination=[MIDR])
     a = apply_vm(host("6.1", midr=A72_R0P4), src, pol)
     b = run(apply_vm_async, host("6.1", midr=A72_R0P4), src, pol, threads=True,
             limiter=trio.CapacityLimiter(limit))
@@ -48,7 +48,7 @@ def test_threaded_equals_serial(limit):
 
 def test_vm_wide_phase_first_on_every_vcpu():
     b = FaultBackend(host("6.12"))
-    run(apply_vm_async, b, source_regs("6.12", n=6), ApplyPolicy(), threads=True)
+    run(apply_vm_async, b, source_regs("6.12", n=6), ApplyProgram(), threads=True)
     kinds = [CAT.reg_class(r) in ("id", "imp_id", "cache", "demux", "fw") for _, _, r in b.log]
     first_state = kinds.index(False)
     assert all(kinds[:first_state]) and not any(kinds[first_state:])
@@ -57,25 +57,25 @@ def test_vm_wide_phase_first_on_every_vcpu():
 
 def test_ebusy_replays_once():
     b = FaultBackend(host("6.12"), ran=1)
-    res = run(apply_vm_async, b, patch(source_regs("6.12", n=4), ISAR0, 0x11020), ApplyPolicy(), threads=True)
+    res = run(apply_vm_async, b, patch(source_regs("6.12", n=4), ISAR0, 0x11020), ApplyProgram(), threads=True)
     assert res.replays == 1 and len(b.vms) == 2 and b.vms[0].closed and not b.vms[1].closed and res.ok
     b = FaultBackend(host("6.12"), ran=5)
     with pytest.raises(ApplyError) as ei:
-        run(apply_vm_async, b, patch(source_regs("6.12", n=4), ISAR0, 0x11020), ApplyPolicy(), threads=True)
+        run(apply_vm_async, b, patch(source_regs("6.12", n=4), ISAR0, 0x11020), ApplyProgram(), threads=True)
     assert ei.value.errno_name == "EBUSY" and "once" in ei.value.action and all(vm.closed for vm in b.vms)
 
 
 def test_state_phase_failure_in_a_worker_aborts_and_closes():
     b = FaultBackend(host("6.12"), faults={SCTLR: [E.EPERM] * 3})
     with pytest.raises(ApplyError) as ei:
-        run(apply_vm_async, b, source_regs("6.12", n=6), ApplyPolicy(), threads=True)
+        run(apply_vm_async, b, source_regs("6.12", n=6), ApplyProgram(), threads=True)
     assert (ei.value.register, ei.value.errno_name, ei.value.phase) == ("SCTLR_EL1", "EPERM", "state")
     assert b.vms[0].closed
 
 
 def test_transient_retry_and_readback_in_workers():
     b = FaultBackend(host("6.12"), faults={SCTLR: [E.EINTR]}, fold={SCTLR: 0x8})
-    res = run(apply_vm_async, b, source_regs("6.12", n=4), ApplyPolicy(), threads=True)
+    res = run(apply_vm_async, b, source_regs("6.12", n=4), ApplyProgram(), threads=True)
     assert ("SCTLR_EL1", "EINTR", "retry-transient") in actions(res.events)
     assert sorted(m.vcpu for m in res.mismatches if m.reg_id == SCTLR) == [0, 1, 2, 3]
 
@@ -107,8 +107,8 @@ def test_real_threaded_equals_serial(kvm):
         src.close()
     if not regsets[0]:
         pytest.skip("no ONE_REG-readable registers")
-    a = apply_vm(kvm, regsets, ApplyPolicy())
-    b = run(apply_vm_async, kvm, regsets, ApplyPolicy())
+    a = apply_vm(kvm, regsets, ApplyProgram())
+    b = run(apply_vm_async, kvm, regsets, ApplyProgram())
     try:
         assert a.ok and b.ok and a.written == b.written and a.dropped == b.dropped
         assert sorted(actions(a.events)) == sorted(actions(b.events))

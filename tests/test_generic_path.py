@@ -12,9 +12,10 @@ import trustme
 
 from fixtures import real_kvm, synthetic_doc
 from invariantd.daemon import tls
-from invariantd.daemon.apply import (READBACK_MAY_DIFFER, ApplyError, ApplyPolicy, Mismatch, ReadbackRule,
+from invariantd.daemon.apply import (READBACK_MAY_DIFFER, ApplyError, Mismatch, ReadbackRule,
                                      _adjusted, apply_vm)
 from invariantd.daemon.metrics import Metrics
+from invariantd.protocol.program import ApplyProgram
 from invariantd.daemon.peer import (CAPS_ONLY, PeerConfig, apply_report, handle_incoming, host_capabilities,
                                     migrate_out)
 from invariantd.daemon.probe import probe
@@ -219,7 +220,7 @@ def test_real_apply_tsc_adjusted_and_equal_refused_write(kvm):
         src.close()
     # ASYNC_PF_INT 0: KVM refuses the write without an in-kernel LAPIC (EINVAL), but the destination
     # already holds 0: the state is there ("keep-equal", counted as an EINVAL)
-    res = apply_vm(kvm, {0: [(MISC, 1), (TSC, tsc), (ASYNC_PF_INT, 0)]}, ApplyPolicy())
+    res = apply_vm(kvm, {0: [(MISC, 1), (TSC, tsc), (ASYNC_PF_INT, 0)]}, ApplyProgram())
     try:
         assert res.ok, res.mismatches
         acts = {(e.reg_id, e.action) for e in res.events}
@@ -230,7 +231,7 @@ def test_real_apply_tsc_adjusted_and_equal_refused_write(kvm):
         res.close()
     # a value the destination does not hold and KVM refuses: abort naming both values
     with pytest.raises(ApplyError) as ei:
-        apply_vm(kvm, {0: [(ASYNC_PF_INT, 0x12)]}, ApplyPolicy())
+        apply_vm(kvm, {0: [(ASYNC_PF_INT, 0x12)]}, ApplyProgram())
     assert ei.value.action == "confirm difference" and ei.value.errno_name == "EINVAL"
     assert "0x12" in str(ei.value)
 
