@@ -2,7 +2,7 @@
 
 The fixed top-level folders daemon/, protocol/ and client/ install as invariantd.daemon,
 invariantd.protocol and invariantd.client (generic names like `daemon` would collide once installed).
-The C library (daemon/kvm/batch.c) is built as an extension-shaped shared object that Python never
+The C libraries (daemon/kvm/batch.c; daemon/vmm/agent.c, the VMM agent) are built as an extension-shaped shared object that Python never
 imports: the binding loads it with cffi's dlopen.
 """
 import os
@@ -27,5 +27,8 @@ setup(
     packages=PKGS,
     package_dir={p: p.replace("invariantd.", "", 1).replace(".", "/") for p in PKGS},
     ext_modules=[Extension("invariantd.daemon.kvm._ivdbatch", ["daemon/kvm/batch.c"],
-                           extra_compile_args=["-O2", "-std=c99", "-Wall"])],
+                           extra_compile_args=["-O2", "-std=c99", "-Wall"]),
+                 # the VMM agent (LD_PRELOAD into QEMU): a shared object Python never imports either
+                 Extension("invariantd.daemon.vmm._ivdagent", ["daemon/vmm/agent.c"],
+                           extra_compile_args=["-O2", "-std=gnu99", "-Wall"], libraries=["dl", "pthread"])],
 )
