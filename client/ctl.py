@@ -246,6 +246,37 @@ def cmd_migrate(args) -> int:
 
 
 @_handled
+def cmd_vmms(args) -> int:
+    with _client(args) as c:
+        vmms = c.list_vmms()
+    if args.json:
+        _dump(vmms)
+        return EXIT_OK
+    print(f"{'pid':>7} {'role':<12} {'VM':<20} {'migration':<34} {'vCPUs':>5} {'events':>6}  connected")
+    for v in vmms:
+        print(f"{v['pid']:>7} {v['role']:<12} {v['vm'] or '-':<20} {v['migration'] or '-':<34} "
+              f"{len(v['vcpus_snapshotted']):>5} {len(v['events']):>6}  {'yes' if v['connected'] else 'no'}")
+    if not vmms:
+        print("(no VMM agents have reported: start QEMU with invariantd-qemu and set [agent] socket)")
+    return EXIT_OK
+
+
+@_handled
+def cmd_migrate_vmm(args) -> int:
+    with _client(args) as c:
+        mid = c.migrate_vmm(args.vm, args.to, args.qmp, args.uri, args.dest_qmp or "")
+        if args.no_wait:
+            _dump({"id": mid}) if args.json else print(mid)
+            return EXIT_OK
+        st = c.wait(mid, int(args.timeout * 1000))
+    if args.json:
+        _dump(st)
+    else:
+        print(_status_line(st))
+    return _end_code(st) if st["state"] != "running" else EXIT_FAILED
+
+
+@_handled
 def cmd_status(args) -> int:
     with _client(args) as c:
         sts = [c.status(args.migration)] if args.migration else c.list_migrations()
@@ -320,6 +351,20 @@ def register(sub) -> None:
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up waiting after S seconds")
     p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("vmms", help="VMMs whose invariantd agent reported to the daemon (QEMU via invariantd-qemu)",
+                       **kw)
+    p.set_defaults(func=cmd_vmms)
+    p = sub.add_parser("migrate-vmm", help="migrate a VM QEMU runs: plan and pre-flight before any RAM moves, "
+                                           "switchover held until the destination agent applied the plan", **kw)
+    p.add_argument("vm", help="the VM's name (QEMU -name)")
+    p.add_argument("--to", required=True, metavar="HOST", help="peer name ([peers], with its rpc address)")
+    p.add_argument("--qmp", required=True, metavar="PATH", help="the source QEMU's QMP unix socket")
+    p.add_argument("--uri", required=True, metavar="URI", help="QEMU migration URI, e.g. tcp:host-b:4444")
+    p.add_argument("--dest-qmp", metavar="PATH", help="the destination QEMU's QMP socket on the peer (started with "
+                                                      "-incoming defer): the peer daemon sets it listening")
+    p.add_argument("--no-wait", action="store_true", help="print the migration id and return")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S seconds")
+    p.set_defaults(func=cmd_migrate_vmm)
     p = sub.add_parser("status", help="one migration (or all)", **kw)
     p.add_argument("migration", nargs="?", default="")
     p.set_defaults(func=cmd_status)

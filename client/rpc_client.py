@@ -226,6 +226,29 @@ class AsyncClient:
         _err(r)
         return {"node": r.node, "peers": [{"name": p.name, "address": p.address, "rpc": p.rpc} for p in r.peers]}
 
+    # --- VMs a VMM runs
+    async def _json(self, method: str, **params):
+        r = await self._call(method, **params)
+        _err(r)
+        return json.loads(bytes(r.json))
+
+    async def list_vmms(self) -> list[dict]:
+        return await self._json("listVmms")
+
+    async def prepare_vmm(self, vm: str, migration_id: str, profile: bytes, digest: bytes) -> dict:
+        return await self._json("prepareVmm", vm=vm, migrationId=migration_id, profile=profile, digest=digest)
+
+    async def incoming_vmm(self, migration_id: str, qmp: str, uri: str) -> dict:
+        return await self._json("incomingVmm", migrationId=migration_id, qmp=qmp, uri=uri)
+
+    async def vmm_status(self, migration_id: str) -> dict:
+        return await self._json("vmmStatus", migrationId=migration_id)
+
+    async def migrate_vmm(self, vm: str, to_host: str, qmp: str, uri: str, dest_qmp: str = "") -> str:
+        r = await self._call("migrateVmm", vm=vm, toHost=to_host, qmp=qmp, uri=uri, destQmp=dest_qmp)
+        _err(r)
+        return r.migrationId
+
     def close(self) -> None:
         try:
             self._client.close()
@@ -332,6 +355,21 @@ class Client:
 
     def peers(self) -> dict:
         return self._call("peers")
+
+    def list_vmms(self) -> list[dict]:
+        return self._call("list_vmms")
+
+    def prepare_vmm(self, vm: str, migration_id: str, profile: bytes, digest: bytes) -> dict:
+        return self._call("prepare_vmm", vm, migration_id, profile, digest)
+
+    def incoming_vmm(self, migration_id: str, qmp: str, uri: str) -> dict:
+        return self._call("incoming_vmm", migration_id, qmp, uri)
+
+    def vmm_status(self, migration_id: str) -> dict:
+        return self._call("vmm_status", migration_id)
+
+    def migrate_vmm(self, vm: str, to_host: str, qmp: str, uri: str, dest_qmp: str = "") -> str:
+        return self._call("migrate_vmm", vm, to_host, qmp, uri, dest_qmp)
 
     def close(self) -> None:
         if self._lt is not None:

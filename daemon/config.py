@@ -49,6 +49,13 @@ class RpcSection:
 
 
 @dataclass(frozen=True)
+class AgentSection:
+    """The unix socket the in-process VMM agents (invariantd-qemu) report to and take their programs from.
+    "" = off (no VMM migrations here). The socket is made mode 0660: give the VMM's user the daemon's group."""
+    socket: str = ""
+
+
+@dataclass(frozen=True)
 class PeerEntry:
     """[peers] name = "host:port" (its peer listener), or name = { address = "host:port", rpc = "host:port",
     server_name = "..." } (rpc: its orchestrator RPC, used to fetch its capabilities for `plan`)."""
@@ -81,6 +88,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     timeouts: Timeouts = field(default_factory=Timeouts)
     rpc: RpcSection = field(default_factory=RpcSection)
+    agent: AgentSection = field(default_factory=AgentSection)
     peers: tuple[PeerEntry, ...] = ()
 
     def find_peer(self, name: str) -> PeerEntry | None:

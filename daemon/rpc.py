@@ -45,6 +45,7 @@ from .kvm.errors import KvmError
 from .metrics import Metrics
 from .probe import describe
 from .vms import ManagedVm, VmRegistry, VmStateError
+from .vmm.service import VmmError, VmmService
 
 log = logging.getLogger("invariantd.rpc")
 
@@ -174,13 +175,14 @@ class Orchestrator:
     """What the RPC methods do, in trio. Every method returns plain data or raises RpcFailure."""
 
     def __init__(self, cfg: Config, *, backend, registry: VmRegistry, caps: dict, metrics: Metrics,
-                 peer_cfg: peer_mod.PeerConfig, client_ctx, rpc_client_ctx=None) -> None:
+                 peer_cfg: peer_mod.PeerConfig, client_ctx, rpc_client_ctx=None, vmm: VmmService | None = None) -> None:
         self.cfg, self.backend, self.registry, self.caps_doc = cfg, backend, registry, caps
         self.metrics, self.peer_cfg, self.client_ctx, self.rpc_client_ctx = metrics, peer_cfg, client_ctx, \
             rpc_client_ctx
         self.migrations: dict[str, Migration] = {}
         self.nursery: trio.Nursery | None = None
         self.policy = default_policy()
+        self.vmm = vmm
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Owns the nursery migrations run in; until cancelled."""
@@ -461,6 +463,95 @@ class Orchestrator:
         return m.as_dict()
 
 
+    # --- VMs a VMM runs (daemon/vmm/service.py does the work; this maps its errors onto the RPC's)
+    def _vmm(self) -> VmmService:
+        if self.vmm is None:
+            raise RpcFailure("conflict", "the VMM agent socket is disabled here ([agent] enabled = false)")
+        return self.vmm
+
+    async def _vmm_call(self, fn, *args):
+        try:
+            return await fn(*args)
+        except VmmError as e:
+            raise RpcFailure(e.kind, e.message) from None
+
+    async def list_vmms(self) -> list[dict]:
+        return [r.as_dict() for r in self._vmm().hub.vmms()]
+
+    async def prepare_vmm(self, vm: str, mid: str, profile: bytes, digest: bytes) -> dict:
+        try:
+            prof = S.vm_from_bytes(profile)
+        except S.SchemaError as e:
+            raise RpcFailure("badRequest", f"prepareVmm: the VM profile does not decode: {e}") from None
+        return await self._vmm_call(self._vmm().prepare, vm, mid, prof, digest)
+
+    async def incoming_vmm(self, mid: str, qmp: str, uri: str) -> dict:
+        return await self._vmm_call(self._vmm().listen, mid, qmp, uri)
+
+    async def vmm_status(self, mid: str) -> dict:
+        return await self._vmm_call(self._vmm().status, mid)
+
+    async def _peer_rpc(self, name: str, method: str, *args):
+        from ..client.rpc_client import Client, RpcError
+        p = self._peer(name)
+        if not p.rpc:
+            raise RpcFailure("badRequest", f"peer {name} has no rpc address in [peers]: VMM migrations call its RPC")
+
+        def call():
+            with Client(p.rpc, self.rpc_client_ctx, timeout=self.cfg.timeouts.phase,
+                        server_hostname=p.server_name or None) as c:
+                return getattr(c, method)(*args)
+        try:
+            return await trio.to_thread.run_sync(call)
+        except RpcError as e:
+            raise VmmError(e.kind, f"peer {name}: {e.message}") from None
+
+    async def migrate_vmm(self, vm: str, to_host: str, qmp: str, uri: str, dest_qmp: str) -> str:
+        svc = self._vmm()
+        self._peer(to_host)
+        if not qmp or not uri:
+            raise RpcFailure("badRequest", "migrateVmm needs the source QEMU's QMP socket path and a migration URI")
+        if self.nursery is None:
+            raise RpcFailure("internal", "the migration service is not running")
+        for x in self.migrations.values():
+            if x.vm == vm and x.state == "running":
+                raise RpcFailure("conflict", f"VM {vm} is already migrating ({x.id})")
+        mig = Migration(uuid.uuid4().hex, vm, to_host, 0)
+        self.migrations[mig.id] = mig
+        self._trim()
+
+        async def caps(name):
+            return (await self._peer_host(self._peer(name)))[1]
+
+        async def run():
+            try:
+                with mig.scope:
+                    await svc.run_source(mig, vm, to_host, qmp, uri, dest_qmp, peer_caps=caps,
+                                         peer_call=self._peer_rpc, apply_timeout=self.cfg.timeouts.apply,
+                                         commit_timeout=self.cfg.timeouts.commit)
+                    mig.state, mig.result = "committed", "committed"
+                    self.metrics.migration("committed")
+                    log.info("VMM migration %s: VM %s committed on %s", mig.id, vm, to_host)
+            except (VmmError, RpcFailure) as e:
+                mig.error = (e.kind, e.message)
+                log.error("VMM migration %s of VM %s failed: %s", mig.id, vm, e.message)
+            except Exception as e:          # a bug: keep the daemon up, say so
+                log.exception("VMM migration %s failed unexpectedly", mig.id)
+                mig.error = ("internal", f"{type(e).__name__}: {e}")
+            finally:
+                if mig.state == "running":
+                    mig.state, mig.result = ("cancelled", "cancelled") if mig.scope.cancelled_caught \
+                        else ("failed", "aborted")
+                    self.metrics.migration(mig.result)
+                elif mig.state == "inDoubt":
+                    self.metrics.migration("in-doubt")
+                mig.ended = time.monotonic()
+                mig.done.set()
+        self.nursery.start_soon(run)
+        log.info("VMM migration %s: VM %s -> %s (%s)", mig.id, vm, to_host, uri)
+        return mig.id
+
+
 # --- the capnp thread and the bridge ----------------------------------------------------------------------------
 class Bridge:
     """capnp thread -> trio: run an async trio function in the service's nursery, await its outcome."""
@@ -608,7 +699,37 @@ def _impl_class():
                     lst[i].name, lst[i].address, lst[i].rpc = p["name"], p["address"], p["rpc"]
             await self._do(_context.results, self.orch.peers, (), fill)
 
+        async def _json(self, results, fn, args):
+            def fill(r, d):
+                r.json = json.dumps(d, indent=1, default=_jsonable).encode()
+            await self._do(results, fn, args, fill)
+
+        async def listVmms(self, _context, **kw):
+            await self._json(_context.results, self.orch.list_vmms, ())
+
+        async def prepareVmm(self, vm, migrationId, profile, digest, _context, **kw):
+            await self._json(_context.results, self.orch.prepare_vmm, (str(vm), str(migrationId), bytes(profile),
+                                                                       bytes(digest)))
+
+        async def incomingVmm(self, migrationId, qmp, uri, _context, **kw):
+            await self._json(_context.results, self.orch.incoming_vmm, (str(migrationId), str(qmp), str(uri)))
+
+        async def vmmStatus(self, migrationId, _context, **kw):
+            await self._json(_context.results, self.orch.vmm_status, (str(migrationId),))
+
+        async def migrateVmm(self, vm, toHost, qmp, uri, destQmp, _context, **kw):
+            def fill(r, mid):
+                r.migrationId = mid
+            await self._do(_context.results, self.orch.migrate_vmm, (str(vm), str(toHost), str(qmp), str(uri),
+                                                                     str(destQmp)), fill)
+
     return Impl
+
+
+def _jsonable(x):
+    if isinstance(x, bytes):
+        return x.hex()
+    return str(x)
 
 
 class _CapnpThread:

@@ -87,13 +87,23 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
     inflight = [0]
     idle = trio.Event()
     orch = None
+    hub = vmm = None
+    if cfg.agent.socket:
+        from ..protocol import schemas as S
+        from ..protocol.policy import default_policy
+        from .vmm.hub import AgentHub
+        from .vmm.service import VmmService
+        hub = AgentHub(cfg.agent.socket, metrics)
+        pol = default_policy()
+        host = S.host_from_doc(caps, frozenset(pol.drift)) if caps.get("arch") == "aarch64" else None
+        vmm = VmmService(hub, backend=backend, host=host, policy=pol, metrics=metrics)
     if cfg.rpc.enabled:
         from .rpc import Orchestrator
         key = cfg.peer.key or None
         orch = Orchestrator(cfg, backend=backend, registry=registry, caps=caps, metrics=metrics, peer_cfg=pcfg,
                             client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca),
                             rpc_client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca) if cfg.rpc.tls
-                            else None)
+                            else None, vmm=vmm)
 
     async def on_peer(stream, who):
         inflight[0] += 1
@@ -111,6 +121,8 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             ports = {"peer": await root.start(listener.run)}
+            if hub is not None:
+                ports["agent"] = await root.start(hub.serve)
             if orch is not None:
                 from .rpc import serve_rpc
                 rpc_ctx = tls.server_context(cfg.peer.cert, cfg.peer.key or None, cfg.peer.ca) if cfg.rpc.tls \

@@ -47,7 +47,7 @@ class Kind(enum.IntEnum):
 
 _HELLO = struct.Struct("<IBBH32s")            # pid, role, flags, reserved, expected plan digest (zeros: none)
 _EVENT = struct.Struct("<IiBBBBQQQ")          # vcpu, errno, kind, action, verdict, reserved, reg_id, given, final
-_SNAP = struct.Struct("<IIII")                # vcpu, n_list, n_values, reserved
+_SNAP = struct.Struct("<IIII")                # vcpu, n_list, n_values, KVM_ARM_VCPU_INIT features[0]
 _VERIFY = struct.Struct("<IIII")              # vcpu, n_checked, n_bad, phase (1 = after init, 2 = first run)
 _BAD = struct.Struct("<QQQiI")                # reg_id, want, got, errno, reserved
 
@@ -78,6 +78,7 @@ class Snapshot:
     vcpu: int
     reg_list: tuple[int, ...]
     values: tuple[tuple[int, int], ...]
+    features: int = 0                                # the vCPU's init feature bits (word 0), as the VMM asked
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def encode_event(e: Event) -> bytes:
 
 
 def encode_snapshot(s: Snapshot) -> bytes:
-    return frame(T.SNAPSHOT, _SNAP.pack(s.vcpu, len(s.reg_list), len(s.values), 0)
+    return frame(T.SNAPSHOT, _SNAP.pack(s.vcpu, len(s.reg_list), len(s.values), s.features)
                  + struct.pack(f"<{len(s.reg_list)}Q", *s.reg_list)
                  + b"".join(struct.pack("<QQ", r, v) for r, v in s.values))
 
@@ -170,12 +171,12 @@ def decode_body(t: int, b: bytes):
     if kind is T.SNAPSHOT:
         if len(b) < _SNAP.size:
             raise WireError("SNAPSHOT header truncated")
-        vcpu, nl, nv, _ = _SNAP.unpack_from(b)
+        vcpu, nl, nv, feats = _SNAP.unpack_from(b)
         if len(b) != _SNAP.size + 8 * nl + 16 * nv:
             raise WireError(f"SNAPSHOT says {nl} ids and {nv} values, body has {len(b)} bytes")
         ids = struct.unpack_from(f"<{nl}Q", b, _SNAP.size)
         flat = struct.unpack_from(f"<{2 * nv}Q", b, _SNAP.size + 8 * nl)
-        return Snapshot(vcpu, tuple(ids), tuple(zip(flat[0::2], flat[1::2])))
+        return Snapshot(vcpu, tuple(ids), tuple(zip(flat[0::2], flat[1::2])), feats)
     if len(b) < _VERIFY.size:
         raise WireError("VERIFY header truncated")
     vcpu, checked, nbad, phase = _VERIFY.unpack_from(b)

@@ -64,6 +64,7 @@ enum { F_NONE, F_VM, F_VCPU };
 
 struct vcpu {
     int index, inited, ran, failed;
+    uint32_t features;            /* KVM_ARM_VCPU_INIT features[0] as the VMM asked (source: in the SNAPSHOT) */
     uint8_t *reported;            /* per op: bit 0 OVERRIDE reported, bit 1 final[] holds what KVM took */
     uint64_t *final;              /* per op: the value finally written (planned, destination's, fallback) */
     uint8_t *snap;                /* source: SNAPSHOT frame kept for a daemon that connects later */
@@ -494,7 +495,7 @@ static void snapshot(int fd, struct vcpu *vc) {
         put64(b + 16 + n * 8 + nv * 16 + 8, v);
         nv++;
     }
-    put32(b, (uint32_t)vc->index); put32(b + 4, (uint32_t)n); put32(b + 8, nv); put32(b + 12, 0);
+    put32(b, (uint32_t)vc->index); put32(b + 4, (uint32_t)n); put32(b + 8, nv); put32(b + 12, vc->features);
     pthread_mutex_lock(&send_mu);
     vc->snap = b;
     vc->snap_len = 16 + n * 8 + (size_t)nv * 16;
@@ -601,6 +602,7 @@ int ioctl(int fd, unsigned long req, ...) {
         return r;
     }
     struct vcpu *vc = vcpu_of(fd);
+    if (vc && req == IVD_KVM_ARM_VCPU_INIT && arg) memcpy(&vc->features, (char *)arg + 4, 4);
     if (!vc || role != ROLE_DESTINATION || !ready()) return real_ioctl(fd, req, arg);
     if (req == IVD_KVM_ARM_VCPU_INIT) {
         int r = real_ioctl(fd, req, arg);

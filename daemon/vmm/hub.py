@@ -81,17 +81,18 @@ class AgentHub:
 
     def __init__(self, path: str, metrics=None, *, mode: int = 0o660) -> None:
         self.path, self.metrics, self.mode = path, metrics, mode
-        self._programs: dict[str, ApplyProgram] = {}
+        self._programs: dict[str, tuple[str, ApplyProgram]] = {}     # migration -> (VM name, program)
         self._vmms: dict[int, VmmRecord] = {}
         self._changed = trio.Event()
         self._open = 0
 
     # --- what the daemon's migration code uses ------------------------------------------------------------------
-    def offer(self, migration: str, program: ApplyProgram) -> None:
-        """The program a destination agent of `migration` receives (encoded once: a hand-built program that cannot
-        go to an agent raises ProgramError here, not in front of the VMM)."""
+    def offer(self, migration: str, program: ApplyProgram, vm: str = "") -> None:
+        """The program a destination agent of `migration` receives - or, when the VMM was started without
+        INVARIANTD_MIGRATION (e.g. by libvirt), of the VM named `vm`. Encoded once here: a program that cannot go
+        to an agent raises ProgramError now, not in front of the VMM."""
         program.encode()
-        self._programs[migration] = program
+        self._programs[migration] = (vm, program)
 
     def withdraw(self, migration: str) -> None:
         self._programs.pop(migration, None)
@@ -204,9 +205,17 @@ class AgentHub:
         return rec
 
     async def _send_program(self, stream, rec: VmmRecord, hello: W.Hello) -> None:
-        prog = self._programs.get(hello.migration) if hello.migration else None
+        if hello.migration:
+            prog = self._programs.get(hello.migration, ("", None))[1]
+        else:
+            named = [p for vm, p in self._programs.values() if vm and vm == hello.vm]
+            prog = named[-1] if named else None
+        if prog is not None and not hello.migration:
+            rec.migration = next(m for m, (vm, p) in self._programs.items() if p is prog)
         why = ""
-        if prog is None:
+        if prog is None and not hello.migration and hello.vm:
+            why = f"no migration of VM {hello.vm!r} is planned here"
+        elif prog is None:
             why = (f"no migration {hello.migration!r} is planned here" if hello.migration else
                    "the VMM was started without INVARIANTD_MIGRATION")
         elif hello.digest and hello.digest != prog.digest:

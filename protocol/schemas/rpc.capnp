@@ -109,4 +109,21 @@ interface Orchestrator {
   peers @9 () -> (error :Error, peers :List(Peer), node :Text);
   wait @10 (migrationId :Text, timeoutMs :UInt32) -> (error :Error, status :MigrationStatus);
   # returns when the migration ends or after timeoutMs (0 = 30 s), whichever comes first
+
+  # --- VMs a VMM runs (QEMU started by invariantd-qemu: the in-process agent reports to this daemon) ---
+  listVmms @11 () -> (error :Error, json :Data);
+  # every VMM agent seen here: pid, role, VM name, migration, vCPUs snapshotted, decisions, read-backs (JSON list)
+  prepareVmm @12 (vm :Text, migrationId :Text, profile :Data, digest :Data) -> (error :Error, json :Data);
+  # destination: plan the VM (profile: an Inv.VmProfile message, the guest's real ID registers) against this host
+  # (the plan digest must equal `digest`), pre-flight it on a scratch VM, and hold the compiled program for the
+  # destination QEMU's agent (matched by its INVARIANTD_MIGRATION, else by its VM name). Refused: nothing moves.
+  incomingVmm @13 (migrationId :Text, qmp :Text, uri :Text) -> (error :Error, json :Data);
+  # destination: the QEMU started with -incoming defer (QMP socket path `qmp`): return-path on, migrate-incoming uri
+  vmmStatus @14 (migrationId :Text) -> (error :Error, json :Data);
+  # destination: {"applied", "running", "failed", "agent", "qemu"} for that migration (JSON)
+  migrateVmm @15 (vm :Text, toHost :Text, qmp :Text, uri :Text, destQmp :Text) -> (error :Error, migrationId :Text);
+  # source: plan from the source agent's snapshot, the peer's prepareVmm (and incomingVmm when destQmp is set),
+  # QEMU's migration to `uri` with return-path and pause-before-switchover, the switchover only once the
+  # destination agent applied and verified the plan, the source QEMU quit once the destination guest runs;
+  # on any failure before that the source guest resumes. Follow it with status() / wait().
 }

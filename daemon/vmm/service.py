@@ -1,0 +1,325 @@
+"""Migrations of VMs that QEMU runs, driven by the daemons (the orchestrator RPC's *Vmm methods call these).
+
+QEMU's own migration stream carries memory and devices, QEMU to QEMU; the daemons decide and prove the vCPU
+ID registers before any page moves and hold the switchover until the destination agent applied them:
+
+  source daemon                                          destination daemon
+  plan: the source agent's snapshot (the guest's real     prepare: re-plans the same profile against this host
+        ID registers) against the peer's capabilities  ->          (digests must agree), pre-flights it on a
+                                                                   scratch VM, holds the compiled program for
+                                                                   the destination QEMU's agent
+                                                       -> incoming: the destination QEMU (-incoming defer):
+                                                                   return-path, migrate-incoming URI
+        waits until the destination agent reports the program applied right after its vCPUs' init, read back
+  ram:  QMP migrate (return-path, pause-before-switchover) - a refused plan or a failed pre-flight moved nothing
+  switchover: at pre-switchover, once more: applied, verified, no failed write -> migrate-continue, else cancel
+  commit: the destination agent reports its vCPUs running the planned registers (read back at the first KVM_RUN)
+        -> the source QEMU quits. Any failure before that: the source guest resumes (QEMU with return-path
+        resumes by itself when the destination fails; a held switchover is cancelled and continued here).
+
+Why QEMU's stream does not go through the daemons' mutual-TLS link: it is QEMU's to carry (multifd, postcopy,
+its return path); a proxy would add a copy and a hop to every page and could not see into QEMU's own TLS.
+QEMU encrypts it itself (migration parameter tls-creds, with the cluster's CA); the daemons guard what they
+own: the plan, the vCPU state and the commit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from ...protocol import agentwire as W
+from ...protocol import schemas as S
+from ...protocol.negotiate import negotiate
+from ...protocol.program import ProgramError, compile_plan
+from ..apply import ApplyError, apply_vm, plan_deviations
+from ..kvm.backend import VcpuInit
+from ..peer import vm_profile
+from .hub import AgentHub, VmmRecord
+
+log = logging.getLogger("invariantd.vmm")
+
+QUERY_INTERVAL = 0.1
+
+
+class VmmError(Exception):
+    """A VMM migration step failed. kind: an rpc.capnp ErrorKind name."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+# --- QMP (the qemu.qmp package; its synchronous client runs one session per worker thread) ---------------------
+def _qmp_session(path: str, steps: Callable[[Any], Any], timeout: float) -> Any:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        q = QEMUMonitorProtocol(path)
+        q.settimeout(timeout)
+        q.connect()
+        try:
+            return steps(q)
+        finally:
+            q.close()
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+async def qmp(path: str, steps: Callable[[Any], Any], timeout: float = 10.0) -> Any:
+    """Run steps(q) on a QMP connection to `path` (q.cmd(name, **args) returns the result, raises on an error)."""
+    try:
+        return await trio.to_thread.run_sync(_qmp_session, path, steps, timeout)
+    except (OSError, EOFError) as e:
+        raise VmmError("unreachable", f"QMP {path}: {e}") from None
+    except Exception as e:              # qemu.qmp's ExecuteError, ConnectError, ...: typed for the caller
+        if type(e).__module__.startswith("qemu.qmp"):
+            raise VmmError("migrationFailed", f"QMP {path}: {e}") from None
+        raise
+
+
+def _caps(q, names, on=True):
+    q.cmd("migrate-set-capabilities", capabilities=[{"capability": n, "state": on} for n in names])
+
+
+# --- the VM's profile from its agent -------------------------------------------------------------------------------
+def profile_from_agent(rec: VmmRecord, backend, policy) -> S.VmProfile:
+    """The negotiation input from a source agent's snapshots: every vCPU's ID-like values as QEMU's guest sees them,
+    the full register list of vCPU 0, the init features QEMU asked for; what this host's CPUs and kernel are."""
+    if not rec.snapshots:
+        raise VmmError("notFound", f"VMM pid {rec.pid} (VM {rec.vm!r}) has not reported its registers yet: they are "
+                                   f"read before its first vCPU runs (is it started by invariantd-qemu?)")
+    first = rec.snapshots[min(rec.snapshots)]
+    bits = tuple(b for b in range(32) if first.features >> b & 1)
+    regsets = {i: list(s.values) for i, s in rec.snapshots.items()}
+    prof = vm_profile(rec.vm, VcpuInit(0, bits), regsets, backend, policy)
+    return S.VmProfile(prof.name, prof.revision, prof.features, prof.values, tuple(first.reg_list),
+                       prof.target_impls, prof.seen_midrs, prof.source_kernel)
+
+
+def status_of(rec: VmmRecord | None) -> dict:
+    """What the source waits on: the destination agent's program, its read-backs, its failures."""
+    if rec is None:
+        return {"agent": None, "applied": False, "running": False, "failed": []}
+    d = rec.as_dict()
+    return {"agent": d, "applied": rec.verified(1), "running": rec.verified(2),
+            "failed": [e for e in d["events"] if e["kind"] == "decision" and e["action"] == "FAIL"]}
+
+
+@dataclass
+class Incoming:
+    migration: str
+    vm: str
+    digest: bytes
+    qmp: str = ""
+    started: float = field(default_factory=time.time)
+
+
+class VmmService:
+    """Both sides of a VMM migration. `peer_call(peer, method, *args)` calls a peer daemon's RPC;
+    `peer_caps(peer)` returns its HostCapabilities."""
+
+    def __init__(self, hub: AgentHub, *, backend, host: S.HostCapabilities | None, policy, metrics=None,
+                 apply_timeout: float = 60.0) -> None:
+        self.hub, self.backend, self.host, self.policy, self.metrics = hub, backend, host, policy, metrics
+        self.apply_timeout = apply_timeout
+        self.incoming: dict[str, Incoming] = {}
+
+    # --- destination ----------------------------------------------------------------------------------------------
+    async def prepare(self, vm: str, migration: str, profile: S.VmProfile, digest: bytes) -> dict:
+        if self.host is None:
+            raise VmmError("refused", "this host is not arm64: it cannot take an arm64 VM")
+        plan = negotiate(profile, self.host, self.policy)
+        if not plan.migratable:
+            raise VmmError("refused", "refused here: " + "; ".join(
+                f"{e.register}{'.' + e.field if e.field else ''}: {e.reason}" for e in plan.entries
+                if e.verdict.value == "refuse")[:2000])
+        if plan.digest != digest:
+            raise VmmError("refused", f"plan digest mismatch (source {digest.hex()[:16]}, destination "
+                                      f"{plan.digest.hex()[:16]}): the daemons disagree on the plan")
+        feats = profile_features(profile)
+        trial_prog = compile_plan(plan, profile)
+        try:
+            trial = await trio.to_thread.run_sync(
+                lambda: apply_vm(self.backend, {0: list(profile.values)}, trial_prog, features=feats))
+        except ApplyError as e:
+            raise VmmError("kvm", f"pre-flight on a scratch VM failed: {e}") from None
+        try:
+            bad = [str(m) for m in trial.mismatches] + plan_deviations(plan, trial.written[0], trial.dropped[0])
+        finally:
+            trial.close()
+        if bad:
+            raise VmmError("kvm", "pre-flight: " + "; ".join(bad[:6]))
+        try:
+            program = compile_plan(plan, profile, migration=migration[:63], for_agent=True)
+            self.hub.offer(migration, program, vm=vm)
+        except ProgramError as e:
+            raise VmmError("internal", f"the plan cannot be compiled for the agent: {e}") from None
+        self.incoming[migration] = Incoming(migration, vm, plan.digest)
+        log.info("VMM migration %s: VM %s planned here (%d registers, cap 239 %s); waiting for its QEMU", migration,
+                 vm, len(program.ops), "on" if program.enable_cap239 else "off")
+        return {"migration": migration, "digest": plan.digest.hex(), "registers": len(program.ops),
+                "enable_cap239": program.enable_cap239,
+                "listed": [r.reg_id for r in program.listed()]}
+
+    async def listen(self, migration: str, qmp_path: str, uri: str) -> dict:
+        inc = self.incoming.get(migration)
+        if inc is None:
+            raise VmmError("notFound", f"no VMM migration {migration!r} was prepared here")
+        inc.qmp = qmp_path
+
+        def steps(q):
+            _caps(q, ["return-path"])
+            q.cmd("migrate-incoming", uri=uri)
+            return q.cmd("query-status")
+        st = await qmp(qmp_path, steps)
+        return {"migration": migration, "status": st}
+
+    async def status(self, migration: str) -> dict:
+        inc = self.incoming.get(migration)
+        rec = self.hub.find(migration=migration, role=W.Role.DESTINATION)
+        out = status_of(rec)
+        out["qemu"] = None
+        if inc is not None and inc.qmp:
+            try:
+                out["qemu"] = await qmp(inc.qmp, lambda q: q.cmd("query-status"), timeout=3.0)
+            except VmmError as e:
+                out["qemu"] = {"status": "unreachable", "error": e.message}
+        return out
+
+    # --- source --------------------------------------------------------------------------------------------------------
+    async def run_source(self, mig, vm: str, peer: str, qmp_path: str, uri: str, dest_qmp: str, *,
+                         peer_caps: Callable[[str], Awaitable[S.HostCapabilities | None]],
+                         peer_call: Callable[..., Awaitable[Any]], apply_timeout: float, commit_timeout: float
+                         ) -> None:
+        """One migration; `mig` (rpc.Migration) carries phase, plan_digest, state. Raises VmmError; before RAM
+        moved nothing needs undoing, after it the source resumes unless the destination runs the VM."""
+        rec = self.hub.find(vm=vm, role=W.Role.SOURCE)
+        if rec is None:
+            raise VmmError("notFound", f"no VMM agent reported a VM named {vm!r} here (start QEMU with "
+                                       f"invariantd-qemu and -name {vm})")
+        mig.phase = "plan"
+        profile = profile_from_agent(rec, self.backend, self.policy)
+        host = await peer_caps(peer)
+        if host is None:
+            raise VmmError("refused", f"peer {peer} is not an arm64 host")
+        plan = negotiate(profile, host, self.policy)
+        mig.plan_digest = plan.digest
+        if self.metrics is not None:
+            self.metrics.record_verdicts(e.verdict.value for e in plan.entries if not e.field)
+        if not plan.migratable:
+            raise VmmError("refused", "plan refused: " + "; ".join(
+                f"{e.register}{'.' + e.field if e.field else ''}: {e.reason}" for e in plan.entries
+                if e.verdict.value == "refuse")[:2000])
+        mig.phase = "preflight"
+        await peer_call(peer, "prepare_vmm", vm, mig.id, S.vm_to_bytes(profile), plan.digest)
+        if dest_qmp:
+            await peer_call(peer, "incoming_vmm", mig.id, dest_qmp, listen_uri(uri))
+        mig.phase = "agent"
+        await self._until(peer_call, peer, mig.id, "applied", apply_timeout,
+                          "the destination QEMU's agent did not report the plan applied and read back")
+        mig.phase = "ram"
+        resumed = False
+        try:
+            def start(q):
+                _caps(q, ["return-path", "pause-before-switchover"])
+                q.cmd("migrate", uri=uri)
+            await qmp(qmp_path, start)
+            st = await self._source_state(qmp_path, ("pre-switchover", "completed", "failed", "cancelled"),
+                                          apply_timeout * 10)
+            if st["status"] != "pre-switchover":
+                raise VmmError("migrationFailed", f"QEMU migration ended {st['status']} before the switchover: "
+                                                  f"{st.get('error-desc', '')}")
+            mig.phase = "switchover"
+            d = await peer_call(peer, "vmm_status", mig.id)
+            if not d["applied"] or d["failed"]:
+                await qmp(qmp_path, lambda q: q.cmd("migrate_cancel"))
+                raise VmmError("migrationFailed", f"switchover refused: the destination agent reports "
+                                                  f"{'failed writes ' + str(d['failed'][:3]) if d['failed'] else 'no verified apply'}")
+            await qmp(qmp_path, lambda q: q.cmd("migrate-continue", state="pre-switchover"))
+            st = await self._source_state(qmp_path, ("completed", "failed", "cancelled"), apply_timeout)
+            if st["status"] != "completed":
+                raise VmmError("migrationFailed", f"QEMU migration {st['status']}: {st.get('error-desc', '')}")
+            mig.phase = "commit"
+            d = await self._until(peer_call, peer, mig.id, "running", commit_timeout, "")
+            if d is None or not d["running"]:
+                q = (d or {}).get("qemu") or {}
+                if q.get("status") == "running":
+                    log.warning("VMM migration %s: the destination QEMU runs but its agent reported no read-back; "
+                                "committing on QEMU's word", mig.id)
+                else:
+                    raise VmmError("migrationFailed", f"the destination never ran the VM (QEMU {q.get('status')})")
+            await qmp(qmp_path, lambda q: q.cmd("quit"))
+            mig.phase = "done"
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                resumed = await self._resume_source(qmp_path, peer_call, peer, mig.id)
+            if not resumed:
+                mig.state, mig.result = "inDoubt", "in-doubt"
+            raise
+
+    async def _until(self, peer_call, peer, mid, key, timeout, why):
+        deadline = trio.current_time() + timeout
+        d = None
+        while trio.current_time() < deadline:
+            d = await peer_call(peer, "vmm_status", mid)
+            if d["failed"]:
+                raise VmmError("kvm", f"the destination agent failed a write: {d['failed'][:3]}")
+            if d[key]:
+                return d
+            await trio.sleep(QUERY_INTERVAL * 2)
+        if why:
+            raise VmmError("migrationFailed", f"{why} within {timeout:.0f} s")
+        return d
+
+    async def _source_state(self, qmp_path, want, timeout) -> dict:
+        with trio.fail_after(timeout):
+            while True:
+                st = await qmp(qmp_path, lambda q: q.cmd("query-migrate"))
+                if st.get("status") in want:
+                    return st
+                await trio.sleep(QUERY_INTERVAL)
+
+    async def _resume_source(self, qmp_path, peer_call, peer, mid) -> bool:
+        """After a failure: the source guest runs again unless the destination runs it. True = resolved."""
+        try:
+            dest = await peer_call(peer, "vmm_status", mid)
+        except Exception:
+            dest = None
+        dq = ((dest or {}).get("qemu") or {}).get("status")
+        if dq == "running" or (dest or {}).get("running"):
+            log.error("VMM migration %s failed after the destination started the VM: the source stays paused", mid)
+            return True
+        try:
+            def resume(q):
+                st = q.cmd("query-migrate").get("status")
+                if st in ("active", "pre-switchover", "device", "setup"):
+                    q.cmd("migrate_cancel")
+                run = q.cmd("query-status")
+                if run.get("status") != "running":
+                    q.cmd("cont")
+                return q.cmd("query-status")
+            st = await qmp(qmp_path, resume)
+            log.warning("VMM migration %s failed: the source guest resumed (%s)", mid, st.get("status"))
+            return True
+        except Exception as e:
+            log.error("VMM migration %s: could not resume the source QEMU: %s", mid, e)
+            return False
+
+
+def profile_features(profile: S.VmProfile) -> tuple[int, ...]:
+    from ...protocol import kvmabi
+    return tuple(kvmabi.VCPU_FEATURES[f] for f in profile.features if f in kvmabi.VCPU_FEATURES)
+
+
+def listen_uri(uri: str) -> str:
+    """The destination's -incoming URI for the source's migrate URI: tcp:HOST:PORT -> tcp:0.0.0.0:PORT."""
+    if uri.startswith("tcp:"):
+        return "tcp:0.0.0.0:" + uri.rsplit(":", 1)[1]
+    return uri
