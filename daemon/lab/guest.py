@@ -131,7 +131,7 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
     (eth0, static address, lo up) on a QEMU socket link to 127.0.0.1:port (README §8: loopback only; a
     "connect" QEMU needs the "listen" one already started, e.g. wait for its READY marker via on_line).
     rootfs: the guest's / (the ivdroot share): a ROOTFS_VARIANTS key of provision.py ("q10", "q11": trixie with
-    Debian's QEMU, built by provision(variants=...)) or a directory; default the lab's bookworm tree.
+    Debian's QEMU, built by provision(rootfs=...)) or a directory; default the lab's bookworm tree.
     on_line: called with each console line as it arrives (from the calling thread; keep it quick).
     on_start: called with the started process (`timeout --foreground ... qemu`; its terminate() is forwarded to
     QEMU), e.g. for another thread to stop the guest early; the run then raises LabError.
@@ -154,7 +154,7 @@ def run_many_in_guest(kernel_key: str, cpu: str, argvs, *, timeout: float = 600,
         else _prov.rootfs_dir(rootfs or "")
     if not (root / "usr/bin/python3").exists():
         raise LabError(f"the arm64 rootfs {root} is not provisioned (run provision("
-                       f"{'' if not rootfs else f'variants=[{rootfs!r}]'}))")
+                       f"{'' if not rootfs else f'rootfs=[{rootfs!r}]'}))")
     with cache_lock():
         initrd = _prov.build_initrd(kernel_key, net=net is not None)
     lib = build_batch_lib(batch_source)

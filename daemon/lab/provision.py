@@ -8,7 +8,7 @@ Everything goes to the cache (`cache_dir()`):
     kernels/KEY/    vmlinuz, config, modules/, VERSION (Debian version), kernel.json
     busybox/        busybox-static:arm64, extracted
     rootfs/         arm64 Debian bookworm tree (mmdebstrap --variant=extract), python3 + cffi
-    rootfs-q10/     on demand (provision(variants=...)): trixie trees with Debian's arm64 QEMU 10.0 / 11.1
+    rootfs-q10/     on demand (provision(rootfs=...)): trixie trees with Debian's arm64 QEMU 10.0 / 11.1
     rootfs-q11/     (ROOTFS_VARIANTS), python3.13 + the project's cp313 wheels
     build/          initrd-KEY.cpio.gz, libivdbatch.so builds
     logs/           one console log per guest boot
@@ -404,7 +404,7 @@ _QEMU_11 = ("qemu-system-arm/trixie-backports", "qemu-system-common/trixie-backp
 
 #: The lab's guest userlands. "": bookworm (python 3.11), every guest by default. "q10" / "q11": trixie
 #: (python 3.13) with Debian's arm64 QEMU 10.0 (trixie) / 11.1 (trixie-backports), built on demand
-#: (provision(variants=...), daemon/lab/qemu.py) for nested -accel kvm runs inside the guests.
+#: (provision(rootfs=...), daemon/lab/qemu.py) for nested -accel kvm runs inside the guests.
 ROOTFS_VARIANTS: dict[str, RootfsSpec] = {
     "": RootfsSpec("", "bookworm", ROOTFS_BASE, "3.11", (2, 36), "2", description="bookworm, python3.11"),
     "q10": RootfsSpec("q10", "trixie", ROOTFS_BASE + ("qemu-system-arm",), "3.13", (2, 41), "1",
@@ -545,6 +545,7 @@ def _provision_guest_packages(spec: RootfsSpec | None = None) -> None:
         tmp = site.with_name(f".dist-packages-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
+               "--no-compile",                  # compiled below by a host python of the guest's version
                "--python-version", spec.python, "--implementation", "cp", "--abi", cpv, "--abi", "abi3",
                "--abi", "none", "--target", str(tmp)]
         for plat in spec.platforms:
@@ -693,12 +694,13 @@ def build_initrd(key: str, net: bool = False) -> Path:
 
 # --------------------------------------------------------------------------- entry point
 
-def provision(kernels=None, *, refresh: bool = False, variants=()) -> dict[str, dict]:
+def provision(kernels=None, *, refresh: bool = False, rootfs=("",)) -> dict[str, dict]:
     """Make the lab ready; idempotent and cached. Returns `versions()`.
 
     kernels: subset of KERNEL_KEYS (default: all). refresh: re-resolve the archive's newest
     kernels now (otherwise done when the last resolution is older than a week).
-    variants: further guest userlands to build besides the default one (ROOTFS_VARIANTS keys, e.g. "q11").
+    rootfs: the guest userlands to make ready (ROOTFS_VARIANTS keys): default the bookworm tree every guest
+    uses; ("q11",) for the trixie tree with QEMU 11.1 only (run_many_in_guest(rootfs="q11")).
     Raises LabUnavailable when the machine cannot host the lab (archive unreachable, ...)."""
     keys = tuple(kernels) if kernels else KERNEL_KEYS
     bad = [k for k in keys if k not in KERNEL_KEYS]
@@ -713,7 +715,7 @@ def provision(kernels=None, *, refresh: bool = False, variants=()) -> dict[str, 
         with cache_lock():
             with phase("provision.kernels"):
                 _provision_kernels(keys, refresh)
-            for variant in dict.fromkeys(("", *variants)):
+            for variant in dict.fromkeys(rootfs):
                 spec = rootfs_spec(variant)
                 _provision_rootfs(spec)
                 _provision_guest_packages(spec)

@@ -363,7 +363,7 @@ def run_source(payload: str = PAYLOAD, *, dest: str = f"tcp:10.0.0.1:{MIGRATION_
         if on_ready:
             on_ready(q)
         deadline = time.monotonic() + connect_wait
-        attempts = 0
+        attempts, tries = 0, []
         while True:
             attempts += 1
             migrate_mark = len(q.lines)
@@ -374,12 +374,15 @@ def run_source(payload: str = PAYLOAD, *, dest: str = f"tcp:10.0.0.1:{MIGRATION_
                 if final.get("status") in FINAL_MIGRATION_STATES:
                     break
                 time.sleep(0.1)
-            err = (final.get("error-desc") or "").lower()
+            tries.append({"at": now(), "status": final.get("status"), "error-desc": final.get("error-desc")})
+            # retry only while the destination QEMU does not listen yet ("Failed to connect to '...': Connection
+            # refused"); a failure after the stream started is the answer
             if final.get("status") != "failed" or time.monotonic() > deadline or \
-                    not any(w in err for w in ("refused", "no route", "unreachable", "connect")):
+                    not (final.get("error-desc") or "").startswith("Failed to connect"):
                 break
-            time.sleep(1.0)         # the destination QEMU is not listening yet
+            time.sleep(1.0)
         out["migrate_attempts"] = attempts
+        out["failed_connects"] = tries[:-1][-5:]
         out["query_migrate"] = final
         out["decided_at"] = now()
         console(f"source-decided status={final.get('status')} attempts={attempts}")
