@@ -7,12 +7,14 @@ States: running -> paused (migration out) -> released (destination committed; ne
 Pausing is bookkeeping here: this daemon does not run guest code; the VMM that does asks before running.
 
 The VM handle is deliberately abstract: a ManagedVm holds a backend `Vm` and `Vcpu` objects (kvm/backend.py
-protocols), nothing about who created them. Today they come from create() (the daemon's own VM: demo, tests,
-orchestrator createVm) or from the apply engine (incoming). Adopting the vCPUs of an external VMM (QEMU,
-cloud-hypervisor, firecracker) later is another constructor of the same objects: wrap the VM fd and the vCPU
-fds the VMM passes over a unix socket (SCM_RIGHTS) in RealKvm's Vm/Vcpu classes (fds it does not own, so
-close() must not close them), and register them with adopt(..., origin="adopted", state=RUNNING). Everything
-downstream (read_vm, migrate_out, the RPC's inspectVm) only uses the protocol methods.
+protocols). They come from create() (the daemon's own VM: demo, tests, orchestrator createVm) or from the apply
+engine (incoming). These VMs die with the daemon's process: their KVM fds cannot outlive it.
+
+A VM that an external VMM (QEMU, cloud-hypervisor, Firecracker) runs can never be held here: KVM answers EIO to
+every VM, vCPU and device ioctl from a process other than the VM's creator (virt/kvm/kvm_main.c,
+`kvm->mm != current->mm`; measured on real 6.12 and 7.3 kernels for a forked child, pidfd_getfd(2) and an fd
+received over SCM_RIGHTS). Such VMs are migrated by their VMM with the plan applied inside it by the invariantd
+agent (daemon/vmm/), and do not depend on this daemon staying up.
 """
 from __future__ import annotations
 
