@@ -70,7 +70,7 @@ def test_agent_was_built_with_the_ioctl_numbers_of_kvmabi():
 @pytest.mark.kvm
 async def test_destination_agent_runs_the_program_on_real_kvm(tmp_path):
     x86_only()
-    hub = AgentHub(str(tmp_path / "agent.sock"))
+    hub = AgentHub(str(tmp_path / "agent.sock"), hold=1.0)
     prog = ApplyProgram((
         RegOp(UCODE, write=0x200000000, verdict=Verdict8.OVERRIDE),                 # planned: written instead
         RegOp(ARCH_CAPS, write=1 << 63, on_einval=Action.ACCEPT_DESTINATION, verdict=Verdict8.SET),
@@ -96,7 +96,7 @@ async def test_destination_agent_runs_the_program_on_real_kvm(tmp_path):
 @pytest.mark.kvm
 async def test_a_refusal_the_plan_does_not_cover_fails_as_the_kernel_said(tmp_path):
     x86_only()
-    hub = AgentHub(str(tmp_path / "agent.sock"))
+    hub = AgentHub(str(tmp_path / "agent.sock"), hold=1.0)
     prog = ApplyProgram((RegOp(ARCH_CAPS, write=1 << 63, verdict=Verdict8.SET),), migration="m-2",
                         generic_rules=False)
     async with trio.open_nursery() as n:
@@ -115,7 +115,7 @@ async def test_a_refusal_the_plan_does_not_cover_fails_as_the_kernel_said(tmp_pa
 @pytest.mark.parametrize("case", ["no-daemon", "unknown-migration", "digest-mismatch"])
 async def test_without_a_matching_program_the_agent_only_passes_through(tmp_path, case):
     x86_only()
-    hub = AgentHub(str(tmp_path / "agent.sock"))
+    hub = AgentHub(str(tmp_path / "agent.sock"), hold=1.0)
     prog = ApplyProgram((RegOp(UCODE, write=0x200000000),), digest=b"\x22" * 32, migration="m-3",
                         generic_rules=False)
     env = {"INVARIANTD_PLAN_DIGEST": "33" * 32} if case == "digest-mismatch" else {}
@@ -148,6 +148,28 @@ def test_hub_drops_a_malformed_agent_and_keeps_serving(tmp_path):
             rec = await hub.wait_for(lambda h: h.find(vm="vm") if h.find(vm="vm") and h.find(vm="vm").snapshots
                                      else None, 5)
             assert rec.snapshots[0].values == ((1, 5),) and rec.role is W.Role.SOURCE
+            n.cancel_scope.cancel()
+    trio.run(main)
+
+
+def test_a_destination_asking_before_the_plan_is_agreed_gets_it_when_offered(tmp_path):
+    """The orchestrator may start the destination QEMU (which asks at its first vCPU) before the daemons agreed:
+    the hub holds the request until the program for that VM is offered (here: after the agent asked)."""
+    async def main():
+        hub = AgentHub(str(tmp_path / "a.sock"), hold=10)
+        async with trio.open_nursery() as n:
+            await n.start(hub.serve)
+            agent = await trio.open_unix_socket(str(tmp_path / "a.sock"))
+            await agent.send_all(W.encode_hello(W.Hello(1, W.Role.DESTINATION, "web-1", "")))
+            await trio.sleep(0.2)
+            prog = ApplyProgram((RegOp(UCODE, write=5),), digest=b"\x01" * 32, migration="m-7", generic_rules=False)
+            hub.offer("m-7", prog, vm="web-1")
+            r = W.Reader()
+            got = []
+            with trio.fail_after(5):
+                while not got:
+                    got = r.feed(await agent.receive_some(65536))
+            assert ApplyProgram.decode(got[0]) == prog and hub.find(vm="web-1").migration == "m-7"
             n.cancel_scope.cancel()
     trio.run(main)
 

@@ -267,6 +267,7 @@ static void *conn_main(void *unused) {
         int s = dial();
         if (s < 0) {
             if (!told) say("daemon socket %s unreachable (%s); retrying every second", sockpath, strerror(errno));
+            if (!told) settle(2, "no daemon to ask for a program");   /* a destination does not wait for nothing */
             told = 1;
             sleep(1);
             continue;

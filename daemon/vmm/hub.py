@@ -79,8 +79,10 @@ def _peer_cred(sock: trio.socket.SocketType) -> tuple[int, int]:
 class AgentHub:
     MAX_AGENTS = 256
 
-    def __init__(self, path: str, metrics=None, *, mode: int = 0o660) -> None:
-        self.path, self.metrics, self.mode = path, metrics, mode
+    def __init__(self, path: str, metrics=None, *, mode: int = 0o660, hold: float = 30.0) -> None:
+        """hold: how long a destination agent's request waits for its program to be offered (the orchestrator may
+        start the destination QEMU before the daemons agreed on the plan); then NO_PROGRAM."""
+        self.path, self.metrics, self.mode, self.hold = path, metrics, mode, hold
         self._programs: dict[str, tuple[str, ApplyProgram]] = {}     # migration -> (VM name, program)
         self._vmms: dict[int, VmmRecord] = {}
         self._changed = trio.Event()
@@ -93,6 +95,7 @@ class AgentHub:
         to an agent raises ProgramError now, not in front of the VMM."""
         program.encode()
         self._programs[migration] = (vm, program)
+        self._touch()
 
     def withdraw(self, migration: str) -> None:
         self._programs.pop(migration, None)
@@ -205,11 +208,19 @@ class AgentHub:
         return rec
 
     async def _send_program(self, stream, rec: VmmRecord, hello: W.Hello) -> None:
-        if hello.migration:
-            prog = self._programs.get(hello.migration, ("", None))[1]
-        else:
+        def lookup():
+            if hello.migration:
+                return self._programs.get(hello.migration, ("", None))[1]
             named = [p for vm, p in self._programs.values() if vm and vm == hello.vm]
-            prog = named[-1] if named else None
+            return named[-1] if named else None
+
+        prog = lookup()
+        with trio.move_on_after(self.hold):
+            while prog is None and (hello.migration or hello.vm):
+                changed = self._changed
+                prog = lookup()
+                if prog is None:
+                    await changed.wait()
         if prog is not None and not hello.migration:
             rec.migration = next(m for m, (vm, p) in self._programs.items() if p is prog)
         why = ""
