@@ -152,11 +152,13 @@ class VmmRun:
 
 
 def run_single(kernel: str = DEST.kernel, cpu: str = DEST.cpu, *, variant: str = "q11", lines: int = 3,
-               qemu_env: dict | None = None, qemu_args: Iterable[str] = (), timeout: float = 300,
-               vmm_timeout: float = 120) -> VmmRun:
-    """The payload under the guest's QEMU -accel kvm, alone; -> VmmRun (summary: vmm.run_single's report)."""
+               qemu_env: dict | None = None, qemu_args: Iterable[str] = (), files: dict[str, bytes] | None = None,
+               timeout: float = 300, vmm_timeout: float = 120) -> VmmRun:
+    """The payload under the guest's QEMU -accel kvm, alone; -> VmmRun (summary: vmm.run_single's report).
+    qemu_env / qemu_args: extra environment / arguments of the nested QEMU; files: more job inputs (the guest
+    sees NAME as /opt/ivd/job/in.NAME, e.g. qemu_env={"LD_PRELOAD": "/opt/ivd/job/in.agent.so"})."""
     argv = vmm_argv("single", env=qemu_env, qemu_args=qemu_args, lines=lines, timeout=vmm_timeout)
-    r = run_guest(kernel, cpu, [argv], variant=variant, timeout=timeout)[0]
+    r = run_guest(kernel, cpu, [argv], variant=variant, files=files, timeout=timeout)[0]
     return VmmRun(summary(r, f"single {kernel}"), r)
 
 
@@ -245,17 +247,73 @@ class MigrationRun:
 def migrate_stock(*, variant: str = "q11", dest: GuestSpec = DEST, source: GuestSpec = SOURCE,
                   return_path: bool = True, caps: Iterable[str] = (), dest_env: dict | None = None,
                   source_env: dict | None = None, dest_args: Iterable[str] = (), source_args: Iterable[str] = (),
-                  lines: int = 3, timeout: float = 300) -> MigrationRun:
+                  files: dict[str, bytes] | None = None, lines: int = 3, timeout: float = 300) -> MigrationRun:
     """Run the payload on `source`'s nested QEMU and migrate it with QEMU's own migration (tcp, port 4444) to
     `dest`'s nested QEMU (-incoming defer), return-path on both ends unless return_path=False. dest_env /
-    source_env: extra environment of each QEMU (e.g. {"LD_PRELOAD": ...}, with the .so passed in files of
-    run_pair); dest_args / source_args: extra QEMU arguments. -> MigrationRun (dest / source: vmm.run_dest /
-    vmm.run_source reports)."""
+    source_env: extra environment of each QEMU (e.g. {"LD_PRELOAD": "/opt/ivd/job/in.agent.so"} with
+    files={"agent.so": ...}: job inputs of both guests); dest_args / source_args: extra QEMU arguments.
+    -> MigrationRun (dest / source: vmm.run_dest / vmm.run_source reports)."""
     uri = f"tcp:{dest.addr}:{MIGRATION_PORT}"
     vt = max(60, timeout - 90)          # the runner's own waits end before the guest is killed
     d_argv = vmm_argv("dest", env=dest_env, qemu_args=dest_args, caps=caps, return_path=return_path,
                       lines=lines, listen=f"tcp:0.0.0.0:{MIGRATION_PORT}", timeout=vt)
     s_argv = vmm_argv("source", env=source_env, qemu_args=source_args, caps=caps, return_path=return_path,
                       lines=lines, dest=uri, timeout=min(120, vt), connect_wait=vt)
-    pair = run_pair([d_argv], [s_argv], dest=dest, source=source, variant=variant, timeout=timeout)
+    pair = run_pair([d_argv], [s_argv], dest=dest, source=source, variant=variant, files=files, timeout=timeout)
     return MigrationRun(summary(pair.dest[0], "destination"), summary(pair.source[0], "source"), pair)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _pairs(items, what: str) -> dict:
+    out = {}
+    for it in items or ():
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"{what} {it!r}: expected NAME=VALUE")
+        out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    """python -m invariantd.daemon.lab.qemu single|migrate ...: print the vmm.py report(s) as JSON."""
+    import argparse
+    import logging
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m invariantd.daemon.lab.qemu",
+                                 description="Debian's arm64 QEMU -accel kvm inside lab guests, running the payload")
+    ap.add_argument("cmd", choices=("provision", "single", "migrate"))
+    ap.add_argument("--variant", default="q11", choices=VARIANTS)
+    ap.add_argument("--kernel", default=DEST.kernel, help="single: kernel key (default 7.x)")
+    ap.add_argument("--cpu", default=DEST.cpu, help="single: outer QEMU -cpu")
+    ap.add_argument("--qemu-env", action="append", metavar="K=V", help="single: nested QEMU environment")
+    ap.add_argument("--qemu-arg", action="append", default=[], metavar="ARG", help="single: nested QEMU argument")
+    ap.add_argument("--dest-env", action="append", metavar="K=V")
+    ap.add_argument("--source-env", action="append", metavar="K=V")
+    ap.add_argument("--dest-arg", action="append", default=[], metavar="ARG")
+    ap.add_argument("--source-arg", action="append", default=[], metavar="ARG")
+    ap.add_argument("--no-return-path", action="store_true")
+    ap.add_argument("--file", action="append", metavar="NAME=PATH", help="job input for the guest(s)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    files = {k: Path(v).read_bytes() for k, v in _pairs(a.file, "--file").items()}
+    if a.cmd == "provision":
+        out = provision_qemu(a.variant)
+        rc = 0
+    elif a.cmd == "single":
+        r = run_single(a.kernel, a.cpu, variant=a.variant, qemu_env=_pairs(a.qemu_env, "--qemu-env"),
+                       qemu_args=a.qemu_arg, files=files)
+        out, rc = r.summary, r.result.returncode
+    else:
+        m = migrate_stock(variant=a.variant, return_path=not a.no_return_path,
+                          dest_env=_pairs(a.dest_env, "--dest-env"), source_env=_pairs(a.source_env, "--source-env"),
+                          dest_args=a.dest_arg, source_args=a.source_arg, files=files)
+        out = {"dest": m.dest, "source": m.source, "seconds": round(m.pair.seconds, 1)}
+        rc = m.pair.source[0].returncode
+    json.dump(out, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -270,7 +270,7 @@ def run_single(payload: str = PAYLOAD, *, lines: int = 3, timeout: float = 120, 
                on_ready: Callable[[Qemu], None] | None = None) -> tuple[int, dict]:
     """Run the payload under -accel kvm until `lines` payload lines arrived; -> (exit code, report):
     lines (parsed), first_line_after_s (QEMU start to the first payload line), query_kvm, query_status,
-    query_version, qemu (Qemu.report()). Exit code 0 when the counter increased over the lines."""
+    query_version, query_name, qemu (Qemu.report()). Exit code 0 when the counter increased over the lines."""
     out = _base("single")
     q = Qemu(payload, cpu=cpu, env=env, extra_args=extra_args, name="single").start()
     try:
@@ -280,7 +280,7 @@ def run_single(payload: str = PAYLOAD, *, lines: int = 3, timeout: float = 120, 
         got = q.wait_payload(lines, timeout)
         pl = q.payload()
         out["first_line_after_s"] = round(pl[0]["at"] - q.t_start, 3) if pl else None
-        for c in ("query-kvm", "query-status", "query-version"):
+        for c in ("query-kvm", "query-status", "query-version", "query-name"):
             out[c.replace("-", "_")] = q.try_qmp(c)
         out["lines"] = [payload_view(p) for p in pl[:KEEP_LINES]]
         out["complete"] = got

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -74,6 +75,29 @@ def test_qemu11_kvm_runs_the_payload_in_a_7x_guest(q11):
     assert {int(p["midr"], 16) for p in lines} == {MIDR_R0P4}, lines
     assert all(_n(b) > _n(a) for a, b in zip(lines, lines[1:])), lines
     assert imp.returncode == 0 and imp.stdout.split() == ["True", "ok"], imp.stderr[-3000:]
+
+
+PRELOAD_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+__attribute__((constructor)) static void hello(void) { fprintf(stderr, "ivd-preload: in pid %d\n", getpid()); }
+"""
+
+
+def test_the_runner_gives_qemu_extra_environment_and_arguments(q11, tmp_path):
+    """What the LD_PRELOAD agent will need: a .so passed as a job input, preloaded into the nested QEMU
+    (qemu_env), and extra QEMU arguments (qemu_args); the payload still runs."""
+    (tmp_path / "hello.c").write_text(PRELOAD_C)
+    so = tmp_path / "hello.so"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-shared", "-fPIC", "-o", so, tmp_path / "hello.c"], check=True)
+    r = qemu.run_single(variant="q11", lines=2, files={"hello.so": so.read_bytes()},
+                        qemu_env={"LD_PRELOAD": "/opt/ivd/job/in.hello.so"}, qemu_args=["-name", "ivd-lab"])
+    s = r.summary
+    assert r.result.returncode == 0, _show(s) + r.result.stderr[-2000:]
+    assert s["qemu"]["env"] == {"LD_PRELOAD": "/opt/ivd/job/in.hello.so"}, s["qemu"]
+    assert any(ln.startswith("ivd-preload: in pid ") for ln in s["qemu"]["stderr_tail"]), s["qemu"]["stderr_tail"]
+    assert s["query_name"]["return"] == {"name": "ivd-lab"}, s["query_name"]
+    assert len(s["lines"]) >= 2 and int(s["lines"][0]["midr"], 16) == MIDR_R0P4, s["lines"]
 
 
 def _check_stock_failure(m: qemu.MigrationRun, qemu_minor: tuple, dest_says: list[str]) -> None:
