@@ -57,7 +57,7 @@ def _n(line: dict) -> int:
 def test_qemu11_kvm_runs_the_payload_in_a_7x_guest(q11):
     """QEMU 11.1 -accel kvm in a 7.x guest on a Cortex-A72 r0p4: the payload counts and reads the guest's MIDR; the
     same boot imports the daemon with the trixie tree's Python and cp313 wheels (the daemon can run next to QEMU)."""
-    assert q11["qemu"].startswith("1:11.1."), q11
+    assert q11["qemu"].startswith("1:11."), q11          # trixie-backports: 11.1.3 when written
     daemon_check = ["-c", "import sys, capnp, trio, cryptography, qemu.qmp, invariantd.daemon.server, "
                           "invariantd.daemon.kvm.real; print(sys.version_info[:2] == (3, 13), 'ok')"]
     r, imp = qemu.run_guest(qemu.DEST.kernel, qemu.DEST.cpu,
@@ -69,7 +69,7 @@ def test_qemu11_kvm_runs_the_payload_in_a_7x_guest(q11):
     assert s["kernel"].startswith("7."), s["kernel"]
     assert s["query_kvm"]["return"] == {"enabled": True, "present": True}, s["query_kvm"]
     v = s["query_version"]["return"]["qemu"]
-    assert (v["major"], v["minor"]) == (11, 1), v
+    assert v["major"] == 11 and v["minor"] >= 1, v
     lines = s["lines"]
     assert len(lines) >= 3, _show(s)
     assert {int(p["midr"], 16) for p in lines} == {MIDR_R0P4}, lines
