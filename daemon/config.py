@@ -53,6 +53,7 @@ class AgentSection:
     """The unix socket the in-process VMM agents (invariantd-qemu) report to and take their programs from.
     "" = off (no VMM migrations here). The socket is made mode 0660: give the VMM's user the daemon's group."""
     socket: str = ""
+    hold: float = 30.0                      # s a destination agent's request waits for its program to be planned
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,26 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
         vls, view = sve_view(backend, doc["values"])
         doc["sve_vls"] = f"{vls:#x}"
         doc["sve_values"] = view
+    doc["pmu_values"] = pmu_view(backend, doc["values"]) if doc["caps"].get("KVM_CAP_ARM_PMU_V3") else {}
     return doc
+
+
+def pmu_view(backend: Backend, base_values: dict[str, str]) -> dict[str, str]:
+    """The ID registers a fresh vCPU *with* PMU_V3 reads differently than one without (ID_AA64DFR0_EL1.PMUVer,
+    ID_DFR0_EL1.PerfMon: KVM shows the PMU only to a vCPU that has one; seen on the real kernels with QEMU's
+    -cpu host VMs, which enable it), as {id: value} in the document's hex form."""
+    cat = catalog()
+    vm = backend.create_vm(0)
+    try:
+        vcpu = vm.create_vcpu(0)
+        vcpu.init(VcpuInit(vm.preferred_target().target,
+                           tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES) + (abi.VCPU_FEATURES["PMU_V3"],)))
+        ids = [r for r in vcpu.reg_list() if cat.reg_class(r) in ("id", "imp_id", "cache")]
+        vals, errs = vcpu.get_regs(ids)
+        return {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
+                if not e and base_values.get(f"{r:#x}") != f"{v:#x}"}
+    finally:
+        vm.close()
 
 
 def sve_view(backend: Backend, base_values: dict[str, str]) -> tuple[int, dict[str, str]]:

@@ -93,10 +93,10 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
         from ..protocol.policy import default_policy
         from .vmm.hub import AgentHub
         from .vmm.service import VmmService
-        hub = AgentHub(cfg.agent.socket, metrics)
+        hub = AgentHub(cfg.agent.socket, metrics, hold=cfg.agent.hold)
         pol = default_policy()
         host = S.host_from_doc(caps, frozenset(pol.drift)) if caps.get("arch") == "aarch64" else None
-        vmm = VmmService(hub, backend=backend, host=host, policy=pol, metrics=metrics)
+        vmm = VmmService(hub, backend=backend, host=host, policy=pol, metrics=metrics, apply_timeout=cfg.timeouts.apply)
     if cfg.rpc.enabled:
         from .rpc import Orchestrator
         key = cfg.peer.key or None

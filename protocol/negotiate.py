@@ -80,6 +80,8 @@ class _Ctx:
         self.dst = dict(dest.values)
         if "SVE" in vm.features:             # an SVE VM meets the destination's SVE view of its ID registers
             self.dst.update(dest.sve_values)
+        if "PMU_V3" in vm.features:          # a VM with a PMU meets the destination's PMU view (PMUVer, PerfMon)
+            self.dst.update(dest.pmu_values)
         self.dst_listed = frozenset(dest.reg_list)
         self.masks = dest.writable_masks
         self.kernel = dest.kernel

@@ -67,6 +67,7 @@ class HostCapabilities:
     vcpu_target: int = 0
     base_features: tuple[str, ...] = ()
     sve_values: tuple[tuple[int, int], ...] = ()  # ID registers an SVE vCPU reads differently, sorted by id
+    pmu_values: tuple[tuple[int, int], ...] = ()  # ID registers a PMU_V3 vCPU reads differently, sorted by id
 
     def cap(self, name: str) -> int:
         for k, v in self.caps:
@@ -214,6 +215,8 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
             values[regid.SVE_VLS] = _hex(doc["sve_vls"], "sve_vls")
         sve_values = tuple(sorted((_reg_key(k, "sve_values"), _hex(v, f"sve_values[{k}]"))
                                   for k, v in (doc.get("sve_values") or {}).items()))
+        pmu_values = tuple(sorted((_reg_key(k, "pmu_values"), _hex(v, f"pmu_values[{k}]"))
+                                  for k, v in (doc.get("pmu_values") or {}).items()))
     except (AttributeError, TypeError) as e:
         raise SchemaError(f"capability document: malformed field ({e})") from None
     init = doc.get("vcpu_init") or {}
@@ -222,7 +225,7 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
         kernel_version=str(doc["kernel_version"]), arch="aarch64", caps=caps, reg_list=reg_list,
         values=tuple(sorted(values.items())), writable_masks=masks, cpu_midrs=midrs,
         profile=str(doc.get("profile") or ""), vcpu_target=int(init.get("target", 0)),
-        base_features=tuple(init.get("base_features", ())), sve_values=sve_values)
+        base_features=tuple(init.get("base_features", ())), sve_values=sve_values, pmu_values=pmu_values)
 
 
 def vm_from_host(host: HostCapabilities, name: str | None = None) -> VmProfile:
@@ -336,6 +339,7 @@ def host_to_bytes(h: HostCapabilities) -> bytes:
     m.vcpuTarget = h.vcpu_target
     m.baseFeatures = list(h.base_features)
     _regvalues(m, "sveValues", h.sve_values)
+    _regvalues(m, "pmuValues", h.pmu_values)
     return m.to_bytes()
 
 
@@ -359,7 +363,8 @@ def host_from_bytes(data: bytes) -> HostCapabilities:
             values=tuple((x.id, x.value) for x in r.values),
             writable_masks=tuple(r.writableMasks) if r.hasWritableMasks else None,
             cpu_midrs=tuple(r.cpuMidrs), profile=r.profile, vcpu_target=r.vcpuTarget,
-            base_features=tuple(r.baseFeatures), sve_values=tuple((x.id, x.value) for x in r.sveValues))
+            base_features=tuple(r.baseFeatures), sve_values=tuple((x.id, x.value) for x in r.sveValues),
+            pmu_values=tuple((x.id, x.value) for x in r.pmuValues))
     return _decode(schema().HostCapabilities, data, conv)
 
 

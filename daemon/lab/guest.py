@@ -74,6 +74,27 @@ def guest_info() -> dict:
             "python": GUEST_PYTHON, "host_source": str(source_root())}
 
 
+def _cross_build(src: Path, name: str, libs: tuple[str, ...] = ()) -> Path:
+    """Cross-compile one C file of the project into an aarch64 shared object, cached by source content."""
+    data = src.read_bytes()
+    digest = hashlib.sha256(data + " ".join(libs).encode()).hexdigest()[:16]
+    out = cache_dir() / "build" / name / digest / f"lib{name}.so"
+    if out.exists():
+        return out
+    with cache_lock(name), phase(f"build.{name}"):
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".lib{name}.{os.getpid()}.so")
+        cp = subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=gnu99", "-Wall", "-shared", "-fPIC", "-o", str(tmp),
+                             str(src), *[f"-l{x}" for x in libs]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if cp.returncode != 0:
+            raise LabError(f"aarch64-linux-gnu-gcc {src} failed:\n{cp.stdout}")
+        os.replace(tmp, out)
+    return out
+
+
 def build_batch_lib(source: os.PathLike | str | None = None) -> Path | None:
     """Cross-compile the KVM batch C library for aarch64 (cached by source content).
 
@@ -81,22 +102,12 @@ def build_batch_lib(source: os.PathLike | str | None = None) -> Path | None:
     src = Path(source) if source else source_root() / "daemon" / "kvm" / "batch.c"
     if not src.exists():
         return None
-    data = src.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    out = cache_dir() / "build" / "batch" / digest / "libivdbatch.so"
-    if out.exists():
-        return out
-    with cache_lock("batch"), phase("build.batch_lib"):
-        if out.exists():
-            return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".libivdbatch.{os.getpid()}.so")
-        cp = subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if cp.returncode != 0:
-            raise LabError(f"aarch64-linux-gnu-gcc {src} failed:\n{cp.stdout}")
-        os.replace(tmp, out)
-    return out
+    return _cross_build(src, "ivdbatch")
+
+
+def build_agent_lib() -> Path:
+    """Cross-compile the VMM agent (daemon/vmm/agent.c, LD_PRELOAD into the guests' QEMU) for aarch64."""
+    return _cross_build(source_root() / "daemon" / "vmm" / "agent.c", "ivdagent", ("dl", "pthread"))
 
 
 def _prune_logs(d: Path) -> None:

@@ -134,6 +134,7 @@ class SimHost:
         self.kernel_tuple = _ver(doc["kernel_version"])[:2]
         self.sve_vls = int(doc.get("sve_vls", "0x1"), 16)      # the host's SVE vector lengths (probe.py)
         self.sve_values = _hexmap(doc.get("sve_values") or {})  # ID registers an SVE vCPU reads differently
+        self.pmu_values = _hexmap(doc.get("pmu_values") or {})  # ... and a vCPU with PMU_V3
         # no AArch32 at EL0: the "aa32" ID registers are RAZ and ignore userspace writes (6.1+, sysregs.tsv)
         self.aa32_raz = self.kernel_tuple >= (6, 1) and not self.catalog.aarch32_el0(self.values)
         self.init = VcpuInit(doc["vcpu_init"]["target"],
@@ -172,6 +173,7 @@ class SimHost:
 
 _IMP_MASK = {"MIDR_EL1": 0xFFFFFFFF, "REVIDR_EL1": 0xFFFFFFFFFFFFFFFF, "AIDR_EL1": 0xFFFFFFFFFFFFFFFF}
 _SVE_FEATURE = abi.VCPU_FEATURES["SVE"]
+_PMU_FEATURE = abi.VCPU_FEATURES["PMU_V3"]
 
 
 class SimVm:
@@ -252,6 +254,10 @@ class SimVcpu:
             for r in sve:
                 self.values[r] = host.sve_vls if r == regid.SVE_VLS else 0
             for r, v in host.sve_values.items():        # KVM shows PFR0.SVE / ZFR0 to an SVE vCPU only
+                if r in self.values:
+                    self.values[r] = v
+        if _PMU_FEATURE in self.features:
+            for r, v in host.pmu_values.items():        # KVM shows PMUVer / PerfMon to a vCPU with a PMU only
                 if r in self.values:
                     self.values[r] = v
         if self.vm.vm_values is None:
@@ -412,6 +418,8 @@ class SimVcpu:
         reset = host.values.get(reg_id, 0)
         if _SVE_FEATURE in (self.features or ()) and reg_id in host.sve_values:
             reset = host.sve_values[reg_id]          # an SVE vCPU's limit is the SVE view (PFR0.SVE, ZFR0)
+        if _PMU_FEATURE in (self.features or ()) and reg_id in host.pmu_values:
+            reset = host.pmu_values[reg_id]          # a PMU vCPU's limit is the PMU view (PMUVer, PerfMon)
         if cls == "imp_id":
             if value == cur:
                 return value

@@ -7,7 +7,7 @@
  * It runs the apply program the two daemons agreed (protocol/program.py; bytes: protocol/schemas/AGENT.md) and
  * decides nothing itself:
  *   destination  cap 239 on the VM before its first vCPU when the program pins; the program's registers written
- *                right after KVM_ARM_VCPU_INIT, before any other vCPU state, then read back (VERIFY); each
+ *                at the vCPU's first KVM_SET_ONE_REG, before any other vCPU state, then read back (VERIFY); each
  *                KVM_SET_ONE_REG of a planned register writes the planned value (one ioctl), a failure is
  *                handled by the program's action for its errno; KVM_GET_REG_LIST / KVM_GET_ONE_REG answered for
  *                the drift registers the program lists; a read-back at the first KVM_RUN
@@ -456,7 +456,7 @@ static void verify(int fd, struct vcpu *vc, int phase) {
     free(b);
 }
 
-/* destination, right after KVM_ARM_VCPU_INIT (and before any other state): the program's registers */
+/* destination, at the vCPU's first KVM_SET_ONE_REG (before any other state): the program's registers */
 static void write_program(int fd, struct vcpu *vc) {
     for (uint32_t i = 0; i < nops; i++) {
         const struct op *o = &ops[i];
@@ -605,13 +605,10 @@ int ioctl(int fd, unsigned long req, ...) {
     struct vcpu *vc = vcpu_of(fd);
     if (vc && req == IVD_KVM_ARM_VCPU_INIT && arg) memcpy(&vc->features, (char *)arg + 4, 4);
     if (!vc || role != ROLE_DESTINATION || !ready()) return real_ioctl(fd, req, arg);
-    if (req == IVD_KVM_ARM_VCPU_INIT) {
-        int r = real_ioctl(fd, req, arg);
-        if (r == 0 && !vc->inited) { vc->inited = 1; write_program(fd, vc); }
-        return r;
-    }
     if (req == KVM_SET_ONE_REG) {
-        if (!vc->inited) { vc->inited = 1; write_program(fd, vc); }   /* no VCPU_INIT (not arm64): first write */
+        /* the program's registers go first, at the vCPU's first write (QEMU's reset, at start-up): not at
+         * KVM_ARM_VCPU_INIT, which QEMU's scratch vCPUs (host feature probes, other init features) also do */
+        if (!vc->inited) { vc->inited = 1; write_program(fd, vc); }
         return on_set_one_reg(fd, vc, arg);
     }
     if (req == KVM_GET_REG_LIST) return on_get_reg_list(fd, arg);

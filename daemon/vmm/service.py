@@ -10,7 +10,7 @@ ID registers before any page moves and hold the switchover until the destination
                                                                    the destination QEMU's agent
                                                        -> incoming: the destination QEMU (-incoming defer):
                                                                    return-path, migrate-incoming URI
-        waits until the destination agent reports the program applied right after its vCPUs' init, read back
+        waits until the destination agent reports the program applied at its vCPUs' first write (QEMU's reset), read back
   ram:  QMP migrate (return-path, pause-before-switchover) - a refused plan or a failed pre-flight moved nothing
   switchover: at pre-switchover, once more: applied, verified, no failed write -> migrate-continue, else cancel
   commit: the destination agent reports its vCPUs running the planned registers (read back at the first KVM_RUN)
@@ -178,8 +178,18 @@ class VmmService:
             _caps(q, ["return-path"])
             q.cmd("migrate-incoming", uri=uri)
             return q.cmd("query-status")
-        st = await qmp(qmp_path, steps)
-        return {"migration": migration, "status": st}
+        # the orchestrator may have started that QEMU a moment ago: its QMP socket may not be there yet
+        with trio.move_on_after(self.apply_timeout):
+            while True:
+                try:
+                    st = await qmp(qmp_path, steps)
+                    return {"migration": migration, "status": st}
+                except VmmError as e:
+                    if e.kind != "unreachable":
+                        raise
+                    last = e
+                await trio.sleep(0.5)
+        raise VmmError("unreachable", f"the destination QEMU: {last.message}")
 
     async def status(self, migration: str) -> dict:
         inc = self.incoming.get(migration)
@@ -255,7 +265,10 @@ class VmmService:
                                 "committing on QEMU's word", mig.id)
                 else:
                     raise VmmError("migrationFailed", f"the destination never ran the VM (QEMU {q.get('status')})")
-            await qmp(qmp_path, lambda q: q.cmd("quit"))
+            try:
+                await qmp(qmp_path, lambda q: q.cmd("quit"))
+            except VmmError:
+                pass                        # QEMU may close QMP before it answers `quit`: it is going away
             mig.phase = "done"
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -50,6 +50,8 @@ struct HostCapabilities {
   sveValues @13 :List(RegValue);      # ID registers a vCPU *with SVE* reads differently (ID_AA64PFR0_EL1.SVE,
                                       # ID_AA64ZFR0_EL1; KVM hides them without the feature); empty: no SVE or
                                       # an older daemon (an SVE VM is then planned against the base view)
+  pmuValues @14 :List(RegValue);      # ID registers a vCPU *with PMU_V3* reads differently (ID_AA64DFR0_EL1.PMUVer,
+                                      # ID_DFR0_EL1.PerfMon); empty: no PMU or an older daemon
 }
 
 struct VmProfile {
