@@ -120,6 +120,7 @@ def migration_status(r) -> dict:
             "bytes_sent": r.bytesSent, "bytes_received": r.bytesReceived, "vcpus_done": r.vcpusDone,
             "vcpus_total": r.vcpusTotal, "registers_sent": r.registersSent, "started_unix_ms": r.startedUnixMs,
             "elapsed_ms": r.elapsedMs, "result": r.result, "plan_digest": bytes(r.planDigest).hex(),
+            "detail": json.loads(bytes(r.detail)) if len(r.detail) else {},
             "error": None if str(e.kind) == "ok" else {"kind": str(e.kind), "message": e.message}}
 
 

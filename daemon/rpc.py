@@ -88,6 +88,7 @@ class Migration:
     result: str = ""
     error: tuple[str, str] | None = None
     plan_digest: bytes = b""
+    detail: dict = field(default_factory=dict)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     _cur_vcpu: int | None = None
@@ -99,7 +100,7 @@ class Migration:
                 "vcpus_done": self.vcpus_done, "vcpus_total": self.vcpus_total,
                 "registers_sent": self.registers_sent, "started_unix_ms": int(self.started * 1000),
                 "elapsed_ms": int((end - self.t0) * 1000), "result": self.result, "error": self.error,
-                "plan_digest": self.plan_digest}
+                "plan_digest": self.plan_digest, "detail": self.detail}
 
     # the tap: peer-protocol events seen on the wire
     def on_event(self, direction: str, ev) -> None:
@@ -607,6 +608,8 @@ def _fill_status(b, d: dict) -> None:
     b.registersSent, b.startedUnixMs, b.elapsedMs, b.result = (d["registers_sent"], d["started_unix_ms"],
                                                                d["elapsed_ms"], d["result"])
     b.planDigest = d["plan_digest"]
+    if d.get("detail"):
+        b.detail = json.dumps(d["detail"], default=_jsonable).encode()
     if d["error"]:
         b.error.kind, b.error.message = d["error"][0], d["error"][1][:8000]
 

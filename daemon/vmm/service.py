@@ -233,7 +233,7 @@ class VmmService:
             await peer_call(peer, "incoming_vmm", mig.id, dest_qmp, listen_uri(uri))
         mig.phase = "agent"
         await self._until(peer_call, peer, mig.id, "applied", apply_timeout,
-                          "the destination QEMU's agent did not report the plan applied and read back")
+                          "the destination QEMU's agent did not report the plan applied and read back", mig)
         mig.phase = "ram"
         resumed = False
         try:
@@ -248,6 +248,7 @@ class VmmService:
                                                   f"{st.get('error-desc', '')}")
             mig.phase = "switchover"
             d = await peer_call(peer, "vmm_status", mig.id)
+            mig.detail = {"destination": d}
             if not d["applied"] or d["failed"]:
                 await qmp(qmp_path, lambda q: q.cmd("migrate_cancel"))
                 raise VmmError("migrationFailed", f"switchover refused: the destination agent reports "
@@ -257,7 +258,7 @@ class VmmService:
             if st["status"] != "completed":
                 raise VmmError("migrationFailed", f"QEMU migration {st['status']}: {st.get('error-desc', '')}")
             mig.phase = "commit"
-            d = await self._until(peer_call, peer, mig.id, "running", commit_timeout, "")
+            d = await self._until(peer_call, peer, mig.id, "running", commit_timeout, "", mig)
             if d is None or not d["running"]:
                 q = (d or {}).get("qemu") or {}
                 if q.get("status") == "running":
@@ -277,11 +278,13 @@ class VmmService:
                 mig.state, mig.result = "inDoubt", "in-doubt"
             raise
 
-    async def _until(self, peer_call, peer, mid, key, timeout, why):
+    async def _until(self, peer_call, peer, mid, key, timeout, why, mig=None):
         deadline = trio.current_time() + timeout
         d = None
         while trio.current_time() < deadline:
             d = await peer_call(peer, "vmm_status", mid)
+            if mig is not None:
+                mig.detail = {"destination": d}
             if d["failed"]:
                 raise VmmError("kvm", f"the destination agent failed a write: {d['failed'][:3]}")
             if d[key]:

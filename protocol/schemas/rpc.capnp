@@ -83,6 +83,8 @@ struct MigrationStatus {
   result @12 :Text;         # committed | aborted | cancelled | in-doubt | "" while running
   error @13 :Error;         # why it failed (kind ok while running or committed)
   planDigest @14 :Data;
+  detail @15 :Data;         # JSON, may be empty: for a QEMU migration the destination agent's decisions and
+                            # read-backs ({"destination": {"applied", "running", "failed", "agent", "qemu"}})
 }
 
 struct Peer {

@@ -1,0 +1,168 @@
+"""daemon/vmm/service.py, the source side of a QEMU migration, against a scripted QMP server (a stand-in for QEMU
+that speaks the QMP wire protocol to the real qemu.qmp client) and a scripted destination daemon: what the
+daemon asks QEMU to do, and in which order, when the plan is refused, when the destination agent fails, and when
+everything goes well. The real thing runs in the lab (tests/lab/test_qemu_agent.py)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from invariantd.daemon.apply import read_vm
+from invariantd.daemon.probe import probe
+from invariantd.daemon.sim.host import SimHost
+from invariantd.daemon.vmm.hub import AgentHub, VmmRecord
+from invariantd.daemon.vmm.service import VmmError, VmmService
+from invariantd.protocol import agentwire as W
+from invariantd.protocol import schemas as S
+from invariantd.protocol.policy import default_policy
+
+
+class FakeQemu:
+    """A QMP server on a unix socket: records every command; query-migrate walks through `states`."""
+
+    def __init__(self, path: str, states=("active", "pre-switchover", "completed")) -> None:
+        self.path, self.states, self.cmds, self.running = path, list(states), [], True
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+
+    def _answer(self, name: str, args: dict):
+        if name == "query-migrate":
+            return {"status": self.states.pop(0) if len(self.states) > 1 else self.states[0]} if self.states else {}
+        if name == "query-status":
+            return {"status": "running" if self.running else "paused", "running": self.running}
+        if name == "migrate":
+            self.running = False
+        if name == "cont":
+            self.running = True
+        if name == "migrate_cancel":
+            self.states = ["cancelled"]
+            self.running = True
+        return {}
+
+    def _conn(self, conn) -> None:
+        conn.sendall(json.dumps({"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 11}, "package": ""},
+                                         "capabilities": []}}).encode() + b"\n")
+        buf, dec = "", json.JSONDecoder()
+        while True:                       # QMP is a JSON stream: no newline between a client's messages
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    msg, end = dec.raw_decode(buf.lstrip())
+                except ValueError:
+                    break
+                buf = buf.lstrip()[end:]
+                name = msg["execute"]
+                if name != "qmp_capabilities":
+                    self.cmds.append((name, msg.get("arguments", {})))
+                reply = {"return": self._answer(name, msg.get("arguments", {}))}
+                if "id" in msg:
+                    reply["id"] = msg["id"]
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+                if name == "quit":
+                    conn.close()
+                    return
+
+    def names(self) -> list[str]:
+        return [c for c, _ in self.cmds if not c.startswith("query-")]
+
+
+def source_service(spec="cortex-a72-r0p3@7.3"):
+    """A source daemon's service whose agent reported a 1-vCPU QEMU VM on the simulated host `spec`."""
+    host = SimHost(spec)
+    vm = host.create_vm()
+    v = vm.create_vcpu(0)
+    v.init(host.init)
+    regs = read_vm({0: v})[0]
+    hub = AgentHub("/nonexistent")
+    rec = VmmRecord(pid=42, uid=0, role=W.Role.SOURCE, vm="web-1")
+    rec.snapshots[0] = W.Snapshot(0, tuple(r for r, _ in regs), tuple(regs), features=1 << 2)   # PSCI_0_2
+    hub._vmms[42] = rec
+    return VmmService(hub, backend=host, host=None, policy=default_policy())
+
+
+def peer(dest_spec, statuses):
+    """A scripted destination daemon: its capabilities and a sequence of vmm_status answers."""
+    pol = default_policy()
+    dest = S.host_from_doc(probe(SimHost(dest_spec)), frozenset(pol.drift))
+    calls = []
+
+    async def caps(name):
+        return dest
+
+    async def call(name, method, *args):
+        calls.append(method)
+        if method == "vmm_status":
+            return statuses.pop(0) if len(statuses) > 1 else statuses[0]
+        return {}
+    return caps, call, calls
+
+
+OK = {"applied": True, "running": False, "failed": [], "agent": {}, "qemu": None}
+RUNNING = dict(OK, running=True)
+
+
+async def run(svc, fq, caps, call):
+    mig = SimpleNamespace(id="m-1", phase="", plan_digest=b"", detail={}, state="running", result="")
+    try:
+        await svc.run_source(mig, "web-1", "b", fq.path, "tcp:10.0.0.1:4444", "", peer_caps=caps, peer_call=call,
+                             apply_timeout=5, commit_timeout=5)
+        return mig, None
+    except VmmError as e:
+        return mig, e
+
+
+async def test_committed_flow_holds_the_switchover_and_quits_the_source_last(tmp_path):
+    fq = FakeQemu(str(tmp_path / "q.sock"))
+    caps, call, calls = peer("cortex-a72-r0p4@7.3", [OK, OK, RUNNING])
+    mig, err = await run(source_service(), fq, caps, call)
+    assert err is None and mig.phase == "done"
+    assert fq.names() == ["migrate-set-capabilities", "migrate", "migrate-continue", "quit"]
+    assert {c["capability"] for c in fq.cmds[0][1]["capabilities"]} == {"return-path", "pause-before-switchover"}
+    assert calls[0] == "prepare_vmm" and mig.detail["destination"]["running"]
+
+
+async def test_refused_plan_moves_nothing(tmp_path):
+    fq = FakeQemu(str(tmp_path / "q.sock"))
+    caps, call, calls = peer("neoverse-n1@7.3", [OK])
+    mig, err = await run(source_service(), fq, caps, call)
+    assert err is not None and err.kind == "refused" and "MIDR_EL1" in err.message
+    assert fq.cmds == [] and calls == []                  # QEMU untouched, the destination never asked
+
+
+async def test_a_failed_write_at_the_destination_cancels_before_the_switchover(tmp_path):
+    fq = FakeQemu(str(tmp_path / "q.sock"))
+    failed = dict(OK, failed=[{"register": "MIDR_EL1", "action": "FAIL"}])
+    caps, call, _ = peer("cortex-a72-r0p4@7.3", [OK, failed])
+    mig, err = await run(source_service(), fq, caps, call)
+    assert err is not None and "switchover refused" in err.message
+    assert "migrate-continue" not in fq.names() and "quit" not in fq.names()
+    assert "migrate_cancel" in fq.names() and fq.running          # the source guest runs again
+
+
+async def test_destination_agent_never_applies_nothing_moves(tmp_path):
+    fq = FakeQemu(str(tmp_path / "q.sock"))
+    caps, call, _ = peer("cortex-a72-r0p4@7.3", [dict(OK, applied=False)])
+    svc = source_service()
+    with trio.move_on_after(20):
+        mig, err = await run(svc, fq, caps, call)
+    assert err is not None and "did not report the plan applied" in err.message
+    assert "migrate" not in fq.names()
