@@ -79,44 +79,40 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
     return doc
 
 
-def pmu_view(backend: Backend, base_values: dict[str, str]) -> dict[str, str]:
-    """The ID registers a fresh vCPU *with* PMU_V3 reads differently than one without (ID_AA64DFR0_EL1.PMUVer,
-    ID_DFR0_EL1.PerfMon: KVM shows the PMU only to a vCPU that has one; seen on the real kernels with QEMU's
-    -cpu host VMs, which enable it), as {id: value} in the document's hex form."""
+def feature_view(backend: Backend, feature: str, base_values: dict[str, str], before=None) -> tuple[object, dict]:
+    """A fresh vCPU with the base features plus `feature`: before(vcpu) (what must be read or done before the
+    register list, e.g. SVE's lengths and finalize), then the ID / imp-ID / cache registers that read differently
+    than on a vCPU without the feature, as {id: value} in the document's hex form. -> (before's result, view)."""
     cat = catalog()
     vm = backend.create_vm(0)
     try:
         vcpu = vm.create_vcpu(0)
         vcpu.init(VcpuInit(vm.preferred_target().target,
-                           tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES) + (abi.VCPU_FEATURES["PMU_V3"],)))
+                           tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES) + (abi.VCPU_FEATURES[feature],)))
+        first = before(vcpu) if before is not None else None
         ids = [r for r in vcpu.reg_list() if cat.reg_class(r) in ("id", "imp_id", "cache")]
         vals, errs = vcpu.get_regs(ids)
-        return {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
-                if not e and base_values.get(f"{r:#x}") != f"{v:#x}"}
+        return first, {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
+                       if not e and base_values.get(f"{r:#x}") != f"{v:#x}"}
     finally:
         vm.close()
 
 
 def sve_view(backend: Backend, base_values: dict[str, str]) -> tuple[int, dict[str, str]]:
-    """A fresh vCPU with SVE: KVM_REG_ARM64_SVE_VLS before finalize, the host's vector lengths (bit vq-1 per
-    supported vq = VL/128; a VM's set must match it up to its own maximum, set_sve_vls), and the ID registers that
-    read differently than on a vCPU without SVE (ID_AA64PFR0_EL1.SVE, ID_AA64ZFR0_EL1: KVM hides them without the
-    feature), as {id: value} in the document's hex form."""
-    cat = catalog()
-    vm = backend.create_vm(0)
-    try:
-        vcpu = vm.create_vcpu(0)
-        vcpu.init(VcpuInit(vm.preferred_target().target,
-                           tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES) + (abi.VCPU_FEATURES["SVE"],)))
+    """KVM_REG_ARM64_SVE_VLS before finalize: the host's vector lengths (bit vq-1 per supported vq = VL/128; a VM's
+    set must match it up to its own maximum, set_sve_vls), and the ID registers an SVE vCPU reads differently
+    (ID_AA64PFR0_EL1.SVE, ID_AA64ZFR0_EL1: KVM hides them without the feature)."""
+    def lengths(vcpu) -> int:
         vls = vcpu.get_reg(regid.SVE_VLS)
         vcpu.finalize(abi.KVM_ARM_VCPU_SVE)          # the register list needs it
-        ids = [r for r in vcpu.reg_list() if cat.reg_class(r) in ("id", "imp_id", "cache")]
-        vals, errs = vcpu.get_regs(ids)
-        view = {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
-                if not e and base_values.get(f"{r:#x}") != f"{v:#x}"}
-        return vls, view
-    finally:
-        vm.close()
+        return vls
+    return feature_view(backend, "SVE", base_values, lengths)
+
+
+def pmu_view(backend: Backend, base_values: dict[str, str]) -> dict[str, str]:
+    """The ID registers a vCPU *with* PMU_V3 reads differently (ID_AA64DFR0_EL1.PMUVer, ID_DFR0_EL1.PerfMon: KVM
+    shows the PMU only to a vCPU that has one; QEMU's -cpu host VMs enable it, seen on the real kernels)."""
+    return feature_view(backend, "PMU_V3", base_values)[1]
 
 
 def describe(ids, values: dict[int, int], masks: dict | None) -> list[dict]:

@@ -165,14 +165,21 @@ def main(argv=None) -> int:
     s.add_argument("--peer-wait", type=float, default=90)
     s.add_argument("--timeout", type=float, default=60)
     args = ap.parse_args(argv)
+    return run_role(_dest if args.role == "dest" else _source, args)
+
+
+def run_role(role, args) -> int:
+    """trio.run(role, args, out) and print `out` as one JSON document (an exception too: it is the report)."""
+    import traceback
+
     import trio
     _fix_clock()
     out: dict = {"role": args.role, "node": args.node, "kernel": os.uname().release}
     t0 = time.monotonic()
     try:
-        rc = trio.run(_dest if args.role == "dest" else _source, args, out)
+        rc = trio.run(role, args, out)
     except BaseException as e:  # noqa: BLE001 - report anything as JSON
-        out["error"] = {"kind": type(e).__name__, "message": str(e)}
+        out["error"] = {"kind": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-3000:]}
         rc = 2
     out["program_s"] = round(time.monotonic() - t0, 3)
     json.dump(out, sys.stdout, indent=1, default=str)

@@ -317,3 +317,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def migrate_with_daemons(*, variant: str = "q11", dest: GuestSpec = DEST, source: GuestSpec = SOURCE,
+                         timeout: float = 330, pki_dir: os.PathLike | str | None = None) -> MigrationRun:
+    """The payload VM migrated by the daemons (daemon/lab/vmmig.py in both guests: the real invariantd on each
+    guest's /dev/kvm, QEMU under the invariantd agent, the source daemon's migrateVmm). Certificates are made on
+    the host (client.demo.make_pki) and the aarch64 agent is cross-compiled (guest.build_agent_lib).
+    -> MigrationRun (dest / source: vmmig's reports)."""
+    import tempfile
+    from ...client.demo import make_pki
+    from .guest import build_agent_lib
+    d = Path(pki_dir or tempfile.mkdtemp(prefix="ivd-pki-"))
+    pki = make_pki(d, nodes=("node-a", "node-b", "operator"))
+    files = {f"{name}.pem": Path(path).read_bytes() for name, path in pki.items()}
+    files["libivdagent.so"] = build_agent_lib().read_bytes()
+    env = {"IVD_HOST_EPOCH": str(time.time())}
+    d_argv = ["-m", "invariantd.daemon.lab.vmmig", "dest", "--node", "node-a", "--source-rpc",
+              f"{source.addr}:7444", "--timeout", str(max(60, timeout - 90))]
+    s_argv = ["-m", "invariantd.daemon.lab.vmmig", "source", "--node", "node-b", "--peer", f"node-a={dest.addr}",
+              "--timeout", str(max(60, timeout - 130))]
+    pair = run_pair([d_argv], [s_argv], dest=dest, source=source, variant=variant, files=files, env=env,
+                    timeout=timeout)
+    return MigrationRun(summary(pair.dest[0], "destination"), summary(pair.source[0], "source"), pair)

@@ -25,7 +25,7 @@ import time
 import urllib.request
 from functools import partial
 
-from .netmig import JOB, PEER_PORT, RPC_PORT, _client, _console, _fix_clock
+from .netmig import JOB, PEER_PORT, RPC_PORT, _client, _console, run_role
 from .vmm import PAYLOAD, Qemu, payload_view
 
 VM = "payload"
@@ -188,20 +188,7 @@ def main(argv=None) -> int:
     s.add_argument("--timeout", type=float, default=240)
     s.add_argument("--linger", type=float, default=4.0)
     args = ap.parse_args(argv)
-    import trio
-    _fix_clock()
-    out: dict = {"role": args.role, "node": args.node, "kernel": os.uname().release}
-    t0 = time.monotonic()
-    try:
-        rc = trio.run(_dest if args.role == "dest" else _source, args, out)
-    except BaseException as e:  # noqa: BLE001 - report anything as JSON
-        import traceback
-        out["error"] = {"kind": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-3000:]}
-        rc = 2
-    out["program_s"] = round(time.monotonic() - t0, 3)
-    json.dump(out, sys.stdout, indent=1, default=str)
-    sys.stdout.write("\n")
-    return rc
+    return run_role(_dest if args.role == "dest" else _source, args)
 
 
 if __name__ == "__main__":

@@ -248,13 +248,15 @@ class VmmService:
                                                   f"{st.get('error-desc', '')}")
             mig.phase = "switchover"
             d = await peer_call(peer, "vmm_status", mig.id)
-            mig.detail = {"destination": d}
+            mig.detail = {**mig.detail, "destination": d}
             if not d["applied"] or d["failed"]:
                 await qmp(qmp_path, lambda q: q.cmd("migrate_cancel"))
                 raise VmmError("migrationFailed", f"switchover refused: the destination agent reports "
                                                   f"{'failed writes ' + str(d['failed'][:3]) if d['failed'] else 'no verified apply'}")
             await qmp(qmp_path, lambda q: q.cmd("migrate-continue", state="pre-switchover"))
             st = await self._source_state(qmp_path, ("completed", "failed", "cancelled"), apply_timeout)
+            mig.detail = {**mig.detail, "qemu": {k: st.get(k) for k in ("status", "total-time", "downtime",
+                                                                         "setup-time", "error-desc") if k in st}}
             if st["status"] != "completed":
                 raise VmmError("migrationFailed", f"QEMU migration {st['status']}: {st.get('error-desc', '')}")
             mig.phase = "commit"
@@ -284,7 +286,7 @@ class VmmService:
         while trio.current_time() < deadline:
             d = await peer_call(peer, "vmm_status", mid)
             if mig is not None:
-                mig.detail = {"destination": d}
+                mig.detail = {**mig.detail, "destination": d}
             if d["failed"]:
                 raise VmmError("kvm", f"the destination agent failed a write: {d['failed'][:3]}")
             if d[key]:

@@ -8,14 +8,10 @@ Guest side: daemon/lab/vmmig.py. Stock QEMU on the same pairs (for contrast): te
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from invariantd.client.demo import make_pki
-from invariantd.daemon import lab
 from invariantd.daemon.lab import qemu
-from invariantd.daemon.lab.guest import build_agent_lib
 
 pytestmark = pytest.mark.lab
 
@@ -24,47 +20,9 @@ DEST_612_R0P4 = qemu.GuestSpec("6.12", "cortex-a72,midr=0x410fd084", "10.0.0.1/2
 DEST_7X_N1 = qemu.GuestSpec("7.x", "neoverse-n1", "10.0.0.1/24", "52:54:00:12:34:01")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _provision(variant: str) -> dict:
-    try:
-        return qemu.provision_qemu(variant, ("6.12", "7.x"))
-    except lab.LabUnavailable as e:
-        if _in_ci():
-            pytest.fail(f"arm64 KVM lab unavailable under CI: {e}")
-        pytest.skip(f"arm64 KVM lab unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
-def q11():
-    return _provision("q11")
-
-
-@pytest.fixture(scope="module")
-def q10():
-    return _provision("q10")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    pki = make_pki(d, nodes=("node-a", "node-b", "operator"))
-    out = {f"{name}.pem": open(path, "rb").read() for name, path in pki.items()}
-    out["libivdagent.so"] = build_agent_lib().read_bytes()
-    return out
-
-
-def migrate(files, *, variant="q11", dest=qemu.DEST, source=qemu.SOURCE, timeout=330):
-    import time
-    env = {"IVD_HOST_EPOCH": str(time.time())}
-    d = ["-m", "invariantd.daemon.lab.vmmig", "dest", "--node", "node-a", "--source-rpc", "10.0.0.2:7444",
-         "--timeout", "240"]
-    s = ["-m", "invariantd.daemon.lab.vmmig", "source", "--node", "node-b", "--peer", "node-a=10.0.0.1",
-         "--timeout", "200"]
-    pair = qemu.run_pair([d], [s], dest=dest, source=source, variant=variant, files=files, env=env, timeout=timeout)
-    return qemu.summary(pair.dest[0], "destination"), qemu.summary(pair.source[0], "source"), pair
+def migrate(*, variant="q11", dest=qemu.DEST, source=qemu.SOURCE, timeout=330):
+    m = qemu.migrate_with_daemons(variant=variant, dest=dest, source=source, timeout=timeout)
+    return m.dest, m.source, m.pair
 
 
 def _show(*docs) -> str:
@@ -83,6 +41,8 @@ def assert_committed_and_counting_on(d, s, midr_seen):
     """The source daemon committed, the source QEMU quit, and the destination's payload continued the source's
     counter (no reboot) reading the MIDR the plan chose, with the plan applied and read back by the agent."""
     assert s.get("migration", {}).get("state") == "committed", _show(s, d)
+    detail = s["migration"]["detail"]          # the source's record: QEMU's figures, the destination agent's view
+    assert detail["qemu"]["status"] == "completed" and detail["destination"]["running"], detail
     assert not s["source_qemu_running"], _show(s)
     last = int(s["last_n_before"], 16)
     lines = d["lines"]
@@ -95,10 +55,10 @@ def assert_committed_and_counting_on(d, s, midr_seen):
     return ag
 
 
-def test_next_revision_onto_a_newer_kernel_keeps_the_source_midr_with_cap239(q11, files):
+def test_next_revision_onto_a_newer_kernel_keeps_the_source_midr_with_cap239(q11):
     """6.12 on Cortex-A72 r0p3 -> 7.x on r0p4, QEMU 11.1 (stock QEMU dies on MIDR here): cap 239 pins MIDR, the
     guest keeps reading 0x410fd083; the drift registers 6.12 lists and 7.x does not are listed and dropped."""
-    d, s, pair = migrate(files)
+    d, s, pair = migrate()
     print(f"\ncap239 pair: {pair.seconds:.0f} s, migration {s.get('migration_wall_s')} s")
     ag = assert_committed_and_counting_on(d, s, MIDR_R0P3)
     caps = [e for e in ag["events"] if e["kind"] == "cap239"]
@@ -108,10 +68,10 @@ def test_next_revision_onto_a_newer_kernel_keeps_the_source_midr_with_cap239(q11
     assert any("invariantd_migrations_total" in ln and "committed" in ln for ln in s["metrics"]), s["metrics"]
 
 
-def test_next_revision_on_a_kernel_without_cap239_shows_the_planned_midr(q11, files):
+def test_next_revision_on_a_kernel_without_cap239_shows_the_planned_midr(q11):
     """6.12 r0p3 -> 6.12 r0p4: no cap 239, so the plan overrides MIDR (a guest-visible change the policy allows
     within one part); the agent writes the planned value, the guest reads the new revision."""
-    d, s, _ = migrate(files, dest=DEST_612_R0P4)
+    d, s, _ = migrate(dest=DEST_612_R0P4)
     ag = assert_committed_and_counting_on(d, s, MIDR_R0P4)
     assert not [e for e in ag["events"] if e["kind"] == "cap239"], ag["events"]
     over = [e for e in ag["events"] if e["kind"] == "override" and e["register"] == "MIDR_EL1"]
@@ -120,11 +80,11 @@ def test_next_revision_on_a_kernel_without_cap239_shows_the_planned_midr(q11, fi
                for ln in d["metrics"]), d["metrics"]
 
 
-def test_drift_on_qemu10_is_listed_for_qemu_and_dropped(q10, files):
+def test_drift_on_qemu10_is_listed_for_qemu_and_dropped(q10):
     """QEMU 10.0 (trixie) refuses a stream listing registers its host does not (cpreg_vmstate_array_len): the
     agent lists 6.12's TCR2_EL1 / PIR_EL1 / PIRE0_EL1 on 7.x (the VM has neither FEAT_TCR2 nor FEAT_S1PIE) and
     drops their writes."""
-    d, s, _ = migrate(files, variant="q10")
+    d, s, _ = migrate(variant="q10")
     ag = assert_committed_and_counting_on(d, s, MIDR_R0P3)
     listed = [e for e in ag["events"] if e["kind"] == "listed"]
     assert listed and int(listed[0]["register"]) == 3, ag["events"]
@@ -132,10 +92,10 @@ def test_drift_on_qemu10_is_listed_for_qemu_and_dropped(q10, files):
     assert drops == {"TCR2_EL1", "PIR_EL1", "PIRE0_EL1"}, ag["events"]
 
 
-def test_another_part_is_refused_before_any_page_moves(q11, files):
+def test_another_part_is_refused_before_any_page_moves(q11):
     """Cortex-A72 -> Neoverse-N1 (7.x): the plan refuses; QEMU's migration never starts, the source guest keeps
     counting and the destination QEMU never runs it."""
-    d, s, _ = migrate(files, dest=DEST_7X_N1, timeout=300)
+    d, s, _ = migrate(dest=DEST_7X_N1, timeout=300)
     m = s.get("migration", {})
     assert m.get("state") == "failed" and m["error"]["kind"] == "refused", _show(s)
     assert "MIDR_EL1" in m["error"]["message"], m["error"]

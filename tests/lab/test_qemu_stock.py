@@ -9,41 +9,16 @@ socket link on host loopback; both nested QEMUs run with the return-path capabil
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
 
-from invariantd.daemon import lab
 from invariantd.daemon.lab import qemu
 
 pytestmark = pytest.mark.lab
 
 MIDR_R0P3, MIDR_R0P4 = 0x410fd083, 0x410fd084
 MIDR_REG = "op0:3 op1:0 crn:0 crm:0 op2:0"        # how QEMU names MIDR_EL1 in its cpreg errors
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _provision(variant: str) -> dict:
-    try:
-        return qemu.provision_qemu(variant, ("6.12", "7.x"))
-    except lab.LabUnavailable as e:
-        if _in_ci():
-            pytest.fail(f"arm64 KVM lab unavailable under CI: {e}")
-        pytest.skip(f"arm64 KVM lab unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
-def q11():
-    return _provision("q11")
-
-
-@pytest.fixture(scope="module")
-def q10():
-    return _provision("q10")
 
 
 def _show(doc: dict) -> str:
