@@ -4,15 +4,12 @@ daemon asks QEMU to do, and in which order, when the plan is refused, when the d
 everything goes well. The real thing runs in the lab (tests/lab/test_qemu_agent.py)."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import threading
 from types import SimpleNamespace
 
 import pytest
 import trio
 
+from fixtures import FakeQemu
 from invariantd.daemon.apply import read_vm
 from invariantd.daemon.probe import probe
 from invariantd.daemon.sim.host import SimHost
@@ -21,68 +18,6 @@ from invariantd.daemon.vmm.service import VmmError, VmmService
 from invariantd.protocol import agentwire as W
 from invariantd.protocol import schemas as S
 from invariantd.protocol.policy import default_policy
-
-
-class FakeQemu:
-    """A QMP server on a unix socket: records every command; query-migrate walks through `states`."""
-
-    def __init__(self, path: str, states=("active", "pre-switchover", "completed")) -> None:
-        self.path, self.states, self.cmds, self.running = path, list(states), [], True
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(path)
-        self.sock.listen(8)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
-
-    def _answer(self, name: str, args: dict):
-        if name == "query-migrate":
-            return {"status": self.states.pop(0) if len(self.states) > 1 else self.states[0]} if self.states else {}
-        if name == "query-status":
-            return {"status": "running" if self.running else "paused", "running": self.running}
-        if name == "migrate":
-            self.running = False
-        if name == "cont":
-            self.running = True
-        if name == "migrate_cancel":
-            self.states = ["cancelled"]
-            self.running = True
-        return {}
-
-    def _conn(self, conn) -> None:
-        conn.sendall(json.dumps({"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 11}, "package": ""},
-                                         "capabilities": []}}).encode() + b"\n")
-        buf, dec = "", json.JSONDecoder()
-        while True:                       # QMP is a JSON stream: no newline between a client's messages
-            data = conn.recv(65536)
-            if not data:
-                return
-            buf += data.decode()
-            while buf.strip():
-                try:
-                    msg, end = dec.raw_decode(buf.lstrip())
-                except ValueError:
-                    break
-                buf = buf.lstrip()[end:]
-                name = msg["execute"]
-                if name != "qmp_capabilities":
-                    self.cmds.append((name, msg.get("arguments", {})))
-                reply = {"return": self._answer(name, msg.get("arguments", {}))}
-                if "id" in msg:
-                    reply["id"] = msg["id"]
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-                if name == "quit":
-                    conn.close()
-                    return
-
-    def names(self) -> list[str]:
-        return [c for c, _ in self.cmds if not c.startswith("query-")]
 
 
 def source_service(spec="cortex-a72-r0p3@7.3"):

@@ -77,7 +77,8 @@ def _peer_cred(sock: trio.socket.SocketType) -> tuple[int, int]:
 
 
 class AgentHub:
-    MAX_AGENTS = 256
+    MAX_AGENTS = 256            # connected at once
+    KEEP_GONE = 256             # records of agents that disconnected (a libvirt capability probe is one too)
 
     def __init__(self, path: str, metrics=None, *, mode: int = 0o660, hold: float = 30.0) -> None:
         """hold: how long a destination agent's request waits for its program to be offered (the orchestrator may
@@ -174,6 +175,9 @@ class AgentHub:
             self._open -= 1
             if rec is not None:
                 rec.connected = False
+                gone = [pid for pid, r in self._vmms.items() if not r.connected]
+                for pid in gone[:-self.KEEP_GONE]:
+                    del self._vmms[pid]
                 self._touch()
 
     async def _on(self, stream, pid: int, uid: int, rec: VmmRecord | None, msg) -> VmmRecord:
