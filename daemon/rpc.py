@@ -512,6 +512,10 @@ class Orchestrator:
         self._peer(to_host)
         if not qmp or not uri:
             raise RpcFailure("badRequest", "migrateVmm needs the source QEMU's QMP socket path and a migration URI")
+        from ..protocol.agentwire import Role
+        if svc.hub.find(vm=vm, role=Role.SOURCE) is None:
+            raise RpcFailure("notFound", f"no VMM agent reported a VM named {vm!r} here (start its QEMU with "
+                                         f"invariantd-qemu and -name {vm}; `invariantctl vmms` lists them)")
         if self.nursery is None:
             raise RpcFailure("internal", "the migration service is not running")
         for x in self.migrations.values():

@@ -4,12 +4,13 @@ fake QMP server per QEMU. What crosses the RPC: migrateVmm, the peer's prepareVm
 program the destination agent receives, the record the source keeps. The real processes: tests/lab/."""
 from __future__ import annotations
 
-from dataclasses import replace
+import json
 from functools import partial
 
 import trio
 
 from fixtures import FakeQemu
+from invariantd.client.cli import main
 from invariantd.client.demo import make_pki
 from invariantd.client.rpc_client import Client, client_ssl
 from invariantd.daemon.apply import read_vm
@@ -42,7 +43,13 @@ async def agent(path, hello, frames=(), *, answer=None):
     return s
 
 
-async def test_migrate_vmm_over_the_rpc_commits_with_the_destination_agent(nursery, tmp_path):
+def ctl(ports, pki, *argv):
+    args = [*argv, "--daemon", f"127.0.0.1:{ports['rpc']}", "--ca", pki["ca"], "--cert", pki["operator"],
+            "--server-name", "localhost"]
+    return trio.to_thread.run_sync(main, args)
+
+
+async def test_migrate_vmm_over_the_rpc_commits_with_the_destination_agent(nursery, tmp_path, capsys):
     pki = make_pki(tmp_path)
     sa, sb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
     cb = cfg("node-b", pki, DST, sb)
@@ -87,6 +94,11 @@ async def test_migrate_vmm_over_the_rpc_commits_with_the_destination_agent(nurse
         assert p.enable_cap239 and p.digest.hex() == st["plan_digest"] and p.migration == mid
         dest = st["detail"]["destination"]
         assert dest["applied"] and dest["running"] and dest["agent"]["migration"] == mid
+        # the CLI on top: the agents seen, and a VM no agent reported is refused up front (exit 2)
+        assert await ctl(pa, pki, "vmms", "--json") == 0
+        assert [x["vm"] for x in json.loads(capsys.readouterr().out)] == ["web-1"]
+        assert await ctl(pa, pki, "migrate-vmm", "web-2", "--to", "node-b", "--qmp", src_q.path, "--uri", "tcp:x:1") == 2
+        assert "no VMM agent reported a VM named 'web-2'" in capsys.readouterr().err
     finally:
         client.close()
         await src_agent.aclose()
