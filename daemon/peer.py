@@ -614,6 +614,10 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
             prop = await conn.expect(ps.PlanProposal)
             try:
+                held = registry.vms.get(prop.vm_id)
+                if held is not None and held.state is not VmState.RELEASED:
+                    raise ValueError(f"a VM named {prop.vm_id!r} is already held here ({held.state.value}); rename or "
+                                     f"remove one of them")
                 if prop.format != PLAN_FORMAT:
                     raise ValueError(f"plan format {prop.format!r} is not understood here (want {PLAN_FORMAT})")
                 try:

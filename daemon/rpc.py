@@ -410,7 +410,9 @@ class Orchestrator:
                 except RpcFailure as e:
                     mig.error = (e.kind, e.message)
                 except peer_mod.PeerError as e:
-                    mig.error = (PEER_KINDS.get(e.kind, "migrationFailed"), str(e))
+                    # the destination refusing the plan is a refusal here too (exit 3), not a failed migration
+                    kind = "plan" if e.kind == "aborted" and e.code == "plan" else e.kind
+                    mig.error = (PEER_KINDS.get(kind, "migrationFailed"), str(e))
                     if e.kind == "in-doubt":
                         mig.state, mig.result = "inDoubt", "in-doubt"
                 except VmStateError as e:

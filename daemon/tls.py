@@ -116,7 +116,10 @@ class PeerListener:
             if self.allowed_peers is not None and who not in self.allowed_peers:
                 self._refuse(f"{addr}: certificate {who!r} is not an allowed peer")
                 return
-            await self.handler(s, who)
+            try:
+                await self.handler(s, who)
+            except Exception as e:     # one connection's failure never takes the listener (or the daemon) down
+                log.exception("peer %s (%s): connection handler failed: %s: %s", who, addr, type(e).__name__, e)
         finally:
             await trio.aclose_forcefully(s)
 

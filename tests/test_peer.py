@@ -379,3 +379,30 @@ async def test_sve_vm_refused_where_kvm_cannot_offer_its_lengths(nursery, pki):
     a, b, res, plan, _ = await _sve_migration(nursery, pki, "a64fx@7.3", "max@7.3")
     assert isinstance(res, PeerError) and res.kind == "plan" and "384" in str(res)
     assert a.registry.get("vm-1").state is VmState.RUNNING and b.registry.vms == {}
+
+
+async def test_a_handler_that_crashes_fails_its_connection_alone(nursery, pki, caplog):
+    """An exception the incoming-migration code did not expect ends that connection (logged at error with the peer
+    and the exception), never the listener: the next connection is served."""
+    b = Node(sim(), pki)
+    seen = []
+
+    async def handler(stream, peer):
+        seen.append(peer)
+        if len(seen) == 1:
+            raise RuntimeError("boom in the handler")
+        await stream.send_all(b"ok")
+    lst = tls.PeerListener(handler, b.server_ctx, "127.0.0.1", 0, handshake_timeout=5)
+    port = await nursery.start(lst.run)
+    a = Node(sim(), pki, "node-a")
+    for expect in (b"", b"ok"):
+        s = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+        try:
+            got = await s.receive_some(10)
+        except trio.BrokenResourceError:
+            got = b""
+        assert got == expect
+        await s.aclose()
+    assert seen == ["node-a", "node-a"]
+    assert any("connection handler failed: RuntimeError: boom in the handler" in r.getMessage() and
+               r.levelname == "ERROR" for r in caplog.records)

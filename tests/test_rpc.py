@@ -244,3 +244,26 @@ def test_parse_addr():
     assert parse_addr("localhost") == ("tcp", "localhost", 7444)
     with pytest.raises(RpcError):
         parse_addr("h:notaport")
+
+
+async def test_a_vm_name_the_destination_holds_is_refused_at_plan_time_and_both_daemons_go_on(nursery, pki):
+    """Both daemons hold a VM named "dup": the migration is refused in the plan phase, naming it (before, the
+    destination's adopt raised after the stream and took the daemon down with every VM it held); both daemons keep
+    serving and a second VM then migrates."""
+    cl = await start_cluster(nursery, pki)
+    a, b = cl.client("a"), cl.client("b")
+    try:
+        for c in (a, b):
+            await call(c.create_vm, "dup", 1)
+        mid = await call(a.migrate, "dup", "node-b")
+        st = await call(a.wait, mid, 10000)
+        assert st["state"] == "failed" and st["error"]["kind"] == "refused", st
+        assert "a VM named 'dup' is already held here (running)" in st["error"]["message"]
+        assert [v["state"] for v in await call(b.list_vms)] == ["running"]
+        assert (await call(a.inspect_vm, "dup"))["state"] == "running"
+        await call(a.create_vm, "other", 1)
+        st = await call(a.wait, await call(a.migrate, "other", "node-b"), 10000)
+        assert st["state"] == "committed", st
+    finally:
+        a.close()
+        b.close()
