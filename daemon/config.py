@@ -1,6 +1,8 @@
 """Daemon configuration: one TOML file (see deploy/systemd/invariantd.toml.example). Unknown keys are errors."""
 from __future__ import annotations
 
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 
@@ -160,8 +162,9 @@ def _build(cls, data: dict, where: str):
             if not isinstance(value, bool):
                 raise ConfigError(f"{key}: expected true or false")
         elif isinstance(default, float):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{key}: expected a positive number of seconds")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ConfigError(f"{key}: expected a positive, finite number of seconds, not {value!r}")
             value = float(value)
         elif isinstance(default, int):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
@@ -187,6 +190,8 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: backend.kind must be 'sim' or 'kvm', not {cfg.backend.kind!r}")
     if cfg.backend.kind == "sim" and not cfg.backend.sim_profile:
         raise ConfigError(f"{source}: backend.sim_profile is required for kind = 'sim' (e.g. cortex-a72-r0p4@6.12)")
+    if cfg.peer.chunk_registers < 1:
+        raise ConfigError(f"{source}: peer.chunk_registers must be at least 1, not {cfg.peer.chunk_registers}")
     if cfg.peer.checksum not in CHECKSUMS:
         raise ConfigError(f"{source}: peer.checksum must be one of {', '.join(CHECKSUMS)}, not {cfg.peer.checksum!r}")
     if not (cfg.peer.cert and cfg.peer.ca):
@@ -213,4 +218,14 @@ def load(path: str) -> Config:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     return parse(text, path)
+
+
+def check_files(cfg: Config, source: str = "<config>") -> None:
+    """The files the configuration names exist and can be read: one line naming the key and the path if not."""
+    for key, path in (("peer.cert", cfg.peer.cert), ("peer.key", cfg.peer.key), ("peer.ca", cfg.peer.ca)):
+        if path and not os.access(path, os.R_OK):
+            why = "no such file" if not os.path.exists(path) else "not readable by this user"
+            raise ConfigError(f"{source}: {key} = {path!r}: {why}")

@@ -151,7 +151,10 @@ async def handle_http(metrics: Metrics, stream: trio.abc.Stream) -> None:
 async def serve_metrics(metrics: Metrics, host: str = "127.0.0.1", port: int = 9464, *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve /metrics until cancelled. task_status.started(port) reports the bound port (port=0 for tests)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise OSError(e.errno, f"/metrics cannot listen on {host}:{port}: {e.strerror or e}") from None
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(trio.serve_listeners, partial(handle_http, metrics), listeners,

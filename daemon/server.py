@@ -19,7 +19,7 @@ from functools import partial
 import trio
 
 from . import tls
-from .config import Config, ConfigError, load
+from .config import check_files, Config, ConfigError, load
 from .metrics import Metrics, serve_metrics
 from .peer import PeerConfig, handle_incoming
 from .probe import probe
@@ -162,19 +162,50 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config)
+        check_files(cfg, args.config)
     except ConfigError as e:
         print(f"invariantd: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.log_level)
     try:
         trio.run(run, cfg)
     except KeyboardInterrupt:
         pass
     except Exception as e:           # startup failures (bad cert, port in use, /dev/kvm): one clear line
-        log.error("invariantd failed: %s", e)
+        cause = first_cause(e)
+        log.error("invariantd failed: %s", f"{cause}" if str(cause) else type(cause).__name__)
         return 1
     return 0
+
+
+def first_cause(e: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups: what an operator needs to read."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd (stderr is the journal: $JOURNAL_STREAM), each line starts with its sd-daemon priority <N>,
+    so `journalctl -p err` shows errors; elsewhere the level name."""
+    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__("%(name)s: %(message)s" if journal else "%(levelname)s %(name)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.journal:
+            return text
+        prio = self.PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return "\n".join(f"<{prio}>{ln}" for ln in text.splitlines())
+
+
+def setup_logging(level: str) -> None:
+    h = logging.StreamHandler()
+    h.setFormatter(JournalFormatter(bool(os.environ.get("JOURNAL_STREAM"))))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[h])
 
 
 if __name__ == "__main__":

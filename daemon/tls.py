@@ -125,7 +125,11 @@ class PeerListener:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; task_status.started(port) reports the bound port."""
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as e:
+            raise OSError(e.errno, f"the peer listener cannot listen on {self.host}:{self.port}: "
+                                   f"{e.strerror or e}") from None
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(trio.serve_listeners, self._on_conn, listeners, handler_nursery=nursery))

@@ -43,7 +43,7 @@ def test_config_errors_are_named(pki):
         parse('[peer]\nprot = 1\ncert="a"\nca="b"', "x.toml")
     with pytest.raises(ConfigError, match="peer.cert and peer.ca are required"):
         parse('[backend]\nkind="kvm"', "x.toml")
-    with pytest.raises(ConfigError, match="timeouts.apply: expected a positive number"):
+    with pytest.raises(ConfigError, match="timeouts.apply: expected a positive, finite number"):
         parse('[backend]\nkind="kvm"\n[peer]\ncert="a"\nca="b"\n[timeouts]\napply="x"', "x.toml")
     with pytest.raises(ConfigError, match="peer.checksum must be one of crc32, sha256, xxh3, not 'md5'"):
         parse('[backend]\nkind="kvm"\n[peer]\ncert="a"\nca="b"\nchecksum="md5"', "x.toml")
