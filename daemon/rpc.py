@@ -435,6 +435,7 @@ class Orchestrator:
             if mig.state == "running":       # daemon shutdown
                 mig.state, mig.result, mig.error = "failed", "aborted", ("migrationFailed", "daemon shutting down")
             mig.ended = time.monotonic()
+            _log_outcome(mig)
             mig.done.set()
 
     async def status(self, mid: str) -> dict:
@@ -538,10 +539,8 @@ class Orchestrator:
                                          commit_timeout=self.cfg.timeouts.commit)
                     mig.state, mig.result = "committed", "committed"
                     self.metrics.migration("committed")
-                    log.info("VMM migration %s: VM %s committed on %s", mig.id, vm, to_host)
             except (VmmError, RpcFailure) as e:
                 mig.error = (e.kind, e.message)
-                log.error("VMM migration %s of VM %s failed: %s", mig.id, vm, e.message)
             except Exception as e:          # a bug: keep the daemon up, say so
                 log.exception("VMM migration %s failed unexpectedly", mig.id)
                 mig.error = ("internal", f"{type(e).__name__}: {e}")
@@ -553,10 +552,26 @@ class Orchestrator:
                 elif mig.state == "inDoubt":
                     self.metrics.migration("in-doubt")
                 mig.ended = time.monotonic()
+                _log_outcome(mig)
                 mig.done.set()
         self.nursery.start_soon(run)
         log.info("VMM migration %s: VM %s -> %s (%s)", mig.id, vm, to_host, uri)
         return mig.id
+
+
+def _log_outcome(mig: Migration) -> None:
+    """One line per migration's end on the source, at the priority an operator filters on."""
+    took = f"{(mig.ended or time.monotonic()) - mig.t0:.2f}s"
+    if mig.state == "committed":
+        log.info("migration %s: VM %s committed on %s (%s)", mig.id, mig.vm, mig.to, took)
+    elif mig.state == "inDoubt":
+        log.error("migration %s: VM %s in doubt with %s after %s: %s", mig.id, mig.vm, mig.to, took,
+                  mig.error[1] if mig.error else "")
+    else:
+        kind, msg = mig.error or ("migrationFailed", "")
+        level = logging.WARNING if kind in ("refused", "conflict", "notFound") else logging.ERROR
+        log.log(level, "migration %s: VM %s to %s %s (%s) after %s: %s", mig.id, mig.vm, mig.to, mig.result or mig.state,
+                kind, took, msg)
 
 
 # --- the capnp thread and the bridge ----------------------------------------------------------------------------

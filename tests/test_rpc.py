@@ -246,10 +246,11 @@ def test_parse_addr():
         parse_addr("h:notaport")
 
 
-async def test_a_vm_name_the_destination_holds_is_refused_at_plan_time_and_both_daemons_go_on(nursery, pki):
+async def test_a_vm_name_the_destination_holds_is_refused_at_plan_time_and_both_daemons_go_on(nursery, pki, caplog):
     """Both daemons hold a VM named "dup": the migration is refused in the plan phase, naming it (before, the
     destination's adopt raised after the stream and took the daemon down with every VM it held); both daemons keep
     serving and a second VM then migrates."""
+    caplog.set_level("INFO", logger="invariantd.rpc")
     cl = await start_cluster(nursery, pki)
     a, b = cl.client("a"), cl.client("b")
     try:
@@ -264,6 +265,9 @@ async def test_a_vm_name_the_destination_holds_is_refused_at_plan_time_and_both_
         await call(a.create_vm, "other", 1)
         st = await call(a.wait, await call(a.migrate, "other", "node-b"), 10000)
         assert st["state"] == "committed", st
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "invariantd.rpc"]
+        assert any(lv == "WARNING" and "VM dup to node-b aborted (refused)" in m for lv, m in lines), lines
+        assert any(lv == "INFO" and f"migration {st['id']}: VM other committed on node-b" in m for lv, m in lines)
     finally:
         a.close()
         b.close()
