@@ -39,6 +39,8 @@ def _read_json(path: str, what: str) -> dict:
         raise _err(f"{what} {path}: no such file, and not a shipped host profile ({', '.join(known)})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _err(f"{what} {path}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise _err(f"{what} {path}: JSON nested too deeply to be a capability document or VM profile") from None
     except OSError as e:
         raise _err(f"{what} {path}: {e.strerror}") from None
 

@@ -148,13 +148,22 @@ def _kver(text: str) -> tuple[int, ...]:
 
 # --- JSON documents ----------------------------------------------------------------------------------
 
-def _hex(text, what: str) -> int:
+def _hex(text, what: str, bits: int = 64) -> int:
+    """A register value: an integer or hex text, 0 <= value < 2**bits (the register's width)."""
     if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    try:
-        return int(text, 16) if isinstance(text, str) and text.lower().startswith("0x") else int(text, 0)
-    except (TypeError, ValueError):
-        raise SchemaError(f"{what}: {text!r} is not a number (expected hex like 0x410fd083)") from None
+        v = text
+    else:
+        try:
+            v = int(text, 16) if isinstance(text, str) and text.lower().startswith("0x") else int(text, 0)
+        except (TypeError, ValueError):
+            raise SchemaError(f"{what}: {text!r} is not a number (expected hex like 0x410fd083)") from None
+    if not 0 <= v < 1 << bits:
+        raise SchemaError(f"{what}: {text!r} does not fit {bits} bits (0 <= value < 2**{bits})")
+    return v
+
+
+def _bits(rid: int) -> int:
+    return 8 * regid.size_bytes(rid)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -199,7 +208,7 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
         for k, v in doc["values"].items():
             rid = _reg_key(k, "values")
             if _keep(rid, extra_ids):
-                values[rid] = _hex(v, f"values[{k}]")
+                values[rid] = _hex(v, f"values[{k}]", _bits(rid))
         masks = doc.get("writable_masks")
         if masks is not None:
             words = [0] * 192
@@ -212,14 +221,19 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
         caps = tuple(sorted((str(k), int(v)) for k, v in doc["caps"].items()))
         midrs = tuple(_hex(m, "cpu_midrs") for m in doc.get("cpu_midrs") or ())
         if doc.get("sve_vls"):      # an SVE vCPU's KVM_REG_ARM64_SVE_VLS before finalize: the host's lengths
-            values[regid.SVE_VLS] = _hex(doc["sve_vls"], "sve_vls")
+            values[regid.SVE_VLS] = _hex(doc["sve_vls"], "sve_vls", _bits(regid.SVE_VLS))
         sve_values = tuple(sorted((_reg_key(k, "sve_values"), _hex(v, f"sve_values[{k}]"))
                                   for k, v in (doc.get("sve_values") or {}).items()))
         pmu_values = tuple(sorted((_reg_key(k, "pmu_values"), _hex(v, f"pmu_values[{k}]"))
                                   for k, v in (doc.get("pmu_values") or {}).items()))
-    except (AttributeError, TypeError) as e:
+    except SchemaError:
+        raise
+    except (AttributeError, TypeError, ValueError) as e:
         raise SchemaError(f"capability document: malformed field ({e})") from None
     init = doc.get("vcpu_init") or {}
+    if not isinstance(init, dict) or not isinstance(init.get("base_features", []), list) or \
+            not isinstance(init.get("target", 0), int) or isinstance(init.get("target", 0), bool):
+        raise SchemaError("capability document: vcpu_init must be an object {target: int, base_features: [names]}")
     return HostCapabilities(
         kernel_release=str(doc.get("kernel_release", doc["kernel_version"])),
         kernel_version=str(doc["kernel_version"]), arch="aarch64", caps=caps, reg_list=reg_list,
@@ -256,7 +270,8 @@ def vm_from_doc(doc: dict) -> VmProfile:
     try:
         values = {}
         for k, v in doc["values"].items():
-            values[_reg_key(k, "values")] = _hex(v, f"values[{k}]")
+            rid = _reg_key(k, "values")
+            values[rid] = _hex(v, f"values[{k}]", _bits(rid))
         feats = tuple(doc.get("features", ()))
         from . import kvmabi
         for f in feats:

@@ -106,3 +106,22 @@ def test_plan_takes_shipped_host_profiles_by_name(capsys):
     assert code == 3 and "PartNum" in out
     code, _, err = run(["plan", "--from", "cortex-a99@7.3", "--to", "neoverse-n1@7.3"], capsys)
     assert code == 2 and "not a shipped host profile" in err and "a64fx@7.3" in err
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["values"].update({next(iter(d["values"])): hex(1 << 200)}), "does not fit 64 bits"),
+    (lambda d: d["values"].update({next(iter(d["values"])): -5}), "does not fit 64 bits"),
+    (lambda d: d.update(vcpu_init=[1, 2]), "vcpu_init must be an object"),
+    (lambda d: d.update(caps=[1]), "malformed field"),
+])
+def test_odd_documents_are_one_line_exit_2(files, capsys, edit, match):
+    doc = make_doc("7.3")
+    edit(doc)
+    code, _, err = run(["plan", "--from", files("a.json", doc), "--to", files("b.json", make_doc("7.3"))], capsys)
+    assert code == 2 and match in err, err
+
+
+def test_deeply_nested_json_is_one_line_exit_2(files, capsys):
+    code, _, err = run(["plan", "--from", files("a.json", "[" * 100000 + "]" * 100000),
+                        "--to", files("b.json", make_doc("7.3"))], capsys)
+    assert code == 2 and "nested too deeply" in err
