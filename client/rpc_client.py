@@ -181,6 +181,8 @@ class AsyncClient:
         return [vm_info(v) for v in r.vms]
 
     async def create_vm(self, name: str, vcpus: int, features: list[str] | tuple[str, ...] = ()) -> dict:
+        if not 0 < vcpus < 1 << 32:
+            raise RpcError("badRequest", f"vCPU count {vcpus}: expected a positive number")
         r = await self._call("createVm", name=name, nVcpus=vcpus, features=list(features))
         _err(r)
         return vm_info(r.vm)

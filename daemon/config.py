@@ -196,7 +196,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: peer.checksum must be one of {', '.join(CHECKSUMS)}, not {cfg.peer.checksum!r}")
     if not (cfg.peer.cert and cfg.peer.ca):
         raise ConfigError(f"{source}: peer.cert and peer.ca are required (mutual TLS is not optional)")
-    if cfg.rpc.enabled and not cfg.rpc.tls and cfg.rpc.port and not is_loopback(cfg.rpc.listen):
+    if cfg.rpc.enabled and not cfg.rpc.tls and cfg.rpc.listen and not is_loopback(cfg.rpc.listen):
         raise ConfigError(f"{source}: rpc.listen = {cfg.rpc.listen!r} is not loopback: set rpc.tls = true "
                           f"(mutual TLS with the peer certificate) or listen on 127.0.0.1 / a unix socket")
     return cfg

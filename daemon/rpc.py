@@ -51,6 +51,7 @@ log = logging.getLogger("invariantd.rpc")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_VCPUS = 512
+MAX_VMS = 256                   # VMs one daemon holds (createVm refuses beyond)
 FINISHED = ("committed", "failed", "cancelled", "inDoubt")
 KEEP_FINISHED = 200
 
@@ -320,6 +321,9 @@ class Orchestrator:
             raise RpcFailure("badRequest", f"nVcpus {n_vcpus} outside 1..{MAX_VCPUS}")
         if name in self.registry.vms:
             raise RpcFailure("conflict", f"VM {name} exists here (state {self.registry.vms[name].state.value})")
+        held = sum(1 for m in self.registry.vms.values() if m.state.value != "released")
+        if held >= MAX_VMS:
+            raise RpcFailure("conflict", f"this daemon already holds {held} VMs (at most {MAX_VMS}): remove one first")
         init = None
         if features:
             if self.backend.arch != "aarch64":

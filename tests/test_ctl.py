@@ -65,3 +65,9 @@ def test_help_documents_exit_codes_and_plan_is_unchanged(capsys):
         assert "7 migration failed" in h and "4 daemon or peer unreachable" in h
     args = p.parse_args(["plan", "--from", "a.json", "--to", "b.json"])
     assert (args.source, args.to) == ("a.json", "b.json") and args.func.__module__.endswith("plan_cmd")
+
+
+async def test_create_vm_with_a_negative_vcpu_count_is_bad_input(nursery, pki, capsys):
+    cl = await start_cluster(nursery, pki)
+    assert await ctl(cl, "create-vm", "neg", "--vcpus", "-3") == 2
+    assert "vCPU count -3" in capsys.readouterr().err

@@ -82,3 +82,9 @@ def test_journal_lines_carry_their_priority():
     warn = logging.LogRecord("invariantd.peer", logging.WARNING, __file__, 1, "slow", (), None)
     assert f.format(warn) == "<4>invariantd.peer: slow"
     assert JournalFormatter(journal=False).format(rec) == "ERROR invariantd.peer: migration m1 aborted"
+
+
+def test_a_wildcard_rpc_address_without_tls_is_refused_whatever_the_port():
+    text = BASE.format(cert="c", ca="a", port=1).replace("[rpc]\nenabled = false", '[rpc]\nlisten = "0.0.0.0"\nport = 0')
+    with pytest.raises(ConfigError, match="rpc.listen = '0.0.0.0' is not loopback"):
+        parse(text)
