@@ -349,6 +349,13 @@ class Conn:
                 pass
 
 
+def _describe(e: BaseException) -> str:
+    """An exception as an operator reads it (not trio's task and scope reprs)."""
+    if isinstance(e, trio.Cancelled):
+        return "cancelled (by request or daemon shutdown)"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 def _wrap(e: BaseException) -> PeerError | None:
     if isinstance(e, PeerError):
         return e
@@ -564,9 +571,9 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             except BaseException as e:
                 m.migration("in-doubt")
                 log.error("migration %s of %s: released, but our Commit may not have arrived (%s); the destination "
-                          "keeps the VM paused in-doubt", mid, vm_id, e)
+                          "keeps the VM paused in-doubt", mid, vm_id, _wrap(e) or _describe(e))
                 raise PeerError("in-doubt", f"VM {vm_id} released; destination may hold it paused in-doubt: "
-                                            f"{_wrap(e) or e}") from e
+                                            f"{_wrap(e) or _describe(e)}") from e
         m.migration("committed")
         return MigrationResult(mid, vm_id, "committed", [], end.digest)
     except BaseException as e:
@@ -575,10 +582,10 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
         if paused:
             mvm.resume()               # the VM never left: keep running here
         err = _wrap(e)
-        await conn.abort_quietly(str(err or e), err.kind if err else "source")
+        await conn.abort_quietly(str(err) if err else _describe(e), err.kind if err else "source")
         m.migration("aborted")
         log.warning("migration %s of %s aborted, VM %s here: %s", mid, vm_id,
-                    "resumed" if paused else "kept running (never paused)", err or repr(e))
+                    "resumed" if paused else "kept running (never paused)", err or _describe(e))
         if err is not None and err is not e:
             raise err from e
         raise
@@ -711,13 +718,13 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         if mvm is not None and committed:
             mvm.in_doubt()                   # the source may have released it: keep it paused, never discard
             m.migration("in-doubt")
-            log.error("VM %s from %s is in-doubt (kept paused): %s", mvm.vm_id, peer, err or repr(e))
+            log.error("VM %s from %s is in-doubt (kept paused): %s", mvm.vm_id, peer, err or _describe(e))
         else:
             if mvm is not None:
                 registry.remove(mvm.vm_id)    # discard: never run a VM the source did not release
             m.migration("aborted")
-            log.warning("incoming migration from %s aborted: %s", peer, err or repr(e))
-        await conn.abort_quietly(str(err or e), err.kind if err else "destination")
+            log.warning("incoming migration from %s aborted: %s", peer, err or _describe(e))
+        await conn.abort_quietly(str(err) if err else _describe(e), err.kind if err else "destination")
         if err is None:
             raise                             # a bug or cancellation: let it propagate
         return None
