@@ -232,31 +232,16 @@ class VmmService:
         if dest_qmp:
             await peer_call(peer, "incoming_vmm", mig.id, dest_qmp, listen_uri(uri))
         mig.phase = "agent"
-        await self._until(peer_call, peer, mig.id, "applied", apply_timeout,
-                          "the destination QEMU's agent did not report the plan applied and read back", mig)
+        first = await self._until(peer_call, peer, mig.id, "applied", apply_timeout,
+                                  "the destination QEMU's agent did not report the plan applied and read back", mig)
         mig.phase = "ram"
         resumed = False
         try:
-            def start(q):
-                _caps(q, ["return-path", "pause-before-switchover"])
-                q.cmd("migrate", uri=uri)
-            await qmp(qmp_path, start)
-            st = await self._source_state(qmp_path, ("pre-switchover", "completed", "failed", "cancelled"),
-                                          apply_timeout * 10)
-            if st["status"] != "pre-switchover":
-                raise VmmError("migrationFailed", f"QEMU migration ended {st['status']} before the switchover: "
-                                                  f"{st.get('error-desc', '')}")
-            mig.phase = "switchover"
-            d = await peer_call(peer, "vmm_status", mig.id)
-            mig.detail = {**mig.detail, "destination": d}
-            if not d["applied"] or d["failed"]:
-                await qmp(qmp_path, lambda q: q.cmd("migrate_cancel"))
-                raise VmmError("migrationFailed", f"switchover refused: the destination agent reports "
-                                                  f"{'failed writes ' + str(d['failed'][:3]) if d['failed'] else 'no verified apply'}")
-            await qmp(qmp_path, lambda q: q.cmd("migrate-continue", state="pre-switchover"))
-            st = await self._source_state(qmp_path, ("completed", "failed", "cancelled"), apply_timeout)
+            st = await self._ram_and_switchover(mig, qmp_path, uri, peer_call, peer, apply_timeout, first)
             mig.detail = {**mig.detail, "qemu": {k: st.get(k) for k in ("status", "total-time", "downtime",
                                                                          "setup-time", "error-desc") if k in st}}
+            if st.get("refused"):
+                raise VmmError("migrationFailed", f"switchover refused: {st['refused']}")
             if st["status"] != "completed":
                 raise VmmError("migrationFailed", f"QEMU migration {st['status']}: {st.get('error-desc', '')}")
             mig.phase = "commit"
@@ -280,6 +265,69 @@ class VmmService:
                 mig.state, mig.result = "inDoubt", "in-doubt"
             raise
 
+    async def _ram_and_switchover(self, mig, qmp_path, uri, peer_call, peer, timeout, first: dict) -> dict:
+        """QEMU's migration on one QMP session in one worker thread (polling query-migrate every few ms: the guest
+        is paused from pre-switchover on, so this wait is downtime), while a trio task keeps the destination's
+        status fresh. At pre-switchover the freshest status decides at once: applied, read back, no refused write
+        (QEMU writes no vCPU register on the destination before the switchover, so a status taken during the RAM
+        phase is the state at the switchover) -> migrate-continue; else migrate_cancel. -> the final
+        query-migrate, with "refused": why, when the switchover was refused."""
+        import threading
+        latest: dict = {"d": first, "at": time.monotonic()}
+        lock = threading.Lock()
+        done = trio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                try:
+                    d = await peer_call(peer, "vmm_status", mig.id)
+                except VmmError as e:
+                    d = {"applied": False, "failed": [], "error": e.message}
+                with lock:
+                    latest.update(d=d, at=time.monotonic())
+                mig.detail = {**mig.detail, "destination": d}
+                with trio.move_on_after(0.3):
+                    await done.wait()
+
+        def drive(q) -> dict:
+            _caps(q, ["return-path", "pause-before-switchover"])
+            q.cmd("migrate", uri=uri)
+            deadline = time.monotonic() + timeout * 10
+            while time.monotonic() < deadline:
+                st = q.cmd("query-migrate")
+                if st.get("status") in ("completed", "failed", "cancelled"):
+                    return st
+                if st.get("status") == "pre-switchover":
+                    mig.phase = "switchover"
+                    held = time.monotonic()
+                    while True:     # the freshest status; a stale one (the peer slow to answer) gets 3 s
+                        with lock:
+                            d, at = latest.get("d") or {}, latest.get("at", 0.0)
+                        if time.monotonic() - at <= 2.0 or time.monotonic() - held > 3.0:
+                            break
+                        time.sleep(0.01)
+                    why = ("no fresh destination status" if time.monotonic() - at > 2.0 else
+                           f"failed writes {d['failed'][:3]}" if d.get("failed") else
+                           "the destination agent reports no verified apply" if not d.get("applied") else "")
+                    if why:
+                        q.cmd("migrate_cancel")
+                        return {**q.cmd("query-migrate"), "refused": why}
+                    q.cmd("migrate-continue", state="pre-switchover")
+                    while time.monotonic() < deadline:
+                        st = q.cmd("query-migrate")
+                        if st.get("status") in ("completed", "failed", "cancelled"):
+                            return st
+                        time.sleep(0.002)
+                time.sleep(0.002)
+            raise VmmError("migrationFailed", f"QEMU's migration did not finish within {timeout * 10:.0f} s")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(watch)
+            try:
+                return await qmp(qmp_path, drive, timeout=timeout)
+            finally:
+                done.set()
+
     async def _until(self, peer_call, peer, mid, key, timeout, why, mig=None):
         deadline = trio.current_time() + timeout
         d = None
@@ -291,7 +339,7 @@ class VmmService:
                 raise VmmError("kvm", f"the destination agent failed a write: {d['failed'][:3]}")
             if d[key]:
                 return d
-            await trio.sleep(QUERY_INTERVAL * 2)
+            await trio.sleep(QUERY_INTERVAL)
         if why:
             raise VmmError("migrationFailed", f"{why} within {timeout:.0f} s")
         return d
