@@ -185,13 +185,19 @@ class Orchestrator:
         self.nursery: trio.Nursery | None = None
         self.policy = default_policy()
         self.vmm = vmm
+        self._peer_clients: dict = {}        # peer name -> an open RPC client (QEMU migrations poll the peer)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Owns the nursery migrations run in; until cancelled."""
-        async with trio.open_nursery() as n:
-            self.nursery = n
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as n:
+                self.nursery = n
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            for c, _ in self._peer_clients.values():
+                c.close()
+            self._peer_clients.clear()
 
     @property
     def inflight(self) -> int:
@@ -500,18 +506,24 @@ class Orchestrator:
         return await self._vmm_call(self._vmm().status, mid)
 
     async def _peer_rpc(self, name: str, method: str, *args):
+        """A call to a peer daemon's RPC, on one connection per peer kept open (a TLS handshake per call would
+        slow the status polls of a QEMU migration); a connection that failed is dropped and made anew."""
         from ..client.rpc_client import Client, RpcError
         p = self._peer(name)
         if not p.rpc:
             raise RpcFailure("badRequest", f"peer {name} has no rpc address in [peers]: VMM migrations call its RPC")
-
-        def call():
-            with Client(p.rpc, self.rpc_client_ctx, timeout=self.cfg.timeouts.phase,
-                        server_hostname=p.server_name or None) as c:
-                return getattr(c, method)(*args)
+        entry = self._peer_clients.get(name)
+        if entry is None:                   # one call at a time on a connection (it connects on the first)
+            entry = self._peer_clients[name] = (Client(p.rpc, self.rpc_client_ctx, timeout=self.cfg.timeouts.phase,
+                                                       server_hostname=p.server_name or None), trio.Lock())
+        c, lock = entry
         try:
-            return await trio.to_thread.run_sync(call)
+            async with lock:
+                return await trio.to_thread.run_sync(lambda: getattr(c, method)(*args))
         except RpcError as e:
+            if e.kind in ("unreachable", "internal") and self._peer_clients.get(name) is entry:
+                del self._peer_clients[name]
+                await trio.to_thread.run_sync(c.close)
             raise VmmError(e.kind, f"peer {name}: {e.message}") from None
 
     async def migrate_vmm(self, vm: str, to_host: str, qmp: str, uri: str, dest_qmp: str) -> str:

@@ -14,7 +14,7 @@ from invariantd.daemon.apply import read_vm
 from invariantd.daemon.probe import probe
 from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vmm.hub import AgentHub, VmmRecord
-from invariantd.daemon.vmm.service import VmmError, VmmService
+from invariantd.daemon.vmm.service import Incoming, VmmError, VmmService
 from invariantd.protocol import agentwire as W
 from invariantd.protocol import schemas as S
 from invariantd.protocol.policy import default_policy
@@ -101,3 +101,18 @@ async def test_destination_agent_never_applies_nothing_moves(tmp_path):
         mig, err = await run(svc, fq, caps, call)
     assert err is not None and "did not report the plan applied" in err.message
     assert "migrate" not in fq.names()
+
+
+async def test_incoming_waits_for_a_destination_qemu_that_is_still_starting(tmp_path):
+    """incomingVmm may come before the orchestrator's destination QEMU has its QMP socket: retried, not failed."""
+    svc = source_service()
+    svc.incoming["m-1"] = Incoming("m-1", "web-1", b"")
+    path = str(tmp_path / "late.sock")
+
+    async def late():
+        await trio.sleep(0.8)
+        return FakeQemu(path)
+    async with trio.open_nursery() as n:
+        n.start_soon(late)
+        out = await svc.listen("m-1", path, "tcp:0.0.0.0:4444")
+    assert out["status"]["status"] == "running"

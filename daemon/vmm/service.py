@@ -80,7 +80,10 @@ async def qmp(path: str, steps: Callable[[Any], Any], timeout: float = 10.0) -> 
         raise VmmError("unreachable", f"QMP {path}: {e}") from None
     except Exception as e:              # qemu.qmp's ExecuteError, ConnectError, ...: typed for the caller
         if type(e).__module__.startswith("qemu.qmp"):
-            raise VmmError("migrationFailed", f"QMP {path}: {e}") from None
+            # no QEMU there (yet, or any more) vs QEMU refusing a command
+            kind = "unreachable" if type(e).__name__ in ("ConnectError", "StateError", "EOFError") else \
+                "migrationFailed"
+            raise VmmError(kind, f"QMP {path}: {e}") from None
         raise
 
 
