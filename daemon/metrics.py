@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 OVERRIDE_ACTIONS = frozenset({"override-destination", "override-plan", "drop-reset"})
+RESULTS = ("committed", "aborted", "cancelled", "in-doubt")      # every migrations_total label, 0 from the start
 PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -37,6 +38,11 @@ class Metrics:
             "invariantd_plan_verdicts", "Per-field plan verdicts", ["verdict"], registry=r)
         self.migrations = Counter(
             "invariantd_migrations", "Migrations by result (either role)", ["result"], registry=r)
+        for res in RESULTS:                # a rate() over a result that never happened yet is 0, not absent
+            self.migrations.labels(res)
+        from ..protocol.schemas import Verdict
+        for v in Verdict:
+            self.plan_verdicts.labels(v.value)
         self.phase_seconds = Histogram(
             "invariantd_migration_phase_seconds", "Time spent per migration phase", ["phase"],
             buckets=PHASE_BUCKETS, registry=r)
@@ -60,6 +66,8 @@ class Metrics:
             self.plan_verdicts.labels(v).inc()
 
     def migration(self, result: str) -> None:
+        if result not in RESULTS:
+            raise ValueError(f"migration result {result!r} is not one of {RESULTS}")
         self.migrations.labels(result).inc()
 
     def stream(self, direction: str, n: int) -> None:

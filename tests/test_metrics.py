@@ -99,3 +99,15 @@ async def test_promtool_check_metrics(nursery):
         r = await trio.run_process([promtool, "check", "metrics"], stdin=body, capture_stdout=True,
                                    capture_stderr=True, check=False)
     assert r.returncode == 0, (r.stdout + r.stderr).decode()
+
+
+def test_every_result_and_verdict_label_exists_from_the_start():
+    from invariantd.daemon.metrics import RESULTS, Metrics
+    from invariantd.protocol.schemas import Verdict
+    from prometheus_client import generate_latest
+    m = Metrics()
+    text = generate_latest(m.registry).decode()
+    for r in RESULTS:
+        assert f'invariantd_migrations_total{{result="{r}"}} 0.0' in text
+    for v in Verdict:
+        assert f'invariantd_plan_verdicts_total{{verdict="{v.value}"}} 0.0' in text
