@@ -75,7 +75,7 @@ def test_next_revision_on_a_kernel_without_cap239_shows_the_planned_midr(q11):
     ag = assert_committed_and_counting_on(d, s, MIDR_R0P4)
     assert not [e for e in ag["events"] if e["kind"] == "cap239"], ag["events"]
     over = [e for e in ag["events"] if e["kind"] == "override" and e["register"] == "MIDR_EL1"]
-    assert over and over[0]["final"] == hex(MIDR_R0P4), ag["events"]
+    assert over and over[0]["final"] == hex(MIDR_R0P4) and over[0]["verdict"] == "override", ag["events"]
     assert any(ln.startswith('invariantd_invariant_overrides_total{action="override-plan",register="MIDR_EL1"}')
                for ln in d["metrics"]), d["metrics"]
 
