@@ -96,6 +96,8 @@ class AgentHub:
         to an agent raises ProgramError now, not in front of the VMM."""
         program.encode()
         self._programs[migration] = (vm, program)
+        for old in list(self._programs)[:-self.KEEP_GONE]:      # bounded: the oldest offers go first
+            del self._programs[old]
         self._touch()
 
     def withdraw(self, migration: str) -> None:

@@ -44,6 +44,7 @@ from .hub import AgentHub, VmmRecord
 log = logging.getLogger("invariantd.vmm")
 
 QUERY_INTERVAL = 0.1
+KEEP_INCOMING = 256             # prepared incoming migrations remembered (their QMP path, for status)
 
 
 class VmmError(Exception):
@@ -165,6 +166,8 @@ class VmmService:
         except ProgramError as e:
             raise VmmError("internal", f"the plan cannot be compiled for the agent: {e}") from None
         self.incoming[migration] = Incoming(migration, vm, plan.digest)
+        for old in list(self.incoming)[:-KEEP_INCOMING]:          # bounded: the oldest records go first
+            del self.incoming[old]
         log.info("VMM migration %s: VM %s planned here (%d registers, cap 239 %s); waiting for its QEMU", migration,
                  vm, len(program.ops), "on" if program.enable_cap239 else "off")
         return {"migration": migration, "digest": plan.digest.hex(), "registers": len(program.ops),
