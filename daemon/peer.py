@@ -568,12 +568,14 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             try:
                 with trio.fail_after(cfg.commit_timeout):
                     await conn.send(ps.Commit(mid, end.digest))
+                    if (conn.session.version or 1) >= ps.ACKED_COMMIT_SINCE:
+                        await conn.expect(ps.Commit)     # the destination runs it: only now is it committed
             except BaseException as e:
                 m.migration("in-doubt")
-                log.error("migration %s of %s: released, but our Commit may not have arrived (%s); the destination "
-                          "keeps the VM paused in-doubt", mid, vm_id, _wrap(e) or _describe(e))
-                raise PeerError("in-doubt", f"VM {vm_id} released; destination may hold it paused in-doubt: "
-                                            f"{_wrap(e) or _describe(e)}") from e
+                log.error("migration %s of %s: released, but the destination did not acknowledge our Commit (%s): "
+                          "it runs the VM, or keeps it paused in-doubt", mid, vm_id, _wrap(e) or _describe(e))
+                raise PeerError("in-doubt", f"VM {vm_id} released; no acknowledgement of our Commit: the destination "
+                                            f"runs it or holds it paused in-doubt: {_wrap(e) or _describe(e)}") from e
         m.migration("committed")
         return MigrationResult(mid, vm_id, "committed", [], end.digest)
     except BaseException as e:
@@ -706,6 +708,13 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             with trio.fail_after(cfg.commit_timeout):
                 await conn.expect(ps.Commit)
             mvm.resume()                     # the source released it: this host runs the VM now
+            if (conn.session.version or 1) >= ps.ACKED_COMMIT_SINCE:
+                try:
+                    with trio.fail_after(cfg.commit_timeout):
+                        await conn.send(ps.Commit(prop.migration_id, digest))     # "received: it runs here"
+                except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    log.warning("migration %s: VM %s runs here, but our acknowledgement did not reach %s (%s): "
+                                "the source reports it in doubt", prop.migration_id, prop.vm_id, peer, _describe(e))
         m.migration("committed")
         log.info("migration %s: VM %s from %s committed", prop.migration_id, prop.vm_id, peer)
         result = MigrationResult(prop.migration_id, prop.vm_id, "committed", res.events, digest)

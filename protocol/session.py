@@ -9,10 +9,13 @@ Conversation (one shared state; S = source, D = destination):
 
     START -S:Hello-> GREETING -D:Hello-> GREETED -D:Capabilities-> CAPS_KNOWN -S:PlanProposal-> PROPOSED
     -D:PlanAccept-> AGREED -D:Preflight-> READY -S:VcpuChunk-> STREAMING (-S:VcpuChunk-> STREAMING)
-    -S:StreamEnd-> STREAMED -D:Commit-> COMMITTING -S:Commit-> DONE
-    any state but DONE/ABORTED -(either):Abort-> ABORTED
+    -S:StreamEnd-> STREAMED -D:Commit-> COMMITTING -S:Commit-> DONE                 (protocol 1-3)
+                                                   -S:Commit-> RELEASED -D:Commit-> DONE   (protocol 4)
+    any state but RELEASED/DONE/ABORTED -(either):Abort-> ABORTED
 
-The D Commit means "applied and verified, paused"; the S Commit means "source released its VM: run it".
+The D Commit means "applied and verified, paused"; the S Commit means "source released its VM: run it"; from
+protocol 4 a third, the destination's again, means "received: the VM runs here" (a source says committed only
+after it).
 The session checks what it can without I/O: roles, order, a common version, the plan digest (the
 negotiation engine's, which the destination recomputes from the proposal's VM profile) echoed by PlanAccept, per-chunk checksums, chunk numbering per vCPU, the whole-set digest
 in StreamEnd and both Commits. Any violation by the peer raises RemoteProtocolError naming it; by us,
@@ -39,8 +42,11 @@ from .framing import FrameDecoder, Limits
 # 2: chunks may carry several vCPUs sharing one register list (VcpuChunk.count); StreamEnd digest = a sha256
 #    chain over the chunks' headers and checksums (see _chain_entry).
 # 3: as 2, and chunks may carry an XXH3-64 checksum ("xxh3": ~10x cheaper than zlib's crc32 on both ends, with
-#    SIMD on x86_64 and arm64), refused in a protocol 1/2 session. All three are spoken; the highest common wins.
-PROTOCOL_VERSIONS = (1, 2, 3)
+#    SIMD on x86_64 and arm64), refused in a protocol 1/2 session.
+# 4: as 3, and the destination acknowledges the source's Commit with a Commit of its own (RELEASED -> DONE): a
+#    source never reports committed on a Commit that may not have arrived. All four are spoken; the highest
+#    common wins.
+PROTOCOL_VERSIONS = (1, 2, 3, 4)
 STREAM_DIGEST_TAG_V2 = b"invariantd/stream-digest@2\n"
 SOURCE, DESTINATION = "source", "destination"
 CHECKSUMS = ("crc32", "sha256", "xxh3")        # wire enum order (peer.capnp ChecksumKind)
@@ -57,9 +63,10 @@ def _sentinel(name: str) -> type:
 
 
 NEED_DATA = _sentinel("NEED_DATA")
-START, GREETING, GREETED, CAPS_KNOWN, PROPOSED, AGREED, READY, STREAMING, STREAMED, COMMITTING, DONE, ABORTED, \
-    ERROR = (_sentinel(n) for n in ("START", "GREETING", "GREETED", "CAPS_KNOWN", "PROPOSED", "AGREED", "READY",
-                                     "STREAMING", "STREAMED", "COMMITTING", "DONE", "ABORTED", "ERROR"))
+START, GREETING, GREETED, CAPS_KNOWN, PROPOSED, AGREED, READY, STREAMING, STREAMED, COMMITTING, RELEASED, DONE, \
+    ABORTED, ERROR = (_sentinel(n) for n in ("START", "GREETING", "GREETED", "CAPS_KNOWN", "PROPOSED", "AGREED",
+                                             "READY", "STREAMING", "STREAMED", "COMMITTING", "RELEASED", "DONE",
+                                             "ABORTED", "ERROR"))
 
 
 def _need(cond: bool, msg: str, what: str = "invalid-message") -> None:
@@ -639,8 +646,10 @@ TRANSITIONS: dict[tuple[type, str, type], type] = {
     (READY, S, StreamEnd): STREAMED,
     (STREAMING, S, StreamEnd): STREAMED,
     (STREAMED, D, Commit): COMMITTING,
-    (COMMITTING, S, Commit): DONE,
+    (COMMITTING, S, Commit): DONE,          # protocol 4: RELEASED (Session._process)
+    (RELEASED, D, Commit): DONE,
 }
+ACKED_COMMIT_SINCE = 4
 ABORTABLE = frozenset({START, GREETING, GREETED, CAPS_KNOWN, PROPOSED, AGREED, READY, STREAMING, STREAMED,
                        COMMITTING})
 
@@ -785,6 +794,8 @@ class Session:
             raise LocalProtocolError(f"{type(ev).__name__} from {sender} ({who}) is not allowed in state "
                                      f"{self.state!r}", "unexpected-message")
         getattr(self, "_check_" + type(ev).__name__)(sender, ev)
+        if new is DONE and self.state is COMMITTING and (self.version or 1) >= ACKED_COMMIT_SINCE:
+            new = RELEASED                  # protocol 4: the destination acknowledges the source's Commit
         self.state = new
 
     def _check_Hello(self, sender: str, ev: Hello) -> None:

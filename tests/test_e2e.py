@@ -298,3 +298,41 @@ async def test_connection_cut_mid_stream(nursery, pki):
     assert a.registry.get("vm-1").state is VmState.RUNNING and snapshot(a) == before
     assert b.results == [None] and b.registry.vms == {}
     assert b.metrics.migrations.labels("aborted")._value.get() == 1
+
+
+class DeafAfterCommit(Passthrough, trio.abc.Stream):
+    """The source's link goes deaf once the source sent its final Commit: the destination's acknowledgement (protocol
+    4) never arrives, as when the link breaks at that byte."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.dec, self.commits = FrameDecoder(), 0
+
+    async def send_all(self, data):
+        self.dec.feed(data)
+        while (f := self.dec.next_frame()) is not None:
+            self.commits += isinstance(ps.decode(f), ps.Commit)
+        await self.inner.send_all(data)
+
+    async def receive_some(self, n=None):
+        if self.commits:
+            await trio.sleep_forever()
+        return await self.inner.receive_some(n)
+
+
+async def test_a_source_without_the_acknowledgement_says_in_doubt_not_committed(nursery, pki):
+    """Protocol 4: the destination ran the VM and acknowledged, the acknowledgement was lost: the source reports the
+    migration in doubt (its VM released, never runnable here again), never "committed"; the VM runs on the
+    destination only."""
+    a, b, err, _ = await migrate(nursery, pki, "cortex-a72-r0p3@6.12", "cortex-a72-r0p3@6.12", wrap=DeafAfterCommit)
+    assert isinstance(err, PeerError) and err.kind == "in-doubt" and "no acknowledgement" in str(err)
+    assert a.registry.get("vm-1").state is VmState.RELEASED
+    assert b.registry.get("vm-1").state is VmState.RUNNING
+    assert a.metrics.migrations.labels("in-doubt")._value.get() == 1
+    assert a.metrics.migrations.labels("committed")._value.get() == 0
+
+
+async def test_a_protocol_3_destination_is_committed_without_acknowledgement(nursery, pki):
+    b = Node(SimHost("cortex-a72-r0p3@6.12"), pki, cfg=replace(CFG, versions=(1, 2, 3)))
+    a, b, res, rec = await migrate(nursery, pki, "cortex-a72-r0p3@6.12", b)
+    assert res.result == "committed" and rec.sent.count("Commit") == 1

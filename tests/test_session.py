@@ -285,3 +285,60 @@ def test_mutated_valid_frames_give_events_or_remote_error(i, data):
     plain = _feed_all(ps.DESTINATION, bytes(frame), pieces)
     # the same outcome when frames are copied into reserved memory as they arrive (too small or ample)
     assert _feed_all(ps.DESTINATION, bytes(frame), pieces, data.draw(st.sampled_from([300, 1 << 16]))) == plain
+
+
+def _to_streamed(pair, versions):
+    """Both sides agree on max(versions) and stream up to StreamEnd; -> the StreamEnd."""
+    S, D = ps.SOURCE, ps.DESTINATION
+    pair.send(S, Hello(versions, S, "a"))
+    pair.send(D, Hello(versions, D, "b"))
+    pair.send(D, Capabilities("invariantd/host-capabilities@1", b'{"x":1}'))
+    prop = PlanProposal("m-1", "vm-1", 2, "invariantd/apply-policy@1", b"{}")
+    pair.send(S, prop)
+    pair.send(D, PlanAccept("m-1", prop.digest))
+    pair.send(D, Preflight(True, "ok", ()))
+    for c in chunks():
+        pair.send(S, c)
+    end = pair.s[S].stream_end()
+    pair.send(S, end)
+    return end
+
+
+def test_protocol_4_destination_acknowledges_the_source_commit():
+    S, D = ps.SOURCE, ps.DESTINATION
+    pair = SessionPair()
+    end = _to_streamed(pair, (1, 2, 3, 4))
+    pair.send(D, Commit("m-1", end.digest))
+    pair.send(S, Commit("m-1", end.digest))
+    assert {s.state for s in pair.s.values()} == {ps.RELEASED}        # released, not yet acknowledged
+    pair.send(D, Commit("m-1", end.digest))
+    assert {s.state for s in pair.s.values()} == {ps.DONE}
+
+
+def test_protocol_4_no_abort_once_released():
+    S, D = ps.SOURCE, ps.DESTINATION
+    pair = SessionPair()
+    end = _to_streamed(pair, (4,))
+    pair.send(D, Commit("m-1", end.digest))
+    pair.send(S, Commit("m-1", end.digest))
+    with pytest.raises(LocalProtocolError, match="Abort from source in state RELEASED"):
+        pair.s[S].send(Abort("changed my mind", "source"))    # too late: the VM has left the source
+
+
+def test_protocol_3_peers_end_at_the_source_commit():
+    S, D = ps.SOURCE, ps.DESTINATION
+    pair = SessionPair()
+    end = _to_streamed(pair, (1, 2, 3))
+    pair.send(D, Commit("m-1", end.digest))
+    pair.send(S, Commit("m-1", end.digest))
+    assert {s.state for s in pair.s.values()} == {ps.DONE} and pair.s[S].version == 3
+
+
+def test_an_acknowledgement_for_another_stream_is_refused():
+    S, D = ps.SOURCE, ps.DESTINATION
+    pair = SessionPair()
+    end = _to_streamed(pair, (4,))
+    pair.send(D, Commit("m-1", end.digest))
+    pair.send(S, Commit("m-1", end.digest))
+    with pytest.raises(LocalProtocolError, match="Commit digest differs"):
+        pair.s[D].send(Commit("m-1", bytes(32)))
