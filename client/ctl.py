@@ -131,6 +131,8 @@ def cmd_caps(args) -> int:
 def cmd_vms(args) -> int:
     with _client(args) as c:
         vms = c.list_vms()
+    if args.unresolved:
+        vms = [v for v in vms if v["state"] in ("in-doubt", "released")]
     if args.json:
         _dump(vms)
         return EXIT_OK
@@ -246,6 +248,25 @@ def cmd_migrate(args) -> int:
 
 
 @_handled
+def cmd_remove_vm(args) -> int:
+    with _client(args) as c:
+        c.remove_vm(args.name)
+    _dump({"name": args.name, "state": "removed"}) if args.json else print(f"removed {args.name}")
+    return EXIT_OK
+
+
+@_handled
+def cmd_resolve(args) -> int:
+    with _client(args) as c:
+        vm = c.resolve_vm(args.vm, args.peer, "resume" if args.resume else "discard")
+    if args.json:
+        _dump(vm)
+    else:
+        print(f"{args.vm}: {'resumed here' if args.resume else 'discarded here'} ({vm['state']})")
+    return EXIT_OK
+
+
+@_handled
 def cmd_vmms(args) -> int:
     with _client(args) as c:
         vmms = c.list_vmms()
@@ -326,7 +347,20 @@ def register(sub) -> None:
     p.add_argument("host", nargs="?", default="", metavar="HOST", help="peer name (default: the daemon itself)")
     p.set_defaults(func=cmd_caps)
     p = sub.add_parser("vms", help="VMs the daemon holds", **kw)
+    p.add_argument("--unresolved", action="store_true", help="only in-doubt and released VMs (what resolve / "
+                                                             "remove-vm are for)")
     p.set_defaults(func=cmd_vms)
+    p = sub.add_parser("remove-vm", help="remove a running VM of the daemon's own, or a released one", **kw)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_remove_vm)
+    p = sub.add_parser("resolve", help="resolve an in-doubt or released VM after asking the peer what it holds",
+                       **kw)
+    p.add_argument("vm")
+    p.add_argument("--peer", required=True, metavar="HOST", help="the other host of its migration")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--resume", action="store_true", help="run it here (only if the peer holds no copy that can run)")
+    how.add_argument("--discard", action="store_true", help="drop the copy here (only if the peer runs it)")
+    p.set_defaults(func=cmd_resolve)
     p = sub.add_parser("create-vm", help="create a VM on the daemon's backend", **kw)
     p.add_argument("name")
     p.add_argument("--vcpus", type=int, default=1, metavar="N")

@@ -229,6 +229,14 @@ class AsyncClient:
         _err(r)
         return {"node": r.node, "peers": [{"name": p.name, "address": p.address, "rpc": p.rpc} for p in r.peers]}
 
+    async def remove_vm(self, name: str) -> None:
+        _err(await self._call("removeVm", name=name))
+
+    async def resolve_vm(self, name: str, peer: str, action: str) -> dict:
+        r = await self._call("resolveVm", name=name, peer=peer, action=action)
+        _err(r)
+        return vm_info(r.vm) if r._has("vm") else {"name": name, "state": "removed"}
+
     # --- VMs a VMM runs
     async def _json(self, method: str, **params):
         r = await self._call(method, **params)
@@ -358,6 +366,12 @@ class Client:
 
     def peers(self) -> dict:
         return self._call("peers")
+
+    def remove_vm(self, name: str) -> None:
+        return self._call("remove_vm", name)
+
+    def resolve_vm(self, name: str, peer: str, action: str) -> dict:
+        return self._call("resolve_vm", name, peer, action)
 
     def list_vmms(self) -> list[dict]:
         return self._call("list_vmms")

@@ -319,6 +319,31 @@ class Orchestrator:
     async def inspect_vm(self, name: str) -> dict:
         return self._info(self._vm(name), detail=True)
 
+    async def remove_vm(self, name: str) -> dict:
+        try:
+            self.registry.forget(name)
+        except VmStateError as e:
+            raise RpcFailure("notFound" if name not in self.registry.vms else "conflict", str(e)) from None
+        log.info("VM %s removed by request", name)
+        return {}
+
+    async def resolve_vm(self, name: str, peer: str, action: str) -> dict:
+        """Resolve an in-doubt / released VM after asking the peer what it holds (vms.resolution's rule)."""
+        self._vm(name)
+        try:
+            theirs = (await self._peer_rpc(peer, "inspect_vm", name))["state"]
+        except VmmError as e:
+            if e.kind != "notFound":
+                raise RpcFailure("unreachable" if e.kind in ("unreachable", "internal") else e.kind,
+                                 f"cannot ask {peer} about VM {name}: {e.message}") from None
+            theirs = None
+        try:
+            m = self.registry.resolve(name, theirs, action)
+        except VmStateError as e:
+            raise RpcFailure("conflict", str(e)) from None
+        log.warning("VM %s resolved by request: %s here (%s holds it %s)", name, action, peer, theirs or "not at all")
+        return self._info(m) if action == "resume" else {"name": name, "state": "removed"}
+
     async def create_vm(self, name: str, n_vcpus: int, features: list[str]) -> dict:
         if not NAME_RE.match(name or ""):
             raise RpcFailure("badRequest", f"VM name {name!r}: 1-64 characters of A-Z a-z 0-9 . _ -, "
@@ -696,6 +721,15 @@ def _impl_class():
 
         async def inspectVm(self, name, _context, **kw):
             await self._do(_context.results, self.orch.inspect_vm, (str(name),), lambda r, d: _fill_vm(r.vm, d))
+
+        async def removeVm(self, name, _context, **kw):
+            await self._do(_context.results, self.orch.remove_vm, (str(name),), lambda r, d: None)
+
+        async def resolveVm(self, name, peer, action, _context, **kw):
+            def fill(r, d):
+                if d.get("state") != "removed":
+                    _fill_vm(r.vm, d)
+            await self._do(_context.results, self.orch.resolve_vm, (str(name), str(peer), str(action)), fill)
 
         async def plan(self, vm, toHost, _context, **kw):
             def fill(r, d):

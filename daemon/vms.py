@@ -71,6 +71,10 @@ class ManagedVm:
     def in_doubt(self) -> None:
         self._to(VmState.IN_DOUBT, (VmState.INCOMING,))
 
+    def reclaim(self) -> None:
+        """A released VM runs here again: only when its peer confirmed it holds no copy (resolve)."""
+        self._to(VmState.RUNNING, (VmState.RELEASED,))
+
     @property
     def runnable(self) -> bool:
         return self.state in RUNNABLE
@@ -80,6 +84,31 @@ class ManagedVm:
             self.vm.close()
         except Exception:
             pass
+
+
+#: what a peer may hold of a VM and still let a copy here run / be discarded (VmRegistry.resolve)
+PEER_HOLDS_IT = frozenset({"running", "paused", "incoming", "in-doubt"})
+UNRESOLVED = frozenset({VmState.IN_DOUBT, VmState.RELEASED})
+
+
+def resolution(here: VmState, peer_state: str | None, action: str) -> str:
+    """Whether the operator's `action` on a VM this daemon holds in `here` is safe, given what its peer says it holds
+    (`peer_state`: its state there, None = the peer has no such VM). "" = safe, else why not. The rule keeps a VM
+    runnable on exactly one host: resume here only when the peer holds no copy that could run (it released it or
+    never had it: the daemon's own VMs die with its process); discard here only when the peer runs it."""
+    if here not in UNRESOLVED:
+        return f"the VM is {here.value} here: only an in-doubt or released VM needs resolving"
+    if action == "resume":
+        if peer_state in PEER_HOLDS_IT:
+            return (f"the peer holds it {peer_state}: resume it there" if peer_state != "running" else
+                    "the peer runs it: discard the copy here instead")
+        return ""
+    if action == "discard":
+        if peer_state != "running":
+            return (f"the peer {'has no such VM' if peer_state is None else 'holds it ' + peer_state}: discarding "
+                    f"here could leave it runnable nowhere")
+        return ""
+    return f"unknown action {action!r} (resume | discard)"
 
 
 class VmRegistry:
@@ -142,6 +171,29 @@ class VmRegistry:
         m = self.vms.pop(vm_id, None)
         if m is not None:
             m.close()
+
+    def forget(self, vm_id: str) -> None:
+        """The operator's remove: a running VM of this daemon's own, or a released one (its state was kept for
+        inspection). A VM in a migration or in doubt is refused: that is resolve's."""
+        m = self.get(vm_id)
+        if m.state not in (VmState.RUNNING, VmState.RELEASED):
+            raise VmStateError(f"VM {vm_id} is {m.state.value}: " + (
+                "resolve it first (resolve --resume | --discard)" if m.state is VmState.IN_DOUBT else
+                "it is in a migration"))
+        self.remove(vm_id)
+
+    def resolve(self, vm_id: str, peer_state: str | None, action: str) -> ManagedVm:
+        m = self.get(vm_id)
+        why = resolution(m.state, peer_state, action)
+        if why:
+            raise VmStateError(f"VM {vm_id}: cannot {action} here: {why}")
+        if action == "discard":
+            self.remove(vm_id)
+        elif m.state is VmState.RELEASED:
+            m.reclaim()
+        else:
+            m.resume()
+        return m
 
     def close(self) -> None:
         for vm_id in list(self.vms):

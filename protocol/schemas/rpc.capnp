@@ -128,4 +128,11 @@ interface Orchestrator {
   # QEMU's migration to `uri` with return-path and pause-before-switchover, the switchover only once the
   # destination agent applied and verified the plan, the source QEMU quit once the destination guest runs;
   # on any failure before that the source guest resumes. Follow it with status() / wait().
+
+  # --- operators
+  removeVm @16 (name :Text) -> (error :Error);
+  # a running VM of this daemon's own, or a released one (kept for inspection): gone. In a migration / in doubt: conflict.
+  resolveVm @17 (name :Text, peer :Text, action :Text) -> (error :Error, vm :VmInfo);
+  # an in-doubt or released VM, after asking `peer` what it holds: action "resume" (only when the peer holds no
+  # copy that could run) or "discard" (only when the peer runs it). vm: the VM after a resume (unset after discard).
 }
