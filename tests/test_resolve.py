@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import trio
 
 from invariantd.daemon.vms import VmState, resolution
 from test_ctl import ctl

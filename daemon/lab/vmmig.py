@@ -17,8 +17,6 @@ Exit 0 = a report was printed; the test judges it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 import time
