@@ -88,10 +88,20 @@ class PeerListener:
     port: int = 7443
     handshake_timeout: float = 10.0
     allowed_peers: frozenset[str] | None = None
+    max_connections: int = 256             # open at once, authenticated or not (each costs an fd and buffers)
+    max_unauthenticated: int = 64          # still in the TLS handshake (the cheap way to exhaust fds)
+    max_per_address: int = 32              # from one remote address
     refused: list[str] = field(default_factory=list)      # recent refusals (bounded), for status and tests
+    _open: int = 0
+    _handshaking: int = 0
+    _per_address: dict = field(default_factory=dict)
+    _last_flood_log: float = -1e9
 
-    def _refuse(self, why: str) -> None:
-        log.warning("peer refused: %s", why)
+    def _refuse(self, why: str, flood: bool = False) -> None:
+        now = trio.current_time()
+        if not flood or now - self._last_flood_log >= 1.0:     # a flood of connections: one line a second
+            log.warning("peer refused: %s", why)
+            self._last_flood_log = now if flood else self._last_flood_log
         self.refused.append(why)
         del self.refused[:-100]
 
@@ -101,11 +111,25 @@ class PeerListener:
             addr = f"{addr[0]}:{addr[1]}"
         except OSError:
             addr = "?"
+        host = addr.rsplit(":", 1)[0]
+        why = ("too many connections open" if self._open >= self.max_connections else
+               "too many connections in their TLS handshake" if self._handshaking >= self.max_unauthenticated else
+               f"too many connections from {host}" if self._per_address.get(host, 0) >= self.max_per_address else "")
+        if why:
+            self._refuse(f"{addr}: {why}", flood=True)
+            await trio.aclose_forcefully(tcp)
+            return
+        self._open += 1
+        self._handshaking += 1
+        self._per_address[host] = self._per_address.get(host, 0) + 1
+        handshaking = True
         s = trio.SSLStream(tcp, self.ctx, server_side=True)
         try:
             try:
                 with trio.fail_after(self.handshake_timeout):
                     await s.do_handshake()
+                self._handshaking -= 1
+                handshaking = False
             except trio.TooSlowError:
                 self._refuse(f"{addr}: TLS handshake timed out")
                 return
@@ -121,6 +145,11 @@ class PeerListener:
             except Exception as e:     # one connection's failure never takes the listener (or the daemon) down
                 log.exception("peer %s (%s): connection handler failed: %s: %s", who, addr, type(e).__name__, e)
         finally:
+            self._open -= 1
+            self._handshaking -= handshaking
+            self._per_address[host] -= 1
+            if not self._per_address[host]:
+                del self._per_address[host]
             await trio.aclose_forcefully(s)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -406,3 +406,29 @@ async def test_a_handler_that_crashes_fails_its_connection_alone(nursery, pki, c
     assert seen == ["node-a", "node-a"]
     assert any("connection handler failed: RuntimeError: boom in the handler" in r.getMessage() and
                r.levelname == "ERROR" for r in caplog.records)
+
+
+async def test_connections_that_never_authenticate_are_capped(nursery, pki):
+    """Idle TCP connections that never finish TLS cannot take every fd: past max_unauthenticated a new one is closed
+    at once (refusal recorded); once they go, an authenticated peer is served."""
+    b = Node(sim(), pki)
+    served = []
+
+    async def handler(stream, peer):
+        served.append(peer)
+        await stream.send_all(b"ok")
+    lst = tls.PeerListener(handler, b.server_ctx, "127.0.0.1", 0, handshake_timeout=5, max_unauthenticated=2)
+    port = await nursery.start(lst.run)
+    idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+    await trio.sleep(0.1)
+    extra = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(2):
+        assert await extra.receive_some(10) == b""              # closed by the listener
+    assert any("too many connections in their TLS handshake" in r for r in lst.refused)
+    for s in idle + [extra]:
+        await s.aclose()
+    await trio.sleep(0.1)
+    a = Node(sim(), pki, "node-a")
+    s = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    assert await s.receive_some(10) == b"ok" and served == ["node-a"]
+    await s.aclose()
