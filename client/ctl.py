@@ -92,8 +92,11 @@ def print_plan_doc(doc: dict, verbose: bool = False, out=None) -> None:
 
 
 def _vm_line(v: dict) -> str:
-    return (f"{v['name']:<24} {v['state']:<10} {v['vcpus']:>5}  {v['arch']:<8} {v['origin']:<9} "
+    line = (f"{v['name']:<24} {v['state']:<10} {v['vcpus']:>5}  {v['arch']:<8} {v['origin']:<9} "
             f"{','.join(v['features']) or '-'}")
+    if v.get("waiting"):
+        line += f"\n    {v['waiting']}"
+    return line
 
 
 @contextmanager

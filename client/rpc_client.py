@@ -111,7 +111,7 @@ def vm_info(r) -> dict:
             "origin": r.origin, "history": list(r.history),
             "id_registers": [{"name": x.name, "id": f"{x.id:#x}", "value": f"{x.value:#018x}", "fields": x.fields}
                              for x in r.idRegisters],
-            "register_count": r.registerCount}
+            "register_count": r.registerCount, "migration": r.migration, "peer": r.peer, "waiting": r.waiting}
 
 
 def migration_status(r) -> dict:

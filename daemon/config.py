@@ -59,6 +59,13 @@ class AgentSection:
 
 
 @dataclass(frozen=True)
+class JournalSection:
+    """The migration journal (daemon/journal.py): a sqlite database that survives kill -9. "" = in memory:
+    nothing survives a restart (the daemon says so at start). The unit's StateDirectory is /var/lib/invariantd."""
+    path: str = ""
+
+
+@dataclass(frozen=True)
 class PeerEntry:
     """[peers] name = "host:port" (its peer listener), or name = { address = "host:port", rpc = "host:port",
     server_name = "..." } (rpc: its orchestrator RPC, used to fetch its capabilities for `plan`)."""
@@ -92,6 +99,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     rpc: RpcSection = field(default_factory=RpcSection)
     agent: AgentSection = field(default_factory=AgentSection)
+    journal: JournalSection = field(default_factory=JournalSection)
     peers: tuple[PeerEntry, ...] = ()
 
     def find_peer(self, name: str) -> PeerEntry | None:

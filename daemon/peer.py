@@ -43,7 +43,7 @@ from ..protocol.framing import Limits
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import Policy, default_policy
 from ..protocol.program import compile_plan
-from . import probe
+from . import failpoints, probe
 from .apply import (ApplyError, apply_vm, apply_vm_async, plan_deviations, read_vm, read_vm_async,
                     vm_wide)
 from .kvm.backend import Backend, Vcpu
@@ -475,6 +475,38 @@ Planner = Callable[[S.VmProfile, S.HostCapabilities, Policy], S.Plan]
 PlanChecker = Callable[[S.Plan, S.VmProfile], None]
 
 
+def answer_inquiry(registry: VmRegistry, q: ps.Inquiry) -> ps.Answer:
+    """What this daemon decided for migration q.migration_id (its journal) and holds of q.vm_id now."""
+    rec = registry.journal.migration(q.migration_id)
+    if rec is not None and rec.vm != q.vm_id:
+        rec = None                           # a migration of another VM: no record of this one
+    held = registry.vms.get(q.vm_id)
+    return ps.Answer(q.migration_id, q.vm_id, rec.outcome if rec else "", rec.phase if rec else "",
+                     held.state.value if held is not None else "")
+
+
+async def inquire(stream: trio.abc.Stream, migration_id: str, vm_id: str, *,
+                  cfg: PeerConfig = PeerConfig()) -> ps.Answer:
+    """Ask a peer (protocol 5) what it decided for a migration and what it holds of its VM."""
+    conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits, cfg.versions), None)
+    try:
+        with trio.fail_after(cfg.handshake_timeout):
+            await conn.send(ps.Hello(cfg.versions, ps.SOURCE, cfg.node))
+            await conn.expect(ps.Hello)
+            await conn.expect(ps.Capabilities)
+            if (conn.session.version or 1) < ps.INQUIRY_SINCE:
+                await conn.abort_quietly("inquiry needs protocol 5", CAPS_ONLY)
+                raise PeerError("protocol", f"the peer speaks protocol {conn.session.version}: it cannot be asked "
+                                            f"about a migration (upgrade it to protocol {ps.INQUIRY_SINCE})")
+            await conn.send(ps.Inquiry(migration_id, vm_id))
+            return await conn.expect(ps.Answer)
+    except BaseException as e:
+        err = _wrap(e)
+        if err is not None and err is not e:
+            raise err from e
+        raise
+
+
 def decode_caps(ev: ps.Capabilities) -> S.HostCapabilities:
     if ev.format != CAPS_FORMAT:
         raise PeerError("protocol", f"destination capabilities in format {ev.format!r}; this daemon reads "
@@ -489,8 +521,9 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
                       metrics: Metrics | None = None, planner: Planner | None = None,
                       migration_id: str | None = None, policy: Policy | None = None,
                       on_plan: Callable[[S.Plan], None] | None = None,
-                      on_event: Callable[[str, object], None] | None = None) -> MigrationResult:
+                      on_event: Callable[[str, object], None] | None = None, peer: str = "") -> MigrationResult:
     """Source side over an established (TLS) stream. Raises PeerError; the VM is then running here again.
+    peer: the destination's name (the journal's; the operator's resolve and the resolver ask it by that name).
 
     policy: the negotiation policy (default: the shipped default; the destination must use the same one,
     the plan digest covers it). planner: the negotiation engine (negotiate) unless a test injects another.
@@ -503,7 +536,8 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
     pol = policy or default_policy()
     if not mvm.runnable:
         raise VmStateError(f"VM {vm_id}: cannot migrate out while {mvm.state.value} (only a running VM can)")
-    paused = released = False
+    journal = registry.journal
+    paused = released = begun = False
     try:
         # Handshake, plan agreement and the destination's pre-flight run while the VM still runs: the plan
         # depends on ID / imp-ID / cache / FW values (frozen once a vCPU has run) and the drift registers;
@@ -532,6 +566,9 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
                 raise PeerError("plan", f"plan refused for {dest.name}: {refusal_reasons(plan)}")
             prop = ps.PlanProposal(mid, vm_id, len(mvm.vcpus), PLAN_FORMAT, S.plan_to_bytes(plan), plan.digest,
                                    S.vm_to_bytes(vm))
+            journal.begin(mid, vm_id, "source", peer, plan.digest)
+            begun = True
+            await failpoints.hit("source.proposed")
             await conn.send(prop)
             await conn.expect(ps.PlanAccept)
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
@@ -540,8 +577,11 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             raise PeerError("preflight", f"destination refused the plan in pre-flight: {pf.detail}")
         # --- blackout starts: the VM is runnable nowhere until the destination commits or we resume it
         with m.phase("read"), trio.fail_after(cfg.phase_timeout):
+            journal.step(mid, "paused")
+            mvm.migration, mvm.peer = mid, peer
             mvm.pause()
             paused = True
+            await failpoints.hit("source.paused")
             try:
                 regsets = await read_vm_async(mvm.vcpus, registry.backend)    # threads on real KVM
             except KvmError as e:
@@ -560,30 +600,39 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             await conn.send_prepared(stream_bytes, max(1, cfg.send_batch_bytes), cfg.phase_timeout,
                                      cfg.first_batch_bytes)
             del stream_bytes
+            await failpoints.hit("source.streamed")
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):
             await conn.expect(ps.Commit)
         with m.phase("commit"):
+            journal.step(mid, "released")   # written before our Commit can leave: an Inquiry never hears less
             mvm.release()              # never runnable here again: the destination may now run it
             released = True
             try:
+                await failpoints.hit("source.released")
                 with trio.fail_after(cfg.commit_timeout):
                     await conn.send(ps.Commit(mid, end.digest))
+                    await failpoints.hit("source.committed")
                     if (conn.session.version or 1) >= ps.ACKED_COMMIT_SINCE:
                         await conn.expect(ps.Commit)     # the destination runs it: only now is it committed
             except BaseException as e:
+                journal.decide(mid, "in-doubt", f"released; no acknowledgement of our Commit: {_describe(e)}")
                 m.migration("in-doubt")
                 log.error("migration %s of %s: released, but the destination did not acknowledge our Commit (%s): "
                           "it runs the VM, or keeps it paused in-doubt", mid, vm_id, _wrap(e) or _describe(e))
                 raise PeerError("in-doubt", f"VM {vm_id} released; no acknowledgement of our Commit: the destination "
                                             f"runs it or holds it paused in-doubt: {_wrap(e) or _describe(e)}") from e
+        journal.step(mid, "acked")
+        journal.decide(mid, "committed")
         m.migration("committed")
         return MigrationResult(mid, vm_id, "committed", [], end.digest)
     except BaseException as e:
         if released:
             raise
+        err = _wrap(e)
+        if begun:                      # before the resume: an Inquiry from an in-doubt destination hears "aborted"
+            journal.decide(mid, "aborted", str(err) if err else _describe(e))
         if paused:
             mvm.resume()               # the VM never left: keep running here
-        err = _wrap(e)
         await conn.abort_quietly(str(err) if err else _describe(e), err.kind if err else "source")
         m.migration("aborted")
         log.warning("migration %s of %s aborted, VM %s here: %s", mid, vm_id,
@@ -606,9 +655,10 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
     conn = Conn(stream, ps.Session(ps.DESTINATION, cfg.limits, cfg.versions), metrics)
     m = metrics or Metrics()
     pol = policy or default_policy()
+    journal = registry.journal
     result = None
     mvm: ManagedVm | None = None
-    committed = False
+    committed = begun = False
     try:
         try:
             host = await trio.to_thread.run_sync(host_capabilities, caps_doc, backend, pol)
@@ -621,7 +671,13 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             await conn.send(ps.Hello(cfg.versions, ps.DESTINATION, cfg.node))
             await conn.send(ps.Capabilities(CAPS_FORMAT, S.host_to_bytes(host)))
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
-            prop = await conn.expect(ps.PlanProposal)
+            prop = await conn.expect(ps.PlanProposal, ps.Inquiry)
+            if isinstance(prop, ps.Inquiry):
+                ans = answer_inquiry(registry, prop)
+                await conn.send(ans)
+                log.info("peer %s asked about migration %s of VM %s: %s at %s, VM %s here", peer, ans.migration_id,
+                         ans.vm_id, ans.outcome or "no record", ans.phase or "-", ans.vm_state or "not held")
+                return None
             try:
                 held = registry.vms.get(prop.vm_id)
                 if held is not None and held.state is not VmState.RELEASED:
@@ -650,6 +706,9 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                     plan_checker(plan, vm)
             except ValueError as e:
                 raise PeerError("plan", f"plan refused: {e}") from None
+            journal.begin(prop.migration_id, prop.vm_id, "destination", peer, plan.digest)
+            begun = True
+            await failpoints.hit("destination.accepted")
             await conn.send(ps.PlanAccept(prop.migration_id, plan.digest))
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
             # Trial apply of the planned VM-wide registers (+ drift registers) on a scratch VM: the source's
@@ -680,6 +739,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                 if isinstance(ev, ps.StreamEnd):
                     break
                 received.append(ev)         # checked (checksum, order, digest); decoded to values at apply time
+        await failpoints.hit("destination.streamed")
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):
             regsets = await trio.to_thread.run_sync(_regsets, received)
             bad = stream_deviations(vm, regsets)
@@ -700,14 +760,21 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             if bad:
                 res.close()
                 raise PeerError("apply", "applied state differs from the plan / read-back: " + "; ".join(bad[:8]))
-            mvm = registry.adopt(prop.vm_id, res.vm, res.vcpus, None, VmState.INCOMING)
+            journal.step(prop.migration_id, "applied")     # before our Commit can leave (journal.py)
+            mvm = registry.adopt(prop.vm_id, res.vm, res.vcpus, None, VmState.INCOMING, migration=prop.migration_id,
+                                 peer=peer)
         with m.phase("commit"):
             digest = conn.session.stream_digest
+            committed = True                 # from here the source may have our Commit: never discard unasked
+            await failpoints.hit("destination.applied")
             await conn.send(ps.Commit(prop.migration_id, digest))
-            committed = True
+            await failpoints.hit("destination.committed")
             with trio.fail_after(cfg.commit_timeout):
                 await conn.expect(ps.Commit)
+            journal.step(prop.migration_id, "running")
+            journal.decide(prop.migration_id, "committed")
             mvm.resume()                     # the source released it: this host runs the VM now
+            await failpoints.hit("destination.running")
             if (conn.session.version or 1) >= ps.ACKED_COMMIT_SINCE:
                 try:
                     with trio.fail_after(cfg.commit_timeout):
@@ -724,15 +791,29 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         if isinstance(err, PeerError) and err.kind == "aborted" and err.code == CAPS_ONLY and mvm is None:
             log.info("capabilities sent to %s (caps-only fetch, no migration)", peer)
             return None
-        if mvm is not None and committed:
+        source_kept = (isinstance(err, PeerError) and err.kind == "aborted"
+                       and conn.session.aborted_by == ps.SOURCE)   # its Abort: it never released the VM
+        if mvm is not None and committed and mvm.state is VmState.RUNNING:
+            log.warning("migration=%s vm=%s peer=%s: the VM runs here; the acknowledgement failed: %s",
+                        prop.migration_id, mvm.vm_id, peer, err or _describe(e))
+            m.migration("committed")
+            if err is None:
+                raise
+            return MigrationResult(prop.migration_id, prop.vm_id, "committed", [], conn.session.stream_digest)
+        if mvm is not None and committed and not source_kept:
+            journal.decide(prop.migration_id, "in-doubt", str(err) if err else _describe(e))
             mvm.in_doubt()                   # the source may have released it: keep it paused, never discard
             m.migration("in-doubt")
-            log.error("VM %s from %s is in-doubt (kept paused): %s", mvm.vm_id, peer, err or _describe(e))
+            log.error("migration=%s vm=%s peer=%s: in-doubt (kept paused until the source answers): %s",
+                      prop.migration_id, mvm.vm_id, peer, err or _describe(e))
         else:
+            if begun:
+                journal.decide(prop.migration_id, "aborted", str(err) if err else _describe(e))
             if mvm is not None:
-                registry.remove(mvm.vm_id)    # discard: never run a VM the source did not release
+                registry.remove(mvm.vm_id, "discarded: the migration aborted before our Commit")
             m.migration("aborted")
-            log.warning("incoming migration from %s aborted: %s", peer, err or _describe(e))
+            log.warning("migration=%s peer=%s: incoming migration aborted: %s",
+                        prop.migration_id if begun else "-", peer, err or _describe(e))
         await conn.abort_quietly(str(err) if err else _describe(e), err.kind if err else "destination")
         if err is None:
             raise                             # a bug or cancellation: let it propagate

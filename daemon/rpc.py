@@ -44,6 +44,7 @@ from .kvm.backend import VcpuInit
 from .kvm.errors import KvmError
 from .metrics import Metrics
 from .probe import describe
+from .resolve import ResolveError, Resolver
 from .vms import ManagedVm, VmRegistry, VmStateError
 from .vmm.service import VmmError, VmmService
 
@@ -177,7 +178,8 @@ class Orchestrator:
     """What the RPC methods do, in trio. Every method returns plain data or raises RpcFailure."""
 
     def __init__(self, cfg: Config, *, backend, registry: VmRegistry, caps: dict, metrics: Metrics,
-                 peer_cfg: peer_mod.PeerConfig, client_ctx, rpc_client_ctx=None, vmm: VmmService | None = None) -> None:
+                 peer_cfg: peer_mod.PeerConfig, client_ctx, rpc_client_ctx=None, vmm: VmmService | None = None,
+                 resolver=None) -> None:
         self.cfg, self.backend, self.registry, self.caps_doc = cfg, backend, registry, caps
         self.metrics, self.peer_cfg, self.client_ctx, self.rpc_client_ctx = metrics, peer_cfg, client_ctx, \
             rpc_client_ctx
@@ -185,6 +187,7 @@ class Orchestrator:
         self.nursery: trio.Nursery | None = None
         self.policy = default_policy()
         self.vmm = vmm
+        self.resolver = resolver if resolver is not None else Resolver(registry, cfg.peers, client_ctx, peer_cfg)
         self._peer_clients: dict = {}        # peer name -> an open RPC client (QEMU migrations poll the peer)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -296,7 +299,8 @@ class Orchestrator:
         d = {"name": m.vm_id, "state": m.state.value, "vcpus": len(m.vcpus),
              "features": [names.get(f, str(f)) for f in (m.init.features if m.init else ())],
              "arch": self.backend.arch, "origin": getattr(m, "origin", ""), "history": list(m.history),
-             "id_registers": [], "register_count": 0}
+             "id_registers": [], "register_count": 0, "waiting": self.resolver.waiting.get(m.vm_id, ""),
+             "migration": m.migration, "peer": m.peer}
         if detail and m.vcpus:
             v0 = m.vcpus[min(m.vcpus)]
             try:
@@ -328,20 +332,25 @@ class Orchestrator:
         return {}
 
     async def resolve_vm(self, name: str, peer: str, action: str) -> dict:
-        """Resolve an in-doubt / released VM after asking the peer what it holds (vms.resolution's rule)."""
-        self._vm(name)
+        """Resolve an in-doubt / released VM after asking the peer over the peer link (Inquiry) what it holds
+        (vms.resolution's rule)."""
+        m = self._vm(name)
+        mid = m.migration or getattr(self.registry.journal.last_migration_of(name), "id", "")
         try:
-            theirs = (await self._peer_rpc(peer, "inspect_vm", name))["state"]
-        except VmmError as e:
-            if e.kind != "notFound":
-                raise RpcFailure("unreachable" if e.kind in ("unreachable", "internal") else e.kind,
-                                 f"cannot ask {peer} about VM {name}: {e.message}") from None
-            theirs = None
+            ans = await self.resolver.ask(peer, mid, name)
+        except ResolveError as e:
+            raise RpcFailure("unreachable", f"cannot ask {peer} about VM {name}: {e}") from None
+        theirs = ans.vm_state or None
         try:
             m = self.registry.resolve(name, theirs, action)
         except VmStateError as e:
             raise RpcFailure("conflict", str(e)) from None
-        log.warning("VM %s resolved by request: %s here (%s holds it %s)", name, action, peer, theirs or "not at all")
+        if mid:
+            self.registry.journal.decide(mid, "committed" if (action == "resume") == (m.origin == "incoming")
+                                         else "aborted", f"resolved by request: {action} here ({peer} holds it "
+                                                         f"{theirs or 'not at all'})")
+        log.warning("VM %s resolved by request: %s here (%s holds it %s) migration=%s", name, action, peer,
+                    theirs or "not at all", mid or "-")
         return self._info(m) if action == "resume" else {"name": name, "state": "removed"}
 
     async def create_vm(self, name: str, n_vcpus: int, features: list[str]) -> dict:
@@ -432,7 +441,7 @@ class Orchestrator:
     async def _run_migration(self, mig: Migration, p: PeerEntry) -> None:
         kw: dict[str, Any] = {"cfg": self.peer_cfg, "metrics": self.metrics, "migration_id": mig.id,
                               "on_plan": lambda plan: setattr(mig, "plan_digest", plan.digest),
-                              "on_event": mig.on_event}
+                              "on_event": mig.on_event, "peer": p.name}
         try:
             with mig.scope:
                 try:
@@ -652,6 +661,7 @@ def _set_error(results, kind: str, message: str) -> None:
 def _fill_vm(b, d: dict) -> None:
     b.name, b.state, b.nVcpus, b.arch, b.origin = d["name"], d["state"], d["vcpus"], d["arch"], d["origin"]
     b.registerCount = d["register_count"]
+    b.migration, b.peer, b.waiting = d.get("migration", ""), d.get("peer", ""), d.get("waiting", "")
     fl = b.init("features", len(d["features"]))
     for i, f in enumerate(d["features"]):
         fl[i] = f

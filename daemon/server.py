@@ -20,9 +20,11 @@ import trio
 
 from . import tls
 from .config import check_files, Config, ConfigError, load
+from .journal import Journal
 from .metrics import Metrics, serve_metrics
 from .peer import PeerConfig, handle_incoming
 from .probe import probe
+from .resolve import Resolver
 from .vms import VmRegistry
 
 log = logging.getLogger("invariantd")
@@ -75,7 +77,8 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
     """Run the daemon until cancelled or signalled.
     task_status.started({'peer': port, 'metrics': port, 'rpc': port, 'rpc_unix': path}) (what is enabled)."""
     backend = backend or make_backend(cfg)
-    registry = VmRegistry(backend)
+    journal = open_journal(cfg)
+    registry = VmRegistry(backend, journal)
     metrics = Metrics()
     caps = probe(backend, cfg.backend.sim_profile or None)
     metrics.set_host_info(caps)
@@ -83,6 +86,8 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                       handshake_timeout=cfg.timeouts.handshake, phase_timeout=cfg.timeouts.phase,
                       apply_timeout=cfg.timeouts.apply, commit_timeout=cfg.timeouts.commit)
     ctx = tls.server_context(cfg.peer.cert, cfg.peer.key or None, cfg.peer.ca)
+    resolver = Resolver(registry, cfg.peers, tls.client_context(cfg.peer.cert, cfg.peer.key or None, cfg.peer.ca),
+                        pcfg)
 
     inflight = [0]
     idle = trio.Event()
@@ -103,13 +108,15 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
         orch = Orchestrator(cfg, backend=backend, registry=registry, caps=caps, metrics=metrics, peer_cfg=pcfg,
                             client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca),
                             rpc_client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca) if cfg.rpc.tls
-                            else None, vmm=vmm)
+                            else None, vmm=vmm, resolver=resolver)
 
     async def on_peer(stream, who):
         inflight[0] += 1
         try:
             await handle_incoming(stream, who, backend=backend, registry=registry, caps_doc=caps, cfg=pcfg,
                                   metrics=metrics)
+            if resolver.unresolved():
+                resolver.poke()
         finally:
             inflight[0] -= 1
             if not inflight[0]:
@@ -121,6 +128,7 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             ports = {"peer": await root.start(listener.run)}
+            await root.start(resolver.run)
             if hub is not None:
                 ports["agent"] = await root.start(hub.serve)
             if orch is not None:
@@ -154,6 +162,25 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                 root.cancel_scope.cancel()
                 break
     registry.close()
+    journal.close()
+
+
+def open_journal(cfg: Config) -> Journal:
+    """The journal, and what a restart means, said once: the VMs the previous process held died with it."""
+    if not cfg.journal.path:
+        log.warning("no [journal] path: migrations and VM whereabouts are kept in memory only; after a restart "
+                    "this daemon cannot answer its peers about in-doubt migrations")
+        return Journal()
+    journal = Journal(cfg.journal.path)
+    died, was_open = journal.restarted()
+    for v in died:
+        log.error("restart: VM %s died %s with the previous daemon process (KVM state cannot outlive it) "
+                  "migration=%s peer=%s", v.name, v.state, v.migration or "-", v.peer or "-")
+    for m in was_open:
+        now = journal.migration(m.id)
+        log.warning("restart: migration=%s vm=%s role=%s peer=%s was %s at phase %s: now %s (%s)", m.id, m.vm,
+                    m.role, m.peer or "-", m.outcome, m.phase, now.outcome if now else "?", now.detail if now else "")
+    return journal
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from ..protocol import kvmabi as abi
 from ..protocol import regid
+from .journal import Journal
 from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
 
 
@@ -51,10 +52,15 @@ class ManagedVm:
     state: VmState = VmState.RUNNING
     history: list[str] = field(default_factory=list)
     origin: str = "created"                 # created | incoming | adopted (see the module note)
+    journal: Journal | None = None          # the registry's: every state change is written there first
+    migration: str = ""                     # the migration that last moved it (journal)
+    peer: str = ""
 
     def _to(self, new: VmState, allowed: Sequence[VmState]) -> None:
         if self.state not in allowed:
             raise VmStateError(f"VM {self.vm_id}: cannot go {self.state.value} -> {new.value}")
+        if self.journal is not None:
+            self.journal.vm(self.vm_id, new.value, self.origin, self.migration, self.peer)
         self.history.append(f"{self.state.value}->{new.value}")
         self.state = new
 
@@ -111,9 +117,47 @@ def resolution(here: VmState, peer_state: str | None, action: str) -> str:
     return f"unknown action {action!r} (resume | discard)"
 
 
+#: a source's phases from which the destination may run the VM (journal.py: written before the Commit goes out)
+RELEASED_PHASES = frozenset({"released", "acked"})
+
+
+def settle(role: str, peer_outcome: str, peer_phase: str, peer_vm: str | None) -> tuple[str, str]:
+    """What a daemon holding an unresolved VM of migration X does once its peer answered about X (Inquiry,
+    protocol 5). role: ours in X (source: our VM is released, its Commit unacknowledged; destination: our VM is
+    in-doubt, paused after our Commit). The peer's journal outcome and phase for X ("" = no record), and its VM's
+    state now (None = it holds none). Returns (action, why): resume (run our copy) | discard (drop our copy) |
+    committed (source: the destination runs it) | wait (ask again later; `why` names what we wait for).
+    Write-ahead journaling makes each answer a floor on what the peer did, so the rule keeps a VM runnable on
+    exactly one host."""
+    if role == "source":
+        if peer_outcome == "committed" or peer_phase == "running" or peer_vm == "running":
+            return "committed", "the destination runs the VM (or ran it)"
+        if peer_outcome in ("lost", "aborted") and peer_phase != "running":
+            return "resume", (f"the destination never ran it ({peer_outcome} at {peer_phase or 'no phase'}): ours is "
+                              f"the only copy")
+        if not peer_outcome:
+            return "wait", "the destination has no record of this migration: an operator must decide (resolve)"
+        return "wait", f"the destination holds it {peer_outcome} at {peer_phase}: it decides once it asks us"
+    if peer_phase in RELEASED_PHASES or peer_outcome == "committed":
+        return "resume", "the source released the VM"
+    if peer_outcome == "aborted":
+        return "discard", "the source kept the VM (it aborted this migration and resumed it)"
+    if peer_outcome == "lost":
+        return "resume", "the source died holding the VM without releasing it: ours is the only copy"
+    if not peer_outcome:
+        if peer_vm == "running":
+            return "discard", "the source has no record of this migration and runs the VM"
+        return "wait", "the source has no record of this migration: an operator must decide (resolve)"
+    return "wait", f"the source's migration is still {peer_outcome} at {peer_phase}"
+
+
 class VmRegistry:
-    def __init__(self, backend: Backend) -> None:
+    """journal: where the VMs' whereabouts and the migrations are written (daemon/journal.py); in memory when
+    not given (nothing survives a restart)."""
+
+    def __init__(self, backend: Backend, journal: Journal | None = None) -> None:
         self.backend = backend
+        self.journal = journal if journal is not None else Journal()
         self.vms: dict[str, ManagedVm] = {}
 
     def create(self, vm_id: str, vcpus: int = 1, init: VcpuInit | None = None,
@@ -146,18 +190,22 @@ class VmRegistry:
         except BaseException:
             vm.close()
             raise
-        m = ManagedVm(vm_id, vm, cpus, init)
+        m = ManagedVm(vm_id, vm, cpus, init, journal=self.journal)
+        self.journal.vm(vm_id, m.state.value, m.origin)
         self.vms[vm_id] = m
         return m
 
     def adopt(self, vm_id: str, vm: Vm, vcpus: dict[int, Vcpu], init: VcpuInit | None,
-              state: VmState = VmState.INCOMING, origin: str = "incoming") -> ManagedVm:
+              state: VmState = VmState.INCOMING, origin: str = "incoming", migration: str = "",
+              peer: str = "") -> ManagedVm:
         if vm_id in self.vms and self.vms[vm_id].state is not VmState.RELEASED:
             raise VmStateError(f"VM {vm_id} already held here in state {self.vms[vm_id].state.value}")
         old = self.vms.pop(vm_id, None)
         if old is not None:
             old.close()                     # a released VM migrating back: its stale handle goes
-        m = ManagedVm(vm_id, vm, vcpus, init, state, origin=origin)
+        m = ManagedVm(vm_id, vm, vcpus, init, state, origin=origin, journal=self.journal, migration=migration,
+                      peer=peer)
+        self.journal.vm(vm_id, state.value, origin, migration, peer)
         self.vms[vm_id] = m
         return m
 
@@ -167,9 +215,10 @@ class VmRegistry:
         except KeyError:
             raise VmStateError(f"no VM {vm_id!r} here (known: {', '.join(sorted(self.vms)) or 'none'})") from None
 
-    def remove(self, vm_id: str) -> None:
+    def remove(self, vm_id: str, why: str = "removed") -> None:
         m = self.vms.pop(vm_id, None)
         if m is not None:
+            self.journal.vm(vm_id, "removed", detail=f"{why} (was {m.state.value})")
             m.close()
 
     def forget(self, vm_id: str) -> None:
@@ -188,7 +237,7 @@ class VmRegistry:
         if why:
             raise VmStateError(f"VM {vm_id}: cannot {action} here: {why}")
         if action == "discard":
-            self.remove(vm_id)
+            self.remove(vm_id, "discarded by resolution")
         elif m.state is VmState.RELEASED:
             m.reclaim()
         else:
@@ -196,5 +245,8 @@ class VmRegistry:
         return m
 
     def close(self) -> None:
-        for vm_id in list(self.vms):
-            self.remove(vm_id)
+        """The daemon stops: its own VMs die with the process. The journal says so (state `lost`), so that a
+        peer asking later learns that no copy is left here."""
+        for vm_id, m in list(self.vms.items()):
+            self.journal.vm(vm_id, "lost", detail=f"died {m.state.value} when the daemon stopped")
+            self.vms.pop(vm_id).close()

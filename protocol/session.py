@@ -11,6 +11,7 @@ Conversation (one shared state; S = source, D = destination):
     -D:PlanAccept-> AGREED -D:Preflight-> READY -S:VcpuChunk-> STREAMING (-S:VcpuChunk-> STREAMING)
     -S:StreamEnd-> STREAMED -D:Commit-> COMMITTING -S:Commit-> DONE                 (protocol 1-3)
                                                    -S:Commit-> RELEASED -D:Commit-> DONE   (protocol 4)
+    CAPS_KNOWN -S:Inquiry-> INQUIRED -D:Answer-> DONE                                    (protocol 5)
     any state but RELEASED/DONE/ABORTED -(either):Abort-> ABORTED
 
 The D Commit means "applied and verified, paused"; the S Commit means "source released its VM: run it"; from
@@ -44,9 +45,12 @@ from .framing import FrameDecoder, Limits
 # 3: as 2, and chunks may carry an XXH3-64 checksum ("xxh3": ~10x cheaper than zlib's crc32 on both ends, with
 #    SIMD on x86_64 and arm64), refused in a protocol 1/2 session.
 # 4: as 3, and the destination acknowledges the source's Commit with a Commit of its own (RELEASED -> DONE): a
-#    source never reports committed on a Commit that may not have arrived. All four are spoken; the highest
-#    common wins.
-PROTOCOL_VERSIONS = (1, 2, 3, 4)
+#    source never reports committed on a Commit that may not have arrived.
+# 5: as 4, and a connection may ask instead of migrate: after Capabilities the connecting side sends an Inquiry
+#    (migration id, VM) and the listener answers what its journal decided for that migration and what it holds
+#    of the VM (Answer), then the session is DONE: how two daemons resolve an in-doubt VM by themselves.
+# All five are spoken; the highest common wins.
+PROTOCOL_VERSIONS = (1, 2, 3, 4, 5)
 STREAM_DIGEST_TAG_V2 = b"invariantd/stream-digest@2\n"
 SOURCE, DESTINATION = "source", "destination"
 CHECKSUMS = ("crc32", "sha256", "xxh3")        # wire enum order (peer.capnp ChecksumKind)
@@ -64,9 +68,9 @@ def _sentinel(name: str) -> type:
 
 NEED_DATA = _sentinel("NEED_DATA")
 START, GREETING, GREETED, CAPS_KNOWN, PROPOSED, AGREED, READY, STREAMING, STREAMED, COMMITTING, RELEASED, DONE, \
-    ABORTED, ERROR = (_sentinel(n) for n in ("START", "GREETING", "GREETED", "CAPS_KNOWN", "PROPOSED", "AGREED",
-                                             "READY", "STREAMING", "STREAMED", "COMMITTING", "RELEASED", "DONE",
-                                             "ABORTED", "ERROR"))
+    ABORTED, ERROR, INQUIRED = (_sentinel(n) for n in ("START", "GREETING", "GREETED", "CAPS_KNOWN", "PROPOSED",
+                                                       "AGREED", "READY", "STREAMING", "STREAMED", "COMMITTING",
+                                                       "RELEASED", "DONE", "ABORTED", "ERROR", "INQUIRED"))
 
 
 def _need(cond: bool, msg: str, what: str = "invalid-message") -> None:
@@ -368,16 +372,49 @@ class Abort:
 
 
 @dataclass(frozen=True, slots=True)
+class Inquiry:
+    """Protocol 5: "what did you decide for this migration, and what do you hold of this VM?" """
+    migration_id: str
+    vm_id: str
+
+    def __post_init__(self) -> None:
+        _text(self.migration_id, "Inquiry.migration_id", 256)
+        _text(self.vm_id, "Inquiry.vm_id", 256)
+
+
+ANSWER_OUTCOMES = ("", "open", "committed", "aborted", "in-doubt", "lost")   # "" = no record (daemon/journal.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The answer to an Inquiry: the journal's outcome and last phase for the migration ("" = no record) and the
+    VM's state here now ("" = not held)."""
+    migration_id: str
+    vm_id: str
+    outcome: str
+    phase: str
+    vm_state: str
+
+    def __post_init__(self) -> None:
+        _text(self.migration_id, "Answer.migration_id", 256)
+        _text(self.vm_id, "Answer.vm_id", 256)
+        _need(self.outcome in ANSWER_OUTCOMES, f"Answer.outcome {self.outcome!r} is not one of {ANSWER_OUTCOMES}")
+        _text(self.phase, "Answer.phase", 32)
+        _text(self.vm_state, "Answer.vm_state", 32)
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The peer closed the connection at a frame boundary."""
 
 
-Event = Union[Hello, Capabilities, PlanProposal, PlanAccept, Preflight, VcpuChunk, StreamEnd, Commit, Abort]
+Event = Union[Hello, Capabilities, PlanProposal, PlanAccept, Preflight, VcpuChunk, StreamEnd, Commit, Abort, Inquiry,
+              Answer]
 
 # --- the wire codec (Cap'n Proto readers/builders never leave this section) ------------------------------------
 _WIRE_NAMES = {Hello: "hello", Capabilities: "capabilities", PlanProposal: "planProposal", PlanAccept: "planAccept",
                Preflight: "preflight", VcpuChunk: "vcpuChunk", StreamEnd: "streamEnd", Commit: "commit",
-               Abort: "abort"}
+               Abort: "abort", Inquiry: "inquiry", Answer: "answer"}
 
 
 @lru_cache(maxsize=1)
@@ -433,6 +470,11 @@ def _encode(event: Event) -> bytes:
         m.vmId, m.vcpus, m.chunks, m.digest = event.vm_id, event.vcpus, event.chunks, event.digest
     elif isinstance(event, Abort):
         m.reason, m.code = event.reason, event.code
+    elif isinstance(event, Inquiry):
+        m.migrationId, m.vmId = event.migration_id, event.vm_id
+    elif isinstance(event, Answer):
+        m.migrationId, m.vmId, m.outcome, m.phase, m.vmState = (event.migration_id, event.vm_id, event.outcome,
+                                                                event.phase, event.vm_state)
     return msg.to_bytes()
 
 
@@ -459,6 +501,10 @@ def _decode_reader(r) -> Event:
         return Commit(m.migrationId, bytes(m.digest))
     if w == "abort":
         return Abort(m.reason, m.code)
+    if w == "inquiry":
+        return Inquiry(m.migrationId, m.vmId)
+    if w == "answer":
+        return Answer(m.migrationId, m.vmId, m.outcome, m.phase, m.vmState)
     raise LocalProtocolError(f"unknown message kind {w!r}", "unknown-message")
 
 
@@ -648,10 +694,13 @@ TRANSITIONS: dict[tuple[type, str, type], type] = {
     (STREAMED, D, Commit): COMMITTING,
     (COMMITTING, S, Commit): DONE,          # protocol 4: RELEASED (Session._process)
     (RELEASED, D, Commit): DONE,
+    (CAPS_KNOWN, S, Inquiry): INQUIRED,
+    (INQUIRED, D, Answer): DONE,
 }
 ACKED_COMMIT_SINCE = 4
+INQUIRY_SINCE = 5
 ABORTABLE = frozenset({START, GREETING, GREETED, CAPS_KNOWN, PROPOSED, AGREED, READY, STREAMING, STREAMED,
-                       COMMITTING})
+                       COMMITTING, INQUIRED})
 
 
 class Session:
@@ -667,6 +716,7 @@ class Session:
         self.their_hello: Hello | None = None
         self.capabilities: Capabilities | None = None
         self.proposal: PlanProposal | None = None
+        self.inquiry: Inquiry | None = None
         self.abort: Abort | None = None
         self.aborted_by: str | None = None
         self.error: ProtocolError | None = None
@@ -886,3 +936,13 @@ class Session:
               "wrong-migration")
         _need(ev.digest == self._stream_digest, "Commit digest differs from the streamed set's digest",
               "commit-digest-mismatch")
+
+    def _check_Inquiry(self, sender: str, ev: Inquiry) -> None:
+        _need((self.version or 1) >= INQUIRY_SINCE, f"Inquiry in a protocol {self.version} session (needs "
+                                                    f"{INQUIRY_SINCE})", "unexpected-message")
+        self.inquiry = ev
+
+    def _check_Answer(self, sender: str, ev: Answer) -> None:
+        _need(ev.migration_id == self.inquiry.migration_id and ev.vm_id == self.inquiry.vm_id,
+              f"Answer about {ev.migration_id!r} / {ev.vm_id!r}, asked about {self.inquiry.migration_id!r} / "
+              f"{self.inquiry.vm_id!r}", "wrong-migration")

@@ -8,6 +8,7 @@
 #   S Hello -> D Hello -> D Capabilities -> S PlanProposal -> D PlanAccept -> D Preflight
 #   -> S VcpuChunk* -> S StreamEnd -> D Commit ("applied and verified") -> S Commit ("released")
 #   Abort from either side ends it at any point before the final Commit.
+#   Protocol 5: instead of a PlanProposal, S may send an Inquiry; D answers (Answer) and the session is done.
 
 struct Hello {
   versions @0 :List(UInt16);      # protocol versions the sender speaks
@@ -84,6 +85,20 @@ struct Abort {
   code @1 :Text;                  # short machine-readable kind: plan, preflight, apply, stream, timeout, ...
 }
 
+struct Inquiry {                  # protocol 5: what did you decide for this migration, what do you hold?
+  migrationId @0 :Text;
+  vmId @1 :Text;
+}
+
+struct Answer {
+  migrationId @0 :Text;
+  vmId @1 :Text;
+  outcome @2 :Text;               # the journal's: "" (no record), open, committed, aborted, in-doubt, lost
+  phase @3 :Text;                 # the last step the journal recorded (source: plan, paused, streamed,
+                                  # released, acked; destination: plan, preflight, applied, running)
+  vmState @4 :Text;               # the VM's state there now ("" = not held): running, paused, incoming, ...
+}
+
 struct Message {
   union {
     hello @0 :Hello;
@@ -95,5 +110,7 @@ struct Message {
     streamEnd @6 :StreamEnd;
     commit @7 :Commit;
     abort @8 :Abort;
+    inquiry @9 :Inquiry;
+    answer @10 :Answer;
   }
 }

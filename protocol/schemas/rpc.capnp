@@ -41,7 +41,8 @@ struct IdRegister {
 
 struct VmInfo {
   name @0 :Text;
-  state @1 :Text;           # running | paused | released | incoming | in-doubt
+  state @1 :Text;           # running | paused | released | incoming | in-doubt | lost (journal: died with a
+                            # previous daemon process; listVms with unresolved only)
   nVcpus @2 :UInt32;
   features @3 :List(Text);  # vCPU init features (arm64), e.g. PSCI_0_2
   arch @4 :Text;
@@ -49,6 +50,9 @@ struct VmInfo {
   history @6 :List(Text);   # state transitions, oldest first
   idRegisters @7 :List(IdRegister);   # inspectVm only: ID / imp-ID / FW summary of vCPU 0
   registerCount @8 :UInt32; # registers listed on vCPU 0 (inspectVm only)
+  migration @9 :Text;       # the migration that last moved it ("" = none)
+  peer @10 :Text;           # that migration's peer
+  waiting @11 :Text;        # in-doubt / released: what its resolution waits for ("" = nothing)
 }
 
 struct PlanResult {

@@ -1,0 +1,145 @@
+"""Resolving in-doubt VMs by themselves: ask the peer what it decided (peer protocol 5 Inquiry), act on one rule.
+
+A VM is unresolved here when its migration broke at the commit step (daemon/peer.py):
+- destination: the VM is `in-doubt` (applied and verified, paused after our Commit; the source may or may not
+  have released it). It waits for the source's answer: released -> run it; aborted (the source resumed its
+  copy) -> discard it; the source died holding it (lost) -> run it (ours is the only copy).
+- source: the VM is `released` and the journal says `in-doubt` (our Commit went out, no acknowledgement). It
+  waits for the destination's answer: it runs (or ran) the VM -> committed; it never ran it -> run ours again.
+The rule is vms.settle; this module only asks and acts. Until an answer decides, the VM stays as it is and
+`waiting[vm]` names what it waits for (shown by `invariantctl vms`): a peer that cannot be reached (asked again
+with backoff, up to every `max_interval` s), a peer not in [peers] (an operator must `resolve`), an answer that
+does not decide.
+
+The peer of an incoming migration is known by its certificate's name: it is found in [peers] by name, or by
+server_name.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import trio
+
+from ..protocol import session as ps
+from . import tls
+from .config import PeerEntry
+from .peer import PeerConfig, PeerError, inquire
+from .vms import ManagedVm, VmRegistry, VmState, settle
+
+log = logging.getLogger("invariantd.resolve")
+
+
+class ResolveError(Exception):
+    """The peer could not be asked (not configured, unreachable, too old); the message says which and why."""
+
+
+@dataclass
+class Resolver:
+    registry: VmRegistry
+    peers: Sequence[PeerEntry]
+    client_ctx: ssl.SSLContext
+    cfg: PeerConfig = PeerConfig()
+    min_interval: float = 1.0
+    max_interval: float = 30.0
+    waiting: dict[str, str] = field(default_factory=dict)      # VM -> what it waits for
+    resolved: list[str] = field(default_factory=list)          # recent decisions (bounded), for status and tests
+    _next: dict[str, tuple[float, float]] = field(default_factory=dict)   # VM -> (next try, interval)
+    _wake: trio.Event = field(default_factory=trio.Event)
+
+    def find_peer(self, name: str) -> PeerEntry | None:
+        for p in self.peers:
+            if p.name == name:
+                return p
+        for p in self.peers:
+            if p.server_name and p.server_name == name:
+                return p
+        return None
+
+    async def ask(self, peer: str, migration_id: str, vm_id: str) -> ps.Answer:
+        p = self.find_peer(peer)
+        if p is None:
+            known = ", ".join(x.name for x in self.peers) or "none"
+            raise ResolveError(f"peer {peer!r} is not in [peers] (known: {known}): it cannot be asked")
+        try:
+            stream = await tls.connect(p.host, p.port, self.client_ctx, server_hostname=p.server_name or p.host,
+                                       timeout=self.cfg.handshake_timeout)
+        except tls.TlsError as e:
+            raise ResolveError(str(e)) from None
+        try:
+            return await inquire(stream, migration_id, vm_id, cfg=self.cfg)
+        except PeerError as e:
+            raise ResolveError(f"peer {peer}: {e}") from None
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def unresolved(self) -> list[tuple[ManagedVm, str]]:
+        """(VM, our role in its migration) for every VM waiting on its peer's answer."""
+        out = []
+        for m in list(self.registry.vms.values()):
+            if m.state is VmState.IN_DOUBT:
+                out.append((m, "destination"))
+            elif m.state is VmState.RELEASED and m.migration:
+                rec = self.registry.journal.migration(m.migration)
+                if rec is not None and rec.outcome == "in-doubt":
+                    out.append((m, "source"))
+        return out
+
+    def poke(self) -> None:
+        """Something became unresolved (or an operator asked): try now."""
+        self._next.clear()
+        self._wake.set()
+
+    async def settle_one(self, m: ManagedVm, role: str) -> str:
+        """Ask once and act. Returns the action taken (resume | discard | committed) or "wait"."""
+        try:
+            ans = await self.ask(m.peer, m.migration, m.vm_id)
+        except ResolveError as e:
+            self.waiting[m.vm_id] = f"waits for {m.peer or 'its peer'} to answer about migration {m.migration}: {e}"
+            return "wait"
+        action, why = settle(role, ans.outcome, ans.phase, ans.vm_state or None)
+        cur = self.registry.vms.get(m.vm_id)
+        if cur is not m:                     # an operator resolved or removed it meanwhile
+            self.waiting.pop(m.vm_id, None)
+            return "wait"
+        journal = self.registry.journal
+        if action == "wait":
+            self.waiting[m.vm_id] = f"waits: {why} (asked {m.peer} about migration {m.migration})"
+            return "wait"
+        if action == "resume":
+            journal.decide(m.migration, "aborted" if role == "source" else "committed",
+                           f"resolved with {m.peer}: {why}")
+            m.reclaim() if m.state is VmState.RELEASED else m.resume()
+        elif action == "discard":
+            journal.decide(m.migration, "aborted", f"resolved with {m.peer}: {why}")
+            self.registry.remove(m.vm_id, f"discarded by resolution with {m.peer}")
+        else:                                # committed: the destination runs it; our released copy stays
+            journal.step(m.migration, "acked")
+            journal.decide(m.migration, "committed", f"resolved with {m.peer}: {why}")
+        self.waiting.pop(m.vm_id, None)
+        line = f"VM {m.vm_id}: {action} ({why}) migration={m.migration} peer={m.peer}"
+        self.resolved.append(line)
+        del self.resolved[:-100]
+        log.warning("resolved in-doubt %s", line)
+        return action
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            now = trio.current_time()
+            pending = self.unresolved()
+            for name in set(self.waiting) - {m.vm_id for m, _ in pending}:
+                del self.waiting[name]
+            for m, role in pending:
+                due, interval = self._next.get(m.vm_id, (now, self.min_interval))
+                if due > now:
+                    continue
+                if await self.settle_one(m, role) == "wait":
+                    self._next[m.vm_id] = (trio.current_time() + interval, min(interval * 2, self.max_interval))
+                else:
+                    self._next.pop(m.vm_id, None)
+            self._wake = trio.Event()
+            with trio.move_on_after(self.min_interval):
+                await self._wake.wait()
