@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 
@@ -93,7 +94,10 @@ class Journal:
             if self.durable:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 os.close(fd)
-            self.db = sqlite3.connect(path, isolation_level=None)     # autocommit: each statement is durable
+            # autocommit: each statement is its own durable transaction. Written from the trio thread and from
+            # worker threads (createVm, apply): one connection, one lock.
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._lock = threading.Lock()
             if self.durable:
                 mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode.lower() != "wal":
@@ -113,9 +117,14 @@ class Journal:
 
     def _exec(self, sql: str, args: tuple = ()) -> None:
         try:
-            self.db.execute(sql, args)
+            with self._lock:
+                self.db.execute(sql, args)
         except sqlite3.Error as e:          # disk full, file removed: the daemon goes on; the decision is logged
             log.error("journal %s: write failed (%s): %s", self.path, e, args[:3])
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
 
     # --- migrations
     def begin(self, mid: str, vm: str, role: str, peer: str, digest: bytes = b"", phase: str = "plan") -> None:
@@ -137,20 +146,20 @@ class Journal:
                    (outcome, detail[:1000], time.time(), mid))
 
     def migration(self, mid: str) -> MigrationRecord | None:
-        row = self.db.execute("SELECT * FROM migrations WHERE id=?", (mid,)).fetchone()
-        return MigrationRecord(*row) if row else None
+        row = self._query("SELECT * FROM migrations WHERE id=?", (mid,))[:1]
+        return MigrationRecord(*row[0]) if row else None
 
     def migrations(self, outcome: str | None = None, limit: int = 1000) -> list[MigrationRecord]:
         if outcome is None:
-            rows = self.db.execute("SELECT * FROM migrations ORDER BY updated DESC LIMIT ?", (limit,))
+            rows = self._query("SELECT * FROM migrations ORDER BY updated DESC LIMIT ?", (limit,))
         else:
-            rows = self.db.execute("SELECT * FROM migrations WHERE outcome=? ORDER BY updated DESC LIMIT ?",
-                                   (outcome, limit))
+            rows = self._query("SELECT * FROM migrations WHERE outcome=? ORDER BY updated DESC LIMIT ?",
+                               (outcome, limit))
         return [MigrationRecord(*r) for r in rows]
 
     def last_migration_of(self, vm: str) -> MigrationRecord | None:
-        row = self.db.execute("SELECT * FROM migrations WHERE vm=? ORDER BY updated DESC LIMIT 1", (vm,)).fetchone()
-        return MigrationRecord(*row) if row else None
+        row = self._query("SELECT * FROM migrations WHERE vm=? ORDER BY updated DESC LIMIT 1", (vm,))
+        return MigrationRecord(*row[0]) if row else None
 
     # --- VM whereabouts
     def vm(self, name: str, state: str, origin: str = "", migration: str = "", peer: str = "",
@@ -163,11 +172,11 @@ class Journal:
                    (name, state, origin, migration, peer, detail[:1000], time.time()))
 
     def vms(self) -> list[VmRecord]:
-        return [VmRecord(*r) for r in self.db.execute("SELECT * FROM vms ORDER BY name")]
+        return [VmRecord(*r) for r in self._query("SELECT * FROM vms ORDER BY name")]
 
     def vm_record(self, name: str) -> VmRecord | None:
-        row = self.db.execute("SELECT * FROM vms WHERE name=?", (name,)).fetchone()
-        return VmRecord(*row) if row else None
+        row = self._query("SELECT * FROM vms WHERE name=?", (name,))
+        return VmRecord(*row[0]) if row else None
 
     # --- restart
     def restarted(self) -> tuple[list[VmRecord], list[MigrationRecord]]:
@@ -176,7 +185,8 @@ class Journal:
         closed with what that means for it:
           source before `released`      -> lost (we held the only runnable copy; a destination holding a
                                             verified copy may run it: an Inquiry tells it so)
-          source at `released`           -> stays in-doubt (the destination decides; it may run the VM)
+          source at `released`           -> in-doubt (the destination decides; it may run the VM; the resolver
+                                            asks it and records the outcome)
           destination before `applied`   -> aborted (nothing was acknowledged: the source kept the VM)
           destination at `applied`       -> lost (died paused, never ran here: the source may run its copy again)
           destination at `running`       -> committed (it ran here, then died with this process)
@@ -189,8 +199,9 @@ class Journal:
                                            f"KVM state cannot outlive the process that created it")
         for m in was_open:
             if m.role == "source":
-                if m.phase in ("released", "acked"):
-                    continue                    # the destination decides; answered from this row
+                if m.phase in ("released", "acked"):     # the destination decides; the resolver asks it
+                    self.decide(m.id, "in-doubt", "released by the previous daemon process; its copy died with it")
+                    continue
                 self.decide(m.id, "lost", f"the source daemon died at phase {m.phase} holding the VM; not released")
             elif m.phase == "running":
                 self.decide(m.id, "committed", "ran here, then died with the daemon's process")

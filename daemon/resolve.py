@@ -75,16 +75,24 @@ class Resolver:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def unresolved(self) -> list[tuple[ManagedVm, str]]:
-        """(VM, our role in its migration) for every VM waiting on its peer's answer."""
+    def unresolved(self) -> list[tuple[ManagedVm | None, str, str, str, str]]:
+        """(VM or None, our role, migration id, VM name, peer) for every migration waiting on its peer's answer:
+        in-doubt VMs here, released VMs whose Commit was not acknowledged, and a source's in-doubt migrations
+        whose VM died with a previous process (only the outcome is left to record)."""
         out = []
+        held = set()
         for m in list(self.registry.vms.values()):
             if m.state is VmState.IN_DOUBT:
-                out.append((m, "destination"))
+                out.append((m, "destination", m.migration, m.vm_id, m.peer))
+                held.add(m.migration)
             elif m.state is VmState.RELEASED and m.migration:
                 rec = self.registry.journal.migration(m.migration)
                 if rec is not None and rec.outcome == "in-doubt":
-                    out.append((m, "source"))
+                    out.append((m, "source", m.migration, m.vm_id, m.peer))
+                held.add(m.migration)
+        for rec in self.registry.journal.migrations("in-doubt"):
+            if rec.id not in held and rec.role == "source":
+                out.append((None, "source", rec.id, rec.vm, rec.peer))
         return out
 
     def poke(self) -> None:
@@ -92,37 +100,38 @@ class Resolver:
         self._next.clear()
         self._wake.set()
 
-    async def settle_one(self, m: ManagedVm, role: str) -> str:
-        """Ask once and act. Returns the action taken (resume | discard | committed) or "wait"."""
+    async def settle_one(self, m: ManagedVm | None, role: str, mid: str, vm_id: str, peer: str) -> str:
+        """Ask once and act. Returns the action taken (resume | discard | committed | lost) or "wait"."""
         try:
-            ans = await self.ask(m.peer, m.migration, m.vm_id)
+            ans = await self.ask(peer, mid, vm_id)
         except ResolveError as e:
-            self.waiting[m.vm_id] = f"waits for {m.peer or 'its peer'} to answer about migration {m.migration}: {e}"
+            self.waiting[vm_id] = f"waits for {peer or 'its peer'} to answer about migration {mid}: {e}"
             return "wait"
         action, why = settle(role, ans.outcome, ans.phase, ans.vm_state or None)
-        cur = self.registry.vms.get(m.vm_id)
-        if cur is not m:                     # an operator resolved or removed it meanwhile
-            self.waiting.pop(m.vm_id, None)
+        if m is not None and self.registry.vms.get(vm_id) is not m:   # an operator resolved or removed it meanwhile
+            self.waiting.pop(vm_id, None)
             return "wait"
         journal = self.registry.journal
         if action == "wait":
-            self.waiting[m.vm_id] = f"waits: {why} (asked {m.peer} about migration {m.migration})"
+            self.waiting[vm_id] = f"waits: {why} (asked {peer} about migration {mid})"
             return "wait"
-        if action == "resume":
-            journal.decide(m.migration, "aborted" if role == "source" else "committed",
-                           f"resolved with {m.peer}: {why}")
+        if m is None and action == "resume":         # ours was the only copy, and it died with that process
+            action, why = "lost", why + "; our copy died with the previous daemon process: the VM is lost"
+            journal.decide(mid, "lost", f"resolved with {peer}: {why}")
+        elif action == "resume":
+            journal.decide(mid, "aborted" if role == "source" else "committed", f"resolved with {peer}: {why}")
             m.reclaim() if m.state is VmState.RELEASED else m.resume()
         elif action == "discard":
-            journal.decide(m.migration, "aborted", f"resolved with {m.peer}: {why}")
-            self.registry.remove(m.vm_id, f"discarded by resolution with {m.peer}")
-        else:                                # committed: the destination runs it; our released copy stays
-            journal.step(m.migration, "acked")
-            journal.decide(m.migration, "committed", f"resolved with {m.peer}: {why}")
-        self.waiting.pop(m.vm_id, None)
-        line = f"VM {m.vm_id}: {action} ({why}) migration={m.migration} peer={m.peer}"
+            journal.decide(mid, "aborted", f"resolved with {peer}: {why}")
+            self.registry.remove(vm_id, f"discarded by resolution with {peer}")
+        else:                                # committed: the destination runs it; a released copy here stays
+            journal.step(mid, "acked")
+            journal.decide(mid, "committed", f"resolved with {peer}: {why}")
+        self.waiting.pop(vm_id, None)
+        line = f"VM {vm_id}: {action} ({why}) migration={mid} peer={peer}"
         self.resolved.append(line)
         del self.resolved[:-100]
-        log.warning("resolved in-doubt %s", line)
+        (log.error if action == "lost" else log.warning)("resolved in-doubt %s", line)
         return action
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -130,16 +139,16 @@ class Resolver:
         while True:
             now = trio.current_time()
             pending = self.unresolved()
-            for name in set(self.waiting) - {m.vm_id for m, _ in pending}:
+            for name in set(self.waiting) - {p[3] for p in pending}:
                 del self.waiting[name]
-            for m, role in pending:
-                due, interval = self._next.get(m.vm_id, (now, self.min_interval))
+            for m, role, mid, vm_id, peer in pending:
+                due, interval = self._next.get(mid, (now, self.min_interval))
                 if due > now:
                     continue
-                if await self.settle_one(m, role) == "wait":
-                    self._next[m.vm_id] = (trio.current_time() + interval, min(interval * 2, self.max_interval))
+                if await self.settle_one(m, role, mid, vm_id, peer) == "wait":
+                    self._next[mid] = (trio.current_time() + interval, min(interval * 2, self.max_interval))
                 else:
-                    self._next.pop(m.vm_id, None)
+                    self._next.pop(mid, None)
             self._wake = trio.Event()
             with trio.move_on_after(self.min_interval):
                 await self._wake.wait()
