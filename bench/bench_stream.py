@@ -38,7 +38,7 @@ import tempfile
 import time
 
 import trio
-import trustme
+from invariantd.daemon.pki import make_pki
 
 from invariantd.daemon import tls
 from invariantd.daemon.kvm.backend import VcpuInit
@@ -58,14 +58,7 @@ RAW_WRITE = 256 * 1024
 
 
 def pki(d: str) -> dict[str, str]:
-    ca = trustme.CA()
-    files = {"ca": os.path.join(d, "ca.pem")}
-    ca.cert_pem.write_to_path(files["ca"])
-    for name in ("node-a", "node-b"):
-        files[name] = os.path.join(d, f"{name}.pem")
-        ca.issue_cert("localhost", "127.0.0.1", common_name=name).private_key_and_cert_chain_pem.write_to_path(
-            files[name])
-    return files
+    return make_pki(d, nodes=("node-a", "node-b"))
 
 
 def make_host(backend: str):

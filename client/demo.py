@@ -13,8 +13,6 @@ TSC keeps counting) are reported, not hidden.
 """
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import sys
@@ -22,63 +20,13 @@ import tempfile
 import urllib.request
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
+
+from ..daemon.pki import make_pki
 
 SRC_PROFILE = "cortex-a72-r0p3@6.12"
 DST_PROFILE = "cortex-a72-r0p4@7.3"
 VM_NAME = "demo-vm"
 VCPUS = 2
-
-
-# --- throwaway PKI ----------------------------------------------------------------------------------------------
-def make_pki(directory: str | os.PathLike, nodes=("node-a", "node-b", "operator")) -> dict[str, str]:
-    """A CA and one certificate per node (CN = node; SAN localhost, 127.0.0.1, ::1; server + client auth),
-    written as PEM files (key and chain in one file). Returns {"ca": path, node: path}. ECDSA P-256, 1 day."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    d = Path(directory)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "invariantd demo CA")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(end)
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                            content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False, encipher_only=False,
-                                            decipher_only=False), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-               .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    files = {"ca": str(d / "ca.pem")}
-    (d / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
-    for n in nodes:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, n)]))
-                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(start).not_valid_after(end)
-                .add_extension(x509.SubjectAlternativeName([
-                    x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        p = d / f"{n}.pem"
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-            f.write(cert.public_bytes(pem))
-        files[n] = str(p)
-    return files
 
 
 # --- metrics deltas ---------------------------------------------------------------------------------------------
@@ -112,14 +60,16 @@ def _fmt_labels(labels: dict) -> str:
 
 
 # --- the demo ---------------------------------------------------------------------------------------------------
-def _config(node: str, pki: dict, backend_kind: str, profile: str, peers=()):
-    from ..daemon.config import Config, BackendConfig, PeerSection, MetricsSection, RpcSection, Timeouts
+def _config(node: str, pki: dict, backend_kind: str, profile: str, peers=(), journal: str = ""):
+    from ..daemon.config import (Config, BackendConfig, JournalSection, PeerSection, MetricsSection, RpcSection,
+                                 Timeouts)
     return Config(node=node, log_level="warning",
                   backend=BackendConfig(kind=backend_kind, sim_profile=profile if backend_kind == "sim" else ""),
                   peer=PeerSection(listen="127.0.0.1", port=0, cert=pki[node], ca=pki["ca"]),
                   metrics=MetricsSection(enabled=True, listen="127.0.0.1", port=0),
                   timeouts=Timeouts(handshake=10, phase=30, apply=60, commit=30, drain=5),
-                  rpc=RpcSection(enabled=True, listen="127.0.0.1", port=0, tls=True), peers=tuple(peers))
+                  rpc=RpcSection(enabled=True, listen="127.0.0.1", port=0, tls=True, unix=""), peers=tuple(peers),
+                  journal=JournalSection(journal))
 
 
 class DemoError(Exception):
@@ -154,7 +104,7 @@ async def _demo(pki, real, say, report, as_json, progress, out) -> int:
     from .rpc_client import Client, RpcError, client_ssl
 
     kind = "kvm" if real else "sim"
-    cfg_b = _config("node-b", pki, kind, DST_PROFILE)
+    cfg_b = _config("node-b", pki, kind, DST_PROFILE, journal=os.path.join(os.path.dirname(pki["ca"]), "node-b.db"))
     src_label = "this host's /dev/kvm" if real else f"simulated {SRC_PROFILE}"
     dst_label = "this host's /dev/kvm" if real else f"simulated {DST_PROFILE}"
     code = 0
@@ -164,7 +114,8 @@ async def _demo(pki, real, say, report, as_json, progress, out) -> int:
             ports_b = await n.start(partial(run, cfg_b, backend=backend_b))
             peers = (PeerEntry("node-b", "127.0.0.1", ports_b["peer"], rpc=f"127.0.0.1:{ports_b['rpc']}",
                                server_name="localhost"),)
-            cfg_a = replace(_config("node-a", pki, kind, SRC_PROFILE), peers=peers)
+            cfg_a = replace(_config("node-a", pki, kind, SRC_PROFILE, journal=os.path.join(os.path.dirname(pki["ca"]), "node-a.db")),
+                            peers=peers)
             backend_a = make_backend(cfg_a)
             ports_a = await n.start(partial(run, cfg_a, backend=backend_a))
         except Exception as e:

@@ -24,12 +24,12 @@ from importlib import resources
 from typing import Any
 
 DEFAULT_RPC_PORT = 7444
-DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_RPC_PORT}"
+DEFAULT_ADDR = "unix:/run/invariantd/rpc.sock"   # the daemon's default (rpc.unix); TCP is mutual TLS only
 ENV_ADDR = "INVARIANTD_ADDR"
 
 # ErrorKind (rpc.capnp) -> invariantctl exit code
 EXIT_CODES = {"ok": 0, "badRequest": 2, "notFound": 2, "conflict": 2, "refused": 3, "unreachable": 4, "kvm": 5,
-              "migrationFailed": 7, "internal": 1}
+              "migrationFailed": 7, "internal": 1, "forbidden": 6}
 KINDS = tuple(EXIT_CODES)
 
 

@@ -41,13 +41,16 @@ class MetricsSection:
 
 @dataclass(frozen=True)
 class RpcSection:
-    """The orchestrator RPC (protocol/schemas/rpc.capnp). Loopback / unix socket without TLS by default;
-    tls = true: mutual TLS with the peer link's certificate and CA (required when listen is not loopback)."""
+    """The orchestrator RPC (protocol/schemas/rpc.capnp). By default only the unix socket (mode 0660: the daemon's
+    group may call; callers there are orchestrators). A TCP listener (listen = address) is mutual TLS only
+    (tls = true, the peer link's certificate and CA; callers' roles from their certificates, daemon/pki.py)."""
     enabled: bool = True
-    listen: str = "127.0.0.1"
+    listen: str = ""                        # "" = no TCP listener
     port: int = 7444
-    unix: str = ""                          # path: also (or, with port = 0 and listen = "", only) a unix socket
+    unix: str = "/run/invariantd/rpc.sock"  # "" = none
     tls: bool = False
+    max_vms_per_caller: int = 64            # createVm quota per caller (certificate name / unix uid)
+    max_vcpus_per_caller: int = 1024
 
 
 @dataclass(frozen=True)
@@ -204,20 +207,14 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: peer.checksum must be one of {', '.join(CHECKSUMS)}, not {cfg.peer.checksum!r}")
     if not (cfg.peer.cert and cfg.peer.ca):
         raise ConfigError(f"{source}: peer.cert and peer.ca are required (mutual TLS is not optional)")
-    if cfg.rpc.enabled and not cfg.rpc.tls and cfg.rpc.listen and not is_loopback(cfg.rpc.listen):
-        raise ConfigError(f"{source}: rpc.listen = {cfg.rpc.listen!r} is not loopback: set rpc.tls = true "
-                          f"(mutual TLS with the peer certificate) or listen on 127.0.0.1 / a unix socket")
+    if cfg.rpc.enabled and not cfg.rpc.tls and cfg.rpc.listen:
+        raise ConfigError(f"{source}: rpc.listen = {cfg.rpc.listen!r} without rpc.tls: the RPC listens on TCP only "
+                          f"with mutual TLS (set rpc.tls = true, or leave rpc.listen empty and use the unix socket "
+                          f"rpc.unix)")
+    if cfg.rpc.enabled and not cfg.rpc.listen and not cfg.rpc.unix:
+        raise ConfigError(f"{source}: rpc is enabled with neither rpc.listen nor rpc.unix (set one, or "
+                          f"rpc.enabled = false)")
     return cfg
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def load(path: str) -> Config:

@@ -10,6 +10,8 @@ pycapnp 2.x RPC runs on asyncio only (stack-check.md §1.3), so the service is s
 
 Every Cap'n Proto object stays on the capnp thread; only plain Python data crosses. Errors travel typed in
 each result's `error` field (ErrorKind); a Cap'n Proto exception only ever means a daemon bug.
+Listeners, the relay and the thread: daemon/rpcserve.py. Each connection's Impl is bound to its Caller; which
+role may call which method is METHOD_ROLES below.
 
 Migrations run as trio tasks in the service's nursery, each in its own cancel scope (cancel()). Progress
 (phase, bytes, vCPUs streamed) is read off the peer stream by a tap that decodes the peer protocol's frames
@@ -17,17 +19,14 @@ Migrations run as trio tasks in the service's nursery, each in its own cancel sc
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import outcome
 import trio
 
 from ..protocol import kvmabi as abi
@@ -39,7 +38,7 @@ from ..protocol.policy import default_policy
 from . import peer as peer_mod
 from . import tls
 from .apply import read_vm
-from .config import Config, PeerEntry, split_hostport
+from .config import Config, PeerEntry
 from .kvm.backend import VcpuInit
 from .kvm.errors import KvmError
 from .metrics import Metrics
@@ -188,6 +187,7 @@ class Orchestrator:
         self.policy = default_policy()
         self.vmm = vmm
         self.resolver = resolver if resolver is not None else Resolver(registry, cfg.peers, client_ctx, peer_cfg)
+        self.owners: dict[str, str] = {}      # VM -> the caller that created it (quotas)
         self._peer_clients: dict = {}        # peer name -> an open RPC client (QEMU migrations poll the peer)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -353,7 +353,7 @@ class Orchestrator:
                     theirs or "not at all", mid or "-")
         return self._info(m) if action == "resume" else {"name": name, "state": "removed"}
 
-    async def create_vm(self, name: str, n_vcpus: int, features: list[str]) -> dict:
+    async def create_vm(self, name: str, n_vcpus: int, features: list[str], caller: Caller | None = None) -> dict:
         if not NAME_RE.match(name or ""):
             raise RpcFailure("badRequest", f"VM name {name!r}: 1-64 characters of A-Z a-z 0-9 . _ -, "
                                            f"starting with a letter or digit")
@@ -364,6 +364,15 @@ class Orchestrator:
         held = sum(1 for m in self.registry.vms.values() if m.state.value != "released")
         if held >= MAX_VMS:
             raise RpcFailure("conflict", f"this daemon already holds {held} VMs (at most {MAX_VMS}): remove one first")
+        if caller is not None:
+            mine = [m for n, m in self.registry.vms.items() if self.owners.get(n) == caller.name
+                    and m.state.value != "released"]
+            vms_max, vcpus_max = self.cfg.rpc.max_vms_per_caller, self.cfg.rpc.max_vcpus_per_caller
+            if len(mine) + 1 > vms_max or sum(len(m.vcpus) for m in mine) + n_vcpus > vcpus_max:
+                raise RpcFailure("forbidden", f"{caller.name} holds {len(mine)} VMs / "
+                                              f"{sum(len(m.vcpus) for m in mine)} vCPUs here; one more of {n_vcpus} "
+                                              f"vCPU(s) exceeds its quota ({vms_max} VMs, {vcpus_max} vCPUs: "
+                                              f"rpc.max_vms_per_caller / max_vcpus_per_caller)")
         init = None
         if features:
             if self.backend.arch != "aarch64":
@@ -381,7 +390,11 @@ class Orchestrator:
             raise RpcFailure("kvm", f"create {name}: {e}") from None
         except VmStateError as e:
             raise RpcFailure("conflict", str(e)) from None
-        log.info("VM %s created with %d vCPU(s)", name, n_vcpus)
+        if caller is not None:
+            self.owners[name] = caller.name
+            for gone in set(self.owners) - set(self.registry.vms):
+                del self.owners[gone]
+        log.info("VM %s created with %d vCPU(s) by %s", name, n_vcpus, caller.name if caller else "-")
         return self._info(m)
 
     # --- plan
@@ -625,32 +638,31 @@ def _log_outcome(mig: Migration) -> None:
 
 
 # --- the capnp thread and the bridge ----------------------------------------------------------------------------
-class Bridge:
-    """capnp thread -> trio: run an async trio function in the service's nursery, await its outcome."""
+# --- who may call what -------------------------------------------------------------------------------------------
+#: Orchestrator methods (Python names) and the certificate roles (daemon/pki.py) that may call them. A daemon (peer
+#: role) calls only what a VMM migration's source needs of its destination, and caps (plan); an orchestrator never
+#: calls those peer steps. A caller on the unix socket is an orchestrator (the socket's group is the access control).
+PEER_CALLS = frozenset({"caps", "prepare_vmm", "incoming_vmm", "vmm_status"})
+ORCHESTRATOR_CALLS = frozenset({"caps", "peers", "list_vms", "inspect_vm", "create_vm", "remove_vm", "resolve_vm",
+                                "plan", "migrate", "status", "list_migrations", "cancel", "wait", "list_vmms",
+                                "vmm_status", "migrate_vmm"})
+METHOD_ROLES = {"peer": PEER_CALLS, "orchestrator": ORCHESTRATOR_CALLS}
+BY_CALLER = frozenset({"create_vm"})          # take the caller (quota)
 
-    def __init__(self, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
-        self.token, self.nursery = token, nursery
-        self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def to_trio(self, fn, *args):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of an RPC connection: its roles (certificate URI SANs; "orchestrator" on the unix
+    socket) and a name (certificate name, or "uid N" on the unix socket: what quotas count by)."""
+    roles: frozenset[str]
+    name: str
 
-        def deliver(res):
-            if not fut.done():
-                fut.set_result(res)
-
-        async def runner():
-            res = await outcome.acapture(fn, *args)
-            try:
-                loop.call_soon_threadsafe(deliver, res)
-            except RuntimeError:          # the capnp loop is gone (shutdown)
-                pass
-        try:
-            self.token.run_sync_soon(self.nursery.start_soon, runner)
-        except trio.RunFinishedError:
-            raise RpcFailure("internal", "daemon is shutting down") from None
-        return (await fut).unwrap()
+    def may_not(self, method: str) -> str:
+        if any(method in METHOD_ROLES.get(r, ()) for r in self.roles):
+            return ""
+        has = ", ".join(sorted(self.roles)) or "no role"
+        need = " or ".join(r for r, calls in METHOD_ROLES.items() if method in calls)
+        return f"{self.name} ({has}) may not call {method}: that takes the {need} role"
 
 
 def _set_error(results, kind: str, message: str) -> None:
@@ -691,12 +703,20 @@ def _impl_class():
     rpc = rpc_schema()
 
     class Impl(rpc.Orchestrator.Server):
-        def __init__(self, orch: Orchestrator, bridge: Bridge) -> None:
-            self.orch, self.bridge = orch, bridge
+        """One per connection, bound to its caller: every call is checked against METHOD_ROLES first."""
+
+        def __init__(self, orch: Orchestrator, bridge, caller: Caller) -> None:
+            self.orch, self.bridge, self.caller = orch, bridge, caller
 
         async def _do(self, results, fn, args, fill) -> None:
+            why = self.caller.may_not(fn.__name__)
+            if why:
+                log.warning("RPC refused: %s", why)
+                _set_error(results, "forbidden", why)
+                return
             try:
-                data = await self.bridge.to_trio(fn, *args)
+                data = await self.bridge.to_trio(fn, *args, self.caller) if fn.__name__ in BY_CALLER else \
+                    await self.bridge.to_trio(fn, *args)
             except RpcFailure as e:
                 _set_error(results, e.kind, e.message)
                 return
@@ -814,112 +834,3 @@ def _jsonable(x):
     if isinstance(x, bytes):
         return x.hex()
     return str(x)
-
-
-class _CapnpThread:
-    def __init__(self, orch: Orchestrator, bridge: Bridge, host: str, port: int | None, unix: str,
-                 ssl_ctx) -> None:
-        self.orch, self.bridge, self.host, self.port, self.unix, self.ssl_ctx = orch, bridge, host, port, unix, \
-            ssl_ctx
-        self.started = threading.Event()
-        self.error: BaseException | None = None
-        self.bound: dict = {}
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._main, name="invariantd-rpc", daemon=True)
-
-    def _main(self) -> None:
-        import capnp
-        Impl = _impl_class()
-
-        async def main():
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            impl = Impl(self.orch, self.bridge)
-            conns: set = set()
-
-            async def on_conn(stream):
-                srv = capnp.TwoPartyServer(stream, bootstrap=impl)
-                conns.add(srv)
-                try:
-                    await srv.on_disconnect()
-                except Exception:
-                    pass
-                finally:
-                    conns.discard(srv)
-            servers = []
-            try:
-                if self.port is not None:
-                    s = await capnp.AsyncIoStream.create_server(on_conn, self.host, self.port, ssl=self.ssl_ctx)
-                    servers.append(s)
-                    self.bound["rpc"] = s.sockets[0].getsockname()[1]
-                if self.unix:
-                    import os
-                    try:
-                        os.unlink(self.unix)
-                    except FileNotFoundError:
-                        pass
-                    s = await capnp.AsyncIoStream.create_unix_server(on_conn, self.unix, ssl=self.ssl_ctx)
-                    os.chmod(self.unix, 0o660)
-                    servers.append(s)
-                    self.bound["rpc_unix"] = self.unix
-            except BaseException as e:
-                self.error = e
-                self.started.set()
-                for s in servers:
-                    s.close()
-                return
-            self.started.set()
-            try:
-                await self._stop.wait()
-            finally:
-                for s in servers:
-                    s.close()
-                for c in list(conns):
-                    try:
-                        c.close()
-                    except Exception:
-                        pass
-        try:
-            asyncio.run(capnp.run(main()))
-        except BaseException as e:      # noqa: BLE001 - reported to serve_rpc
-            if not self.started.is_set():
-                self.error = e
-                self.started.set()
-            else:
-                log.error("RPC thread ended: %r", e)
-
-    def stop(self) -> None:
-        if self.loop is not None and self._stop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._stop.set)
-            except RuntimeError:
-                pass
-
-
-async def serve_rpc(orch: Orchestrator, host: str = "127.0.0.1", port: int | None = 7444, unix: str = "",
-                    ssl_ctx=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the orchestrator RPC until cancelled. task_status.started({'rpc': port, 'rpc_unix': path}).
-    port None: no TCP listener (unix only)."""
-    async with trio.open_nursery() as n:
-        await n.start(orch.run)
-        bridge = Bridge(trio.lowlevel.current_trio_token(), n)
-        th = _CapnpThread(orch, bridge, host, port, unix, ssl_ctx)
-        th.thread.start()
-        try:
-            await trio.to_thread.run_sync(th.started.wait, abandon_on_cancel=True)
-            if th.error is not None:
-                raise OSError(f"RPC service cannot listen on {host}:{port}{' / ' + unix if unix else ''}: "
-                              f"{th.error}") from th.error
-            log.info("RPC service on %s", ", ".join(f"{k}={v}" for k, v in th.bound.items()))
-            task_status.started(dict(th.bound))
-            await trio.sleep_forever()
-        finally:
-            th.stop()
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(th.thread.join, 5)
-            n.cancel_scope.cancel()
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    return split_hostport(text, "rpc address")

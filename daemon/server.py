@@ -132,12 +132,12 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
             if hub is not None:
                 ports["agent"] = await root.start(hub.serve)
             if orch is not None:
-                from .rpc import serve_rpc
+                from .rpcserve import serve_rpc
                 rpc_ctx = tls.server_context(cfg.peer.cert, cfg.peer.key or None, cfg.peer.ca) if cfg.rpc.tls \
                     else None
                 ports.update(await root.start(partial(serve_rpc, orch, cfg.rpc.listen,
                                                       cfg.rpc.port if cfg.rpc.listen else None, cfg.rpc.unix,
-                                                      rpc_ctx)))
+                                                      rpc_ctx, handshake_timeout=cfg.timeouts.handshake)))
             if cfg.metrics.enabled:
                 ports["metrics"] = await root.start(partial(serve_metrics, metrics, cfg.metrics.listen,
                                                             cfg.metrics.port))

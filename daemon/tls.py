@@ -2,7 +2,9 @@
 
 Every node has one certificate issued by the cluster CA, used as server and as client certificate. Both
 sides require and verify the other's certificate (TLS 1.3 only). The peer identity is the certificate's
-common name (or its first DNS SAN); `allowed_peers` can narrow who may connect.
+common name (or its first DNS SAN); `allowed_peers` can narrow who may connect. The certificate's role (URI SAN,
+daemon/pki.py) decides what it may do: a listener takes only the roles it serves, and a daemon connecting to a
+peer checks that the other end is a peer.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from functools import partial
 from typing import Awaitable, Callable
 
 import trio
+
+from .pki import ROLE_URIS
 
 log = logging.getLogger("invariantd.tls")
 
@@ -53,9 +57,25 @@ def peer_identity(stream: trio.SSLStream) -> str:
     return "?"
 
 
+def cert_roles(stream: trio.SSLStream) -> frozenset[str]:
+    """The roles the other end's (verified) certificate carries: its URI SANs that daemon/pki.py names."""
+    uris = {v for kind, v in (stream.getpeercert() or {}).get("subjectAltName", ()) if kind == "URI"}
+    return frozenset(role for role, uri in ROLE_URIS.items() if uri in uris)
+
+
+def role_problem(roles: frozenset[str], allowed: frozenset[str], who: str, where: str = "this listener takes") -> str:
+    """"" when a certificate with `roles` may use a listener serving `allowed`, else the one line saying why."""
+    if roles & allowed:
+        return ""
+    want = " or ".join(ROLE_URIS[r] for r in sorted(allowed))
+    has = "role " + ", ".join(sorted(roles)) if roles else "no invariantd role"
+    return f"certificate {who!r} has {has}; {where} {want} (URI subjectAltName; daemon/pki.py)"
+
+
 async def connect(host: str, port: int, ctx: ssl.SSLContext, *, server_hostname: str | None = None,
-                  timeout: float = 10.0) -> trio.SSLStream:
-    """TCP + TLS handshake with a deadline; TlsError names the peer and the reason."""
+                  timeout: float = 10.0, require_role: str | None = "peer") -> trio.SSLStream:
+    """TCP + TLS handshake with a deadline; TlsError names the peer and the reason. require_role: the role the
+    server's certificate must carry (a daemon only hands a VM to a peer)."""
     try:
         with trio.fail_after(timeout):
             tcp = await trio.open_tcp_stream(host, port)
@@ -73,6 +93,11 @@ async def connect(host: str, port: int, ctx: ssl.SSLContext, *, server_hostname:
         cause = e.__cause__ or e
         raise TlsError(f"TLS handshake with {host}:{port} failed: {cause} (is its certificate from our cluster CA, "
                        f"and is ours from theirs?)") from e
+    if require_role is not None:
+        why = role_problem(cert_roles(s), frozenset({require_role}), peer_identity(s), "a daemon hands VMs only to")
+        if why:
+            await trio.aclose_forcefully(s)
+            raise TlsError(f"{host}:{port}: {why}")
     return s
 
 
@@ -88,6 +113,8 @@ class PeerListener:
     port: int = 7443
     handshake_timeout: float = 10.0
     allowed_peers: frozenset[str] | None = None
+    roles: frozenset[str] | None = frozenset({"peer"})    # certificate roles this listener takes (None: any)
+    what: str = "peer"                     # in log lines: "peer refused: ..."
     max_connections: int = 256             # open at once, authenticated or not (each costs an fd and buffers)
     max_unauthenticated: int = 64          # still in the TLS handshake (the cheap way to exhaust fds)
     max_per_address: int = 32              # from one remote address
@@ -100,7 +127,7 @@ class PeerListener:
     def _refuse(self, why: str, flood: bool = False) -> None:
         now = trio.current_time()
         if not flood or now - self._last_flood_log >= 1.0:     # a flood of connections: one line a second
-            log.warning("peer refused: %s", why)
+            log.warning("%s refused: %s", self.what, why)
             self._last_flood_log = now if flood else self._last_flood_log
         self.refused.append(why)
         del self.refused[:-100]
@@ -140,6 +167,10 @@ class PeerListener:
             if self.allowed_peers is not None and who not in self.allowed_peers:
                 self._refuse(f"{addr}: certificate {who!r} is not an allowed peer")
                 return
+            why = role_problem(cert_roles(s), self.roles, who) if self.roles is not None else ""
+            if why:
+                self._refuse(f"{addr}: {why}")
+                return
             try:
                 await self.handler(s, who)
             except Exception as e:     # one connection's failure never takes the listener (or the daemon) down
@@ -157,7 +188,7 @@ class PeerListener:
         try:
             listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         except OSError as e:
-            raise OSError(e.errno, f"the peer listener cannot listen on {self.host}:{self.port}: "
+            raise OSError(e.errno, f"the {self.what} listener cannot listen on {self.host}:{self.port}: "
                                    f"{e.strerror or e}") from None
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:

@@ -15,6 +15,8 @@ from .errors import RemoteProtocolError
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_frame_bytes: int = 8 << 20          # one message, header included
+    max_preplan_frame_bytes: int = 2 << 20  # until the plan is agreed (Hello, Capabilities, PlanProposal): what an
+                                            # authenticated peer may make a daemon buffer before anything is planned
     max_segments: int = 64
     traversal_limit_in_words: int = 4 << 20  # words the decoder may visit in one message (amplification bound)
     nesting_limit: int = 16
@@ -39,6 +41,7 @@ class FrameDecoder:
 
     def __init__(self, limits: Limits = Limits()) -> None:
         self.limits = limits
+        self.max_frame = limits.max_frame_bytes     # Session lowers it until the plan is agreed
         self._parts: list[bytes] = []   # pieces not yet (wholly) returned; _parts[0] from offset _off
         self._off = 0
         self._have = 0                  # pending bytes: sum(len(p) for p in _parts) - _off
@@ -175,9 +178,11 @@ class FrameDecoder:
                 return None
             sizes = struct.unpack_from(f"<{nseg}I", self._peek(table), 4)
             total = header_size(nseg) + 8 * sum(sizes)
-            if total > lim.max_frame_bytes:
+            if total > self.max_frame:
                 raise RemoteProtocolError(f"frame declares {total} bytes ({nseg} segments of {list(sizes)[:8]} "
-                                          f"words); the limit is {lim.max_frame_bytes}", "frame-too-large")
+                                          f"words); the limit is {self.max_frame}"
+                                          + ("" if self.max_frame == lim.max_frame_bytes else
+                                             " until the plan is agreed"), "frame-too-large")
             if sizes[0] == 0:
                 raise RemoteProtocolError("frame's first segment is empty: no root pointer", "malformed-frame")
             self._frame, self._table, self._need = total, table, total

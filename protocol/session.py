@@ -723,6 +723,7 @@ class Session:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._decoder = FrameDecoder(limits)
+        self._decoder.max_frame = min(limits.max_preplan_frame_bytes, limits.max_frame_bytes)
         self._eof = False
         self._digest_h = None               # protocol 1: every chunk's bytes; 2: the chain (see _chain_entry)
         self._chunks = 0
@@ -847,6 +848,8 @@ class Session:
         if new is DONE and self.state is COMMITTING and (self.version or 1) >= ACKED_COMMIT_SINCE:
             new = RELEASED                  # protocol 4: the destination acknowledges the source's Commit
         self.state = new
+        if new is AGREED:                   # the plan is agreed: chunks may now use the full frame size
+            self._decoder.max_frame = self.limits.max_frame_bytes
 
     def _check_Hello(self, sender: str, ev: Hello) -> None:
         _need(ev.role == sender, f"Hello claims role {ev.role!r} but comes from the {sender}", "wrong-role")

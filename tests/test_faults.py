@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from invariantd.client.demo import DST_PROFILE, SRC_PROFILE, make_pki
+from invariantd.client.demo import DST_PROFILE, SRC_PROFILE
+from invariantd.daemon.pki import make_pki
 from invariantd.client.rpc_client import Client, RpcError
 
 VM = "vm-f"

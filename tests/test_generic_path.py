@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-import trustme
+from invariantd.daemon.pki import make_pki
 
 from fixtures import real_kvm, synthetic_doc
 from invariantd.daemon import tls
@@ -123,15 +123,7 @@ def test_adjusted_readbacks_are_reported_not_hidden():
 # --- caps-only (sim hosts, real TLS) --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    files = {"ca": str(d / "ca.pem")}
-    ca.cert_pem.write_to_path(files["ca"])
-    for name in ("node-a", "node-b"):
-        files[name] = str(d / f"{name}.pem")
-        ca.issue_cert("localhost", "127.0.0.1", common_name=name).private_key_and_cert_chain_pem.write_to_path(
-            files[name])
-    return files
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class Dest:

@@ -7,10 +7,10 @@ import struct
 
 import pytest
 import trio
-import trustme
 
 from fixtures import Passthrough, synthetic_doc
 from invariantd.daemon import tls
+from invariantd.daemon.pki import make_pki
 from invariantd.daemon.metrics import Metrics
 from invariantd.daemon.peer import PeerConfig, PeerError, handle_incoming, migrate_out
 from invariantd.daemon.probe import probe
@@ -27,18 +27,10 @@ CFG = PeerConfig(chunk_registers=32, handshake_timeout=5, phase_timeout=5, apply
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca, other = trustme.CA(), trustme.CA()
-    files = {}
-    for name, authority, ident in (("ca", ca, None), ("other-ca", other, None)):
-        authority.cert_pem.write_to_path(str(d / f"{name}.pem"))
-        files[name] = str(d / f"{name}.pem")
-    for name, authority in (("node-a", ca), ("node-b", ca), ("rogue", other)):
-        cert = authority.issue_cert("localhost", "127.0.0.1", common_name=name)
-        p = d / f"{name}.pem"
-        cert.private_key_and_cert_chain_pem.write_to_path(str(p))
-        files[name] = str(p)
-    return files
+    """The cluster CA (node-a, node-b: peers; operator: an orchestrator) and another CA (rogue: a peer of it)."""
+    files = make_pki(tmp_path_factory.mktemp("pki"))
+    other = make_pki(tmp_path_factory.mktemp("other-pki"), nodes=("rogue",))
+    return {**files, "other-ca": other["ca"], "rogue": other["rogue"]}
 
 
 class Node:

@@ -32,6 +32,8 @@ cert = "{pki['node-b']}"
 ca = "{pki['ca']}"
 [metrics]
 port = 0
+[rpc]
+enabled = false
 [timeouts]
 drain = 5
 '''

@@ -3,13 +3,15 @@ loopback, mutual TLS on the peer link and on the RPC; a stock pycapnp RPC client
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import replace
 from functools import partial
 
 import pytest
 import trio
 
-from invariantd.client.demo import DST_PROFILE, SRC_PROFILE, make_pki
+from invariantd.client.demo import DST_PROFILE, SRC_PROFILE
+from invariantd.daemon.pki import make_pki
 from invariantd.client.rpc_client import Client, RpcError, client_ssl, parse_addr, rpc_schema
 from invariantd.daemon import tls
 from invariantd.daemon.config import (BackendConfig, Config, ConfigError, MetricsSection, PeerEntry, PeerSection,
@@ -26,7 +28,7 @@ def cfg(node, pki, profile, peers=(), rpc_tls=True, handshake=5.0, unix=""):
     return Config(node=node, log_level="warning", backend=BackendConfig(kind="sim", sim_profile=profile),
                   peer=PeerSection(port=0, cert=pki[node], ca=pki["ca"]), metrics=MetricsSection(port=0),
                   timeouts=Timeouts(handshake=handshake, phase=5, apply=5, commit=5, drain=2),
-                  rpc=RpcSection(port=0, tls=rpc_tls, unix=unix), peers=tuple(peers))
+                  rpc=RpcSection(listen="127.0.0.1" if rpc_tls else "", port=0, tls=rpc_tls, unix=unix), peers=tuple(peers))
 
 
 class Cluster:
@@ -216,11 +218,11 @@ async def test_unix_socket_without_tls(nursery, pki, tmp_path):
     c0 = replace(cfg("node-a", pki, SRC_PROFILE, rpc_tls=False, unix=path))
     ports = await nursery.start(partial(run, c0, backend=make_backend(c0)))
     assert ports["rpc_unix"] == path
+    assert "rpc" not in ports                       # no TCP listener without TLS
     with Client(f"unix:{path}") as c:
         await call(c.create_vm, "u-1", 1)
         assert [v["name"] for v in await call(c.list_vms)] == ["u-1"]
-    with Client(f"127.0.0.1:{ports['rpc']}") as c:
-        assert [v["name"] for v in await call(c.list_vms)] == ["u-1"]
+    assert os.stat(path).st_mode & 0o777 == 0o660
 
 
 def test_config_rpc_and_peers(pki):
@@ -228,8 +230,12 @@ def test_config_rpc_and_peers(pki):
     c = parse(base + '[rpc]\nport = 7500\n[peers]\nb = "10.0.0.2:7443"\nc = { address = "h:1", rpc = "h:2" }\n')
     assert c.rpc.port == 7500 and not c.rpc.tls
     assert c.find_peer("b").address == "10.0.0.2:7443" and c.find_peer("c").rpc == "h:2"
-    with pytest.raises(ConfigError, match="not loopback"):
-        parse(base + '[rpc]\nlisten = "0.0.0.0"\n')
+    for listen in ("0.0.0.0", "127.0.0.1", "::1"):              # TCP is mutual TLS only, loopback included
+        with pytest.raises(ConfigError, match=f"rpc.listen = '{listen}' without rpc.tls"):
+            parse(base + f'[rpc]\nlisten = "{listen}"\n')
+    with pytest.raises(ConfigError, match="neither rpc.listen nor rpc.unix"):
+        parse(base + '[rpc]\nunix = ""\n')
+    assert (parse(base).rpc.listen, parse(base).rpc.unix) == ("", "/run/invariantd/rpc.sock")
     assert parse(base + '[rpc]\nlisten = "0.0.0.0"\ntls = true\n').rpc.tls
     with pytest.raises(ConfigError, match="peers.b"):
         parse(base + '[peers]\nb = "nohost"\n')

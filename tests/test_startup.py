@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from invariantd.client.demo import make_pki
+from invariantd.daemon.pki import make_pki
 from invariantd.daemon.config import ConfigError, load, parse
 from invariantd.daemon.server import JournalFormatter, main
 
@@ -86,5 +86,5 @@ def test_journal_lines_carry_their_priority():
 
 def test_a_wildcard_rpc_address_without_tls_is_refused_whatever_the_port():
     text = BASE.format(cert="c", ca="a", port=1).replace("[rpc]\nenabled = false", '[rpc]\nlisten = "0.0.0.0"\nport = 0')
-    with pytest.raises(ConfigError, match="rpc.listen = '0.0.0.0' is not loopback"):
+    with pytest.raises(ConfigError, match="rpc.listen = '0.0.0.0' without rpc.tls"):
         parse(text)

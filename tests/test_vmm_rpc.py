@@ -11,7 +11,7 @@ import trio
 
 from fixtures import FakeQemu
 from invariantd.client.cli import main
-from invariantd.client.demo import make_pki
+from invariantd.daemon.pki import make_pki
 from invariantd.client.rpc_client import Client, client_ssl
 from invariantd.daemon.apply import read_vm
 from invariantd.daemon.config import AgentSection, BackendConfig, Config, MetricsSection, PeerEntry, PeerSection, \
@@ -28,7 +28,7 @@ def cfg(node, pki, profile, sock, peers=()):
     return Config(node=node, log_level="warning", backend=BackendConfig(kind="sim", sim_profile=profile),
                   peer=PeerSection(port=0, cert=pki[node], ca=pki["ca"]), metrics=MetricsSection(port=0),
                   timeouts=Timeouts(handshake=5, phase=5, apply=10, commit=10, drain=2),
-                  rpc=RpcSection(port=0, tls=True), agent=AgentSection(socket=sock, hold=10), peers=tuple(peers))
+                  rpc=RpcSection(listen="127.0.0.1", port=0, tls=True, unix=""), agent=AgentSection(socket=sock, hold=10), peers=tuple(peers))
 
 
 async def agent(path, hello, frames=(), *, answer=None):

@@ -47,7 +47,7 @@ def _config(node: str, peers=()):
                   peer=PeerSection(listen="0.0.0.0", port=PEER_PORT, cert=f"{JOB}/in.{node}.pem", ca=f"{JOB}/in.ca.pem"),
                   metrics=MetricsSection(enabled=False),
                   timeouts=Timeouts(handshake=20, phase=60, apply=60, commit=30, drain=5),
-                  rpc=RpcSection(enabled=True, listen="0.0.0.0", port=RPC_PORT, tls=True), peers=tuple(peers))
+                  rpc=RpcSection(enabled=True, listen="0.0.0.0", port=RPC_PORT, tls=True, unix=""), peers=tuple(peers))
 
 
 def _client(addr: str, timeout: float = 60):

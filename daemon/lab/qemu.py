@@ -323,10 +323,10 @@ def migrate_with_daemons(*, variant: str = "q11", dest: GuestSpec = DEST, source
                          timeout: float = 330, pki_dir: os.PathLike | str | None = None) -> MigrationRun:
     """The payload VM migrated by the daemons (daemon/lab/vmmig.py in both guests: the real invariantd on each
     guest's /dev/kvm, QEMU under the invariantd agent, the source daemon's migrateVmm). Certificates are made on
-    the host (client.demo.make_pki) and the aarch64 agent is cross-compiled (guest.build_agent_lib).
+    the host (daemon.pki.make_pki) and the aarch64 agent is cross-compiled (guest.build_agent_lib).
     -> MigrationRun (dest / source: vmmig's reports)."""
     import tempfile
-    from ...client.demo import make_pki
+    from ..pki import make_pki
     from .guest import build_agent_lib
     d = Path(pki_dir or tempfile.mkdtemp(prefix="ivd-pki-"))
     pki = make_pki(d, nodes=("node-a", "node-b", "operator"))

@@ -41,7 +41,7 @@ def _config(node: str, peers=()):
                   peer=PeerSection(listen="0.0.0.0", port=PEER_PORT, cert=f"{JOB}/in.{node}.pem", ca=f"{JOB}/in.ca.pem"),
                   metrics=MetricsSection(enabled=True, listen="127.0.0.1", port=METRICS_PORT),
                   timeouts=Timeouts(handshake=20, phase=60, apply=90, commit=60, drain=5),
-                  rpc=RpcSection(enabled=True, listen="0.0.0.0", port=RPC_PORT, tls=True),
+                  rpc=RpcSection(enabled=True, listen="0.0.0.0", port=RPC_PORT, tls=True, unix=""),
                   agent=AgentSection(socket=AGENT_SOCKET, hold=240.0), peers=tuple(peers))
 
 

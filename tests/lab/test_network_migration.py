@@ -3,7 +3,7 @@
 Two lab guests run concurrently, joined by a QEMU socket link on host loopback (README §8; the guests'
 10.0.0.x addresses exist only on that link): guest A = destination (Linux 7.x, cortex-a72 r0p4), guest B =
 source (Linux 6.12, cortex-a72 r0p3). Each runs `invariantd` on its own real /dev/kvm with mutual-TLS
-certificates made on the host (client/demo.make_pki). B creates a 2-vCPU VM through its orchestrator RPC and
+certificates made on the host (daemon/pki.make_pki). B creates a 2-vCPU VM through its orchestrator RPC and
 migrates it to A; A waits until it holds the VM running (daemon/lab/netmig.py).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from invariantd.client.demo import make_pki
+from invariantd.daemon.pki import make_pki
 from invariantd.daemon import lab
 from invariantd.daemon.lab import run_many_in_guest
 
