@@ -29,7 +29,7 @@ ENV_ADDR = "INVARIANTD_ADDR"
 
 # ErrorKind (rpc.capnp) -> invariantctl exit code
 EXIT_CODES = {"ok": 0, "badRequest": 2, "notFound": 2, "conflict": 2, "refused": 3, "unreachable": 4, "kvm": 5,
-              "migrationFailed": 7, "internal": 1, "forbidden": 6}
+              "migrationFailed": 7, "internal": 1, "forbidden": 8}
 KINDS = tuple(EXIT_CODES)
 
 

@@ -48,6 +48,7 @@ from .apply import (ApplyError, apply_vm, apply_vm_async, plan_deviations, read_
                     vm_wide)
 from .kvm.backend import Backend, Vcpu
 from .kvm.errors import KvmError
+from .logs import kv
 from .metrics import Metrics
 from .vms import ManagedVm, VmRegistry, VmState, VmStateError
 
@@ -550,8 +551,8 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
         version = conn.session.version or 1
         checksum = cfg.checksum if ps.CHECKSUM_SINCE[cfg.checksum] <= version else "crc32"
         if checksum != cfg.checksum:
-            log.info("migration %s: peer speaks protocol %d, which has no %s checksum: using crc32", mid, version,
-                     cfg.checksum)
+            log.info("checksum downgraded %s: the peer speaks protocol %d, which has no %s checksum: using crc32",
+                     kv(migration=mid, vm=vm_id, peer=peer), version, cfg.checksum)
         with m.phase("plan"), trio.fail_after(cfg.phase_timeout):
             try:
                 pregs = profile_regsets(mvm.vcpus, pol)
@@ -617,13 +618,15 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             except BaseException as e:
                 journal.decide(mid, "in-doubt", f"released; no acknowledgement of our Commit: {_describe(e)}")
                 m.migration("in-doubt")
-                log.error("migration %s of %s: released, but the destination did not acknowledge our Commit (%s): "
-                          "it runs the VM, or keeps it paused in-doubt", mid, vm_id, _wrap(e) or _describe(e))
+                log.error("migration in doubt %s: released, but the destination did not acknowledge our Commit "
+                          "(%s): it runs the VM, or keeps it paused in-doubt (resolved by asking it)",
+                          kv(migration=mid, vm=vm_id, peer=peer), _wrap(e) or _describe(e))
                 raise PeerError("in-doubt", f"VM {vm_id} released; no acknowledgement of our Commit: the destination "
                                             f"runs it or holds it paused in-doubt: {_wrap(e) or _describe(e)}") from e
         journal.step(mid, "acked")
         journal.decide(mid, "committed")
         m.migration("committed")
+        log.info("migration committed %s: the destination runs the VM", kv(migration=mid, vm=vm_id, peer=peer))
         return MigrationResult(mid, vm_id, "committed", [], end.digest)
     except BaseException as e:
         if released:
@@ -635,8 +638,10 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             mvm.resume()               # the VM never left: keep running here
         await conn.abort_quietly(str(err) if err else _describe(e), err.kind if err else "source")
         m.migration("aborted")
-        log.warning("migration %s of %s aborted, VM %s here: %s", mid, vm_id,
-                    "resumed" if paused else "kept running (never paused)", err or _describe(e))
+        unreachable = isinstance(err, PeerError) and err.kind in ("closed", "timeout", "tls")
+        log.log(logging.ERROR if unreachable else logging.WARNING, "migration aborted %s: VM %s here%s: %s",
+                kv(migration=mid, vm=vm_id, peer=peer), "resumed" if paused else "kept running (never paused)",
+                " (the peer stopped answering)" if unreachable else "", err or _describe(e))
         if err is not None and err is not e:
             raise err from e
         raise
@@ -675,8 +680,9 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             if isinstance(prop, ps.Inquiry):
                 ans = answer_inquiry(registry, prop)
                 await conn.send(ans)
-                log.info("peer %s asked about migration %s of VM %s: %s at %s, VM %s here", peer, ans.migration_id,
-                         ans.vm_id, ans.outcome or "no record", ans.phase or "-", ans.vm_state or "not held")
+                log.info("inquiry answered %s: %s at %s, VM %s here", kv(migration=ans.migration_id, vm=ans.vm_id,
+                                                                          peer=peer),
+                         ans.outcome or "no record", ans.phase or "-", ans.vm_state or "not held")
                 return None
             try:
                 held = registry.vms.get(prop.vm_id)
@@ -750,8 +756,9 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             counted, adjusted = apply_report(res.events)
             m.record_apply_events(counted)
             for reg, evs in _by_register(adjusted).items():     # one line per register, not per vCPU
-                log.warning("migration %s: %s read back differently on %d vCPU(s) (KVM adjusts it); vCPU %s: %s",
-                            prop.migration_id, reg, len(evs), evs[0].vcpu, evs[0].detail)
+                log.warning("read back differently %s: %s on %d vCPU(s) (KVM adjusts it); vCPU %s: %s",
+                            kv(migration=prop.migration_id, vm=prop.vm_id, peer=peer), reg, len(evs), evs[0].vcpu,
+                            evs[0].detail)
             bad = [str(x) for x in res.mismatches[:8]]
             for i in sorted(res.written):
                 bad += plan_deviations(plan, res.written[i], res.dropped[i], vcpu=i)
@@ -780,22 +787,24 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                     with trio.fail_after(cfg.commit_timeout):
                         await conn.send(ps.Commit(prop.migration_id, digest))     # "received: it runs here"
                 except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    log.warning("migration %s: VM %s runs here, but our acknowledgement did not reach %s (%s): "
-                                "the source reports it in doubt", prop.migration_id, prop.vm_id, peer, _describe(e))
+                    log.warning("acknowledgement lost %s: the VM runs here, the source reports it in doubt until "
+                                "it asks (%s)", kv(migration=prop.migration_id, vm=prop.vm_id, peer=peer),
+                                _describe(e))
         m.migration("committed")
-        log.info("migration %s: VM %s from %s committed", prop.migration_id, prop.vm_id, peer)
+        log.info("migration committed %s: the VM runs here", kv(migration=prop.migration_id, vm=prop.vm_id,
+                                                                  peer=peer))
         result = MigrationResult(prop.migration_id, prop.vm_id, "committed", res.events, digest)
         return result
     except BaseException as e:
         err = _wrap(e)
         if isinstance(err, PeerError) and err.kind == "aborted" and err.code == CAPS_ONLY and mvm is None:
-            log.info("capabilities sent to %s (caps-only fetch, no migration)", peer)
+            log.info("capabilities sent %s (caps-only fetch, no migration)", kv(peer=peer))
             return None
         source_kept = (isinstance(err, PeerError) and err.kind == "aborted"
                        and conn.session.aborted_by == ps.SOURCE)   # its Abort: it never released the VM
         if mvm is not None and committed and mvm.state is VmState.RUNNING:
-            log.warning("migration=%s vm=%s peer=%s: the VM runs here; the acknowledgement failed: %s",
-                        prop.migration_id, mvm.vm_id, peer, err or _describe(e))
+            log.warning("acknowledgement lost %s: the VM runs here: %s",
+                        kv(migration=prop.migration_id, vm=mvm.vm_id, peer=peer), err or _describe(e))
             m.migration("committed")
             if err is None:
                 raise
@@ -804,16 +813,17 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             journal.decide(prop.migration_id, "in-doubt", str(err) if err else _describe(e))
             mvm.in_doubt()                   # the source may have released it: keep it paused, never discard
             m.migration("in-doubt")
-            log.error("migration=%s vm=%s peer=%s: in-doubt (kept paused until the source answers): %s",
-                      prop.migration_id, mvm.vm_id, peer, err or _describe(e))
+            log.error("migration in doubt %s: kept paused until the source answers: %s",
+                      kv(migration=prop.migration_id, vm=mvm.vm_id, peer=peer), err or _describe(e))
         else:
             if begun:
                 journal.decide(prop.migration_id, "aborted", str(err) if err else _describe(e))
             if mvm is not None:
                 registry.remove(mvm.vm_id, "discarded: the migration aborted before our Commit")
             m.migration("aborted")
-            log.warning("migration=%s peer=%s: incoming migration aborted: %s",
-                        prop.migration_id if begun else "-", peer, err or _describe(e))
+            log.warning("incoming migration aborted %s: %s", kv(migration=prop.migration_id if begun else "",
+                                                                 vm=prop.vm_id if begun else "", peer=peer),
+                        err or _describe(e))
         await conn.abort_quietly(str(err) if err else _describe(e), err.kind if err else "destination")
         if err is None:
             raise                             # a bug or cancellation: let it propagate

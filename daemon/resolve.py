@@ -26,6 +26,7 @@ import trio
 from ..protocol import session as ps
 from . import tls
 from .config import PeerEntry
+from .logs import kv
 from .peer import PeerConfig, PeerError, inquire
 from .vms import ManagedVm, VmRegistry, VmState, settle
 
@@ -128,10 +129,10 @@ class Resolver:
             journal.step(mid, "acked")
             journal.decide(mid, "committed", f"resolved with {peer}: {why}")
         self.waiting.pop(vm_id, None)
-        line = f"VM {vm_id}: {action} ({why}) migration={mid} peer={peer}"
+        line = f"{action} {kv(migration=mid, vm=vm_id, peer=peer)}: {why}"
         self.resolved.append(line)
         del self.resolved[:-100]
-        (log.error if action == "lost" else log.warning)("resolved in-doubt %s", line)
+        (log.error if action == "lost" else log.warning)("resolved in-doubt: %s", line)
         return action
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

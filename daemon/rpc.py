@@ -41,6 +41,7 @@ from .apply import read_vm
 from .config import Config, PeerEntry
 from .kvm.backend import VcpuInit
 from .kvm.errors import KvmError
+from .logs import kv
 from .metrics import Metrics
 from .probe import describe
 from .resolve import ResolveError, Resolver
@@ -328,7 +329,7 @@ class Orchestrator:
             self.registry.forget(name)
         except VmStateError as e:
             raise RpcFailure("notFound" if name not in self.registry.vms else "conflict", str(e)) from None
-        log.info("VM %s removed by request", name)
+        log.info("VM removed by request %s", kv(vm=name))
         return {}
 
     async def resolve_vm(self, name: str, peer: str, action: str) -> dict:
@@ -349,8 +350,8 @@ class Orchestrator:
             self.registry.journal.decide(mid, "committed" if (action == "resume") == (m.origin == "incoming")
                                          else "aborted", f"resolved by request: {action} here ({peer} holds it "
                                                          f"{theirs or 'not at all'})")
-        log.warning("VM %s resolved by request: %s here (%s holds it %s) migration=%s", name, action, peer,
-                    theirs or "not at all", mid or "-")
+        log.warning("resolved by request %s: %s here (the peer holds it %s)", kv(migration=mid, vm=name, peer=peer),
+                    action, theirs or "not at all")
         return self._info(m) if action == "resume" else {"name": name, "state": "removed"}
 
     async def create_vm(self, name: str, n_vcpus: int, features: list[str], caller: Caller | None = None) -> dict:
@@ -394,7 +395,7 @@ class Orchestrator:
             self.owners[name] = caller.name
             for gone in set(self.owners) - set(self.registry.vms):
                 del self.owners[gone]
-        log.info("VM %s created with %d vCPU(s) by %s", name, n_vcpus, caller.name if caller else "-")
+        log.info("VM created %s: %d vCPU(s)", kv(vm=name, caller=caller.name if caller else ""), n_vcpus)
         return self._info(m)
 
     # --- plan
@@ -443,7 +444,7 @@ class Orchestrator:
         self.migrations[mid := mig.id] = mig
         self._trim()
         self.nursery.start_soon(self._run_migration, mig, p)
-        log.info("migration %s: VM %s -> %s (%s)", mid, vm, p.name, p.address)
+        log.info("migration started %s: to %s", kv(migration=mid, vm=vm, peer=p.name), p.address)
         return mid
 
     def _trim(self) -> None:
@@ -477,7 +478,7 @@ class Orchestrator:
                 except KvmError as e:
                     mig.error = ("kvm", str(e))
                 except Exception as e:      # a bug: keep the daemon up, say so
-                    log.exception("migration %s failed unexpectedly", mig.id)
+                    log.exception("migration failed unexpectedly %s", kv(migration=mig.id, vm=mig.vm, peer=mig.to))
                     mig.error = ("internal", f"{type(e).__name__}: {e}")
             if mig.scope.cancelled_caught:
                 vm = self.registry.vms.get(mig.vm)
@@ -605,7 +606,7 @@ class Orchestrator:
             except (VmmError, RpcFailure) as e:
                 mig.error = (e.kind, e.message)
             except Exception as e:          # a bug: keep the daemon up, say so
-                log.exception("VMM migration %s failed unexpectedly", mig.id)
+                log.exception("VMM migration failed unexpectedly %s", kv(migration=mig.id, vm=mig.vm, peer=mig.to))
                 mig.error = ("internal", f"{type(e).__name__}: {e}")
             finally:
                 if mig.state == "running":
@@ -618,7 +619,7 @@ class Orchestrator:
                 _log_outcome(mig)
                 mig.done.set()
         self.nursery.start_soon(run)
-        log.info("VMM migration %s: VM %s -> %s (%s)", mig.id, vm, to_host, uri)
+        log.info("VMM migration started %s: %s", kv(migration=mig.id, vm=vm, peer=to_host), uri)
         return mig.id
 
 
@@ -626,15 +627,15 @@ def _log_outcome(mig: Migration) -> None:
     """One line per migration's end on the source, at the priority an operator filters on."""
     took = f"{(mig.ended or time.monotonic()) - mig.t0:.2f}s"
     if mig.state == "committed":
-        log.info("migration %s: VM %s committed on %s (%s)", mig.id, mig.vm, mig.to, took)
+        log.info("migration outcome committed %s: %s", kv(migration=mig.id, vm=mig.vm, peer=mig.to), took)
     elif mig.state == "inDoubt":
-        log.error("migration %s: VM %s in doubt with %s after %s: %s", mig.id, mig.vm, mig.to, took,
+        log.error("migration outcome in-doubt %s: after %s: %s", kv(migration=mig.id, vm=mig.vm, peer=mig.to), took,
                   mig.error[1] if mig.error else "")
     else:
         kind, msg = mig.error or ("migrationFailed", "")
         level = logging.WARNING if kind in ("refused", "conflict", "notFound") else logging.ERROR
-        log.log(level, "migration %s: VM %s to %s %s (%s) after %s: %s", mig.id, mig.vm, mig.to, mig.result or mig.state,
-                kind, took, msg)
+        log.log(level, "migration outcome %s %s: %s after %s: %s", mig.result or mig.state,
+                kv(migration=mig.id, vm=mig.vm, peer=mig.to), kind, took, msg)
 
 
 # --- the capnp thread and the bridge ----------------------------------------------------------------------------

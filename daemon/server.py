@@ -21,6 +21,7 @@ import trio
 from . import tls
 from .config import check_files, Config, ConfigError, load
 from .journal import Journal
+from .logs import setup_logging
 from .metrics import Metrics, serve_metrics
 from .peer import PeerConfig, handle_incoming
 from .probe import probe
@@ -210,29 +211,6 @@ def first_cause(e: BaseException) -> BaseException:
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
         e = e.exceptions[0]
     return e
-
-
-class JournalFormatter(logging.Formatter):
-    """Under systemd (stderr is the journal: $JOURNAL_STREAM), each line starts with its sd-daemon priority <N>,
-    so `journalctl -p err` shows errors; elsewhere the level name."""
-    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
-
-    def __init__(self, journal: bool) -> None:
-        super().__init__("%(name)s: %(message)s" if journal else "%(levelname)s %(name)s: %(message)s")
-        self.journal = journal
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if not self.journal:
-            return text
-        prio = self.PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
-        return "\n".join(f"<{prio}>{ln}" for ln in text.splitlines())
-
-
-def setup_logging(level: str) -> None:
-    h = logging.StreamHandler()
-    h.setFormatter(JournalFormatter(bool(os.environ.get("JOURNAL_STREAM"))))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[h])
 
 
 if __name__ == "__main__":

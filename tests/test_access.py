@@ -41,7 +41,7 @@ async def test_rpc_methods_by_role(nursery, pki):
         assert (await call(c.create_vm, "op-1", 1))["state"] == "running"
         with pytest.raises(RpcError) as ei:                         # ... not a peer's step
             await call(c.prepare_vmm, "op-1", "m1", b"", b"\0" * 32)
-        assert ei.value.kind == "forbidden" and ei.value.exit_code == 6
+        assert ei.value.kind == "forbidden" and ei.value.exit_code == 8
         assert "operator (orchestrator) may not call prepare_vmm: that takes the peer role" in ei.value.message
     with client(pki, "node-b", ports) as c:                        # peer: caps and the VMM steps only
         assert (await call(c.caps))["arch"] == "aarch64"

@@ -260,7 +260,7 @@ async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm, caplog):
         assert sorted(e.vcpu for e in r.events if e.action == "readback-adjusted") == [0, 1]
         # ... and logged once per register, not once per vCPU (a 256-vCPU VM gets one line)
         lines = [m for m in caplog.messages if "read back differently" in m]
-        assert len(lines) == 1 and "MSR_0x10 read back differently on 2 vCPU(s)" in lines[0], lines
+        assert len(lines) == 1 and "read back differently migration=" in lines[0] and "MSR_0x10 on 2 vCPU(s)" in lines[0], lines
         assert b.metrics.migrations.labels("committed")._value.get() == 1
     finally:
         for m in list(b.registry.vms.values()):

@@ -272,8 +272,10 @@ async def test_a_vm_name_the_destination_holds_is_refused_at_plan_time_and_both_
         st = await call(a.wait, await call(a.migrate, "other", "node-b"), 10000)
         assert st["state"] == "committed", st
         lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "invariantd.rpc"]
-        assert any(lv == "WARNING" and "VM dup to node-b aborted (refused)" in m for lv, m in lines), lines
-        assert any(lv == "INFO" and f"migration {st['id']}: VM other committed on node-b" in m for lv, m in lines)
+        assert any(lv == "WARNING" and "migration outcome aborted migration=" in m and "vm=dup peer=node-b: refused" in m
+                   for lv, m in lines), lines
+        assert any(lv == "INFO" and f"migration outcome committed migration={st['id']} vm=other peer=node-b" in m
+                   for lv, m in lines), lines
     finally:
         a.close()
         b.close()

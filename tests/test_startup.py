@@ -9,7 +9,8 @@ import pytest
 
 from invariantd.daemon.pki import make_pki
 from invariantd.daemon.config import ConfigError, load, parse
-from invariantd.daemon.server import JournalFormatter, main
+from invariantd.daemon.logs import JournalFormatter
+from invariantd.daemon.server import main
 
 BASE = """node = "a"
 [backend]
@@ -88,3 +89,9 @@ def test_a_wildcard_rpc_address_without_tls_is_refused_whatever_the_port():
     text = BASE.format(cert="c", ca="a", port=1).replace("[rpc]\nenabled = false", '[rpc]\nlisten = "0.0.0.0"\nport = 0')
     with pytest.raises(ConfigError, match="rpc.listen = '0.0.0.0' without rpc.tls"):
         parse(text)
+
+
+def test_key_value_fields():
+    from invariantd.daemon.logs import kv
+    assert kv(migration="m1", vm="web 1", peer="") == 'migration=m1 vm="web 1" peer=-'
+    assert kv(why='a "b"=c') == r'why="a \"b\"=c"'

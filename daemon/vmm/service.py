@@ -38,6 +38,7 @@ from ...protocol.negotiate import negotiate
 from ...protocol.program import ProgramError, compile_plan
 from ..apply import ApplyError, apply_vm, plan_deviations
 from ..kvm.backend import VcpuInit
+from ..logs import kv
 from ..peer import vm_profile
 from .hub import AgentHub, VmmRecord
 
@@ -168,8 +169,8 @@ class VmmService:
         self.incoming[migration] = Incoming(migration, vm, plan.digest)
         for old in list(self.incoming)[:-KEEP_INCOMING]:          # bounded: the oldest records go first
             del self.incoming[old]
-        log.info("VMM migration %s: VM %s planned here (%d registers, cap 239 %s); waiting for its QEMU", migration,
-                 vm, len(program.ops), "on" if program.enable_cap239 else "off")
+        log.info("VMM migration planned here %s: %d registers, cap 239 %s; waiting for its QEMU",
+                 kv(migration=migration, vm=vm), len(program.ops), "on" if program.enable_cap239 else "off")
         return {"migration": migration, "digest": plan.digest.hex(), "registers": len(program.ops),
                 "enable_cap239": program.enable_cap239,
                 "listed": [r.reg_id for r in program.listed()]}
@@ -256,7 +257,7 @@ class VmmService:
                 q = (d or {}).get("qemu") or {}
                 if q.get("status") == "running":
                     log.warning("VMM migration %s: the destination QEMU runs but its agent reported no read-back; "
-                                "committing on QEMU's word", mig.id)
+                                "committing on QEMU's word", kv(migration=mig.id, vm=mig.vm, peer=peer))
                 else:
                     raise VmmError("migrationFailed", f"the destination never ran the VM (QEMU {q.get('status')})")
             try:
@@ -359,15 +360,28 @@ class VmmService:
                 await trio.sleep(QUERY_INTERVAL)
 
     async def _resume_source(self, qmp_path, peer_call, peer, mid) -> bool:
-        """After a failure: the source guest runs again unless the destination runs it. True = resolved."""
+        """After a failure: the source guest runs again unless the destination runs it or may. True = resolved;
+        False = in doubt: the source QEMU stays paused (its migration completed, so the destination QEMU holds the
+        whole guest, and the destination daemon cannot be asked whether it runs it)."""
         try:
             dest = await peer_call(peer, "vmm_status", mid)
         except Exception:
             dest = None
         dq = ((dest or {}).get("qemu") or {}).get("status")
+        where = kv(migration=mid, peer=peer)
         if dq == "running" or (dest or {}).get("running"):
-            log.error("VMM migration %s failed after the destination started the VM: the source stays paused", mid)
+            log.error("VMM migration failed after the destination started the VM %s: the source stays paused", where)
             return True
+        try:
+            src = await qmp(qmp_path, lambda q: q.cmd("query-migrate").get("status"))
+        except Exception as e:
+            log.error("VMM migration in doubt %s: the source QEMU cannot be asked (%s): it stays as it is", where, e)
+            return False
+        if src == "completed" and dest is None:
+            log.error("VMM migration in doubt %s: the source QEMU completed its migration and the destination daemon "
+                      "cannot be asked whether its QEMU runs the guest: the source stays paused (vmm-status on both, "
+                      "then quit one QEMU)", where)
+            return False
         try:
             def resume(q):
                 st = q.cmd("query-migrate").get("status")
@@ -378,10 +392,10 @@ class VmmService:
                     q.cmd("cont")
                 return q.cmd("query-status")
             st = await qmp(qmp_path, resume)
-            log.warning("VMM migration %s failed: the source guest resumed (%s)", mid, st.get("status"))
+            log.warning("VMM migration failed %s: the source guest resumed (%s)", where, st.get("status"))
             return True
         except Exception as e:
-            log.error("VMM migration %s: could not resume the source QEMU: %s", mid, e)
+            log.error("VMM migration in doubt %s: could not resume the source QEMU: %s", where, e)
             return False
 
 
