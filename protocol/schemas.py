@@ -187,11 +187,31 @@ def _keep(rid: int, extra: frozenset[int]) -> bool:
     return rid in extra or rid in PLANNED_IDS or catalog().reg_class(rid) in PLANNED_CLASSES
 
 
+MAX_DOC_DEPTH = 32
+
+
+def _shallow(doc, what: str) -> None:
+    """A document nested deeper than MAX_DOC_DEPTH is refused before anything reads (or prints) it."""
+    level = [doc]
+    for _ in range(MAX_DOC_DEPTH + 1):
+        nxt = []
+        for x in level:
+            if isinstance(x, dict):
+                nxt.extend(x.values())
+            elif isinstance(x, list):
+                nxt.extend(x)
+        if not nxt:
+            return
+        level = nxt
+    raise SchemaError(f"{what}: nested deeper than {MAX_DOC_DEPTH} levels")
+
+
 def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCapabilities:
     """A capability document (daemon/probe.py, `invariantctl probe --json`) -> HostCapabilities.
 
     Keeps the values of ID / imp-ID / cache / FW registers plus `extra_ids` (register-list drift
     candidates named by the policy)."""
+    _shallow(doc, "capability document")
     if not isinstance(doc, dict):
         raise SchemaError("capability document: expected a JSON object")
     fmt = doc.get("format")
@@ -263,6 +283,7 @@ def vm_to_doc(vm: VmProfile) -> dict:
 
 
 def vm_from_doc(doc: dict) -> VmProfile:
+    _shallow(doc, "VM profile")
     if not isinstance(doc, dict):
         raise SchemaError("VM profile: expected a JSON object")
     if doc.get("format") != VM_FORMAT:
@@ -279,11 +300,19 @@ def vm_from_doc(doc: dict) -> VmProfile:
                 raise SchemaError(f"VM profile: unknown vCPU feature {f!r} (known: {', '.join(kvmabi.VCPU_FEATURES)})")
         impls = tuple(Implementation(_hex(i["midr"], "target_impls.midr"), _hex(i.get("revidr", 0), "revidr"),
                                      _hex(i.get("aidr", 0), "aidr")) for i in doc.get("target_impls", ()))
-        return VmProfile(name=str(doc.get("name", "vm")), revision=int(doc.get("revision", 1)), features=feats,
+        name, revision = doc.get("name", "vm"), doc.get("revision", 1)
+        if not isinstance(name, str) or len(name) > 256:
+            raise SchemaError(f"VM profile: name must be text of at most 256 characters, not {type(name).__name__}")
+        if not isinstance(revision, int) or isinstance(revision, bool) or not 0 <= revision < 1 << 32:
+            raise SchemaError(f"VM profile: revision must be an integer 0..2^32-1, not {str(revision)[:40]!r}")
+        kernel = doc.get("source_kernel", "")
+        if not isinstance(kernel, str):
+            raise SchemaError("VM profile: source_kernel must be text")
+        return VmProfile(name=name, revision=revision, features=feats,
                          values=tuple(sorted(values.items())),
                          reg_list=tuple(_reg_key(x, "reg_list") for x in doc.get("reg_list", ())),
                          target_impls=impls, seen_midrs=tuple(_hex(m, "seen_midrs") for m in doc.get("seen_midrs", ())),
-                         source_kernel=str(doc.get("source_kernel", "")))
+                         source_kernel=kernel)
     except KeyError as e:
         raise SchemaError(f"VM profile: missing {e.args[0]!r}") from None
     except (AttributeError, TypeError) as e:
