@@ -20,6 +20,9 @@ this process.
 
 Phases, source:      plan -> paused -> streamed -> released -> acked
 Phases, destination: plan -> preflight -> applied -> running
+QEMU migrations (daemon/vmm/service.py), role vmm-source: plan -> preflight -> ram -> switchover -> completed ->
+quit; role vmm-destination: prepared -> incoming. The QEMU keeps running whatever happens to this daemon; a
+restarted daemon finds it again by its QMP socket (`qmp`) and settles the migration (VmmService.settle_source).
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ HELD = ("running", "paused", "incoming", "in-doubt", "released")      # vms.VmSt
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS migrations (
     id TEXT PRIMARY KEY, vm TEXT NOT NULL, role TEXT NOT NULL, peer TEXT NOT NULL, digest TEXT NOT NULL,
-    phase TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL);
+    phase TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL,
+    qmp TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS migrations_open ON migrations(outcome);
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY, state TEXT NOT NULL, origin TEXT NOT NULL, migration TEXT NOT NULL,
@@ -64,6 +68,7 @@ class MigrationRecord:
     detail: str
     started: float
     updated: float
+    qmp: str = ""                  # a QEMU migration (roles vmm-source / vmm-destination): that QEMU's QMP socket
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -127,10 +132,14 @@ class Journal:
             return self.db.execute(sql, args).fetchall()
 
     # --- migrations
-    def begin(self, mid: str, vm: str, role: str, peer: str, digest: bytes = b"", phase: str = "plan") -> None:
+    def begin(self, mid: str, vm: str, role: str, peer: str, digest: bytes = b"", phase: str = "plan",
+              qmp: str = "") -> None:
         now = time.time()
-        self._exec("INSERT OR REPLACE INTO migrations VALUES (?,?,?,?,?,?,'open','',?,?)",
-                   (mid, vm, role, peer, digest.hex(), phase, now, now))
+        self._exec("INSERT OR REPLACE INTO migrations VALUES (?,?,?,?,?,?,'open','',?,?,?)",
+                   (mid, vm, role, peer, digest.hex(), phase, now, now, qmp))
+
+    def set_qmp(self, mid: str, qmp: str) -> None:
+        self._exec("UPDATE migrations SET qmp=?, updated=? WHERE id=?", (qmp, time.time(), mid))
 
     def step(self, mid: str, phase: str, digest: bytes | None = None) -> None:
         if digest is not None:
@@ -198,6 +207,11 @@ class Journal:
             self.vm(v.name, "lost", detail=f"died {v.state} with the daemon's process (restart at {now} UTC): "
                                            f"KVM state cannot outlive the process that created it")
         for m in was_open:
+            if m.role == "vmm-source":            # QEMU runs on: the resolver asks it and the destination
+                self.decide(m.id, "in-doubt", f"the daemon restarted during a QEMU migration at phase {m.phase}")
+                continue
+            if m.role == "vmm-destination":      # nothing to decide here: the source settles, asking our status
+                continue
             if m.role == "source":
                 if m.phase in ("released", "acked"):     # the destination decides; the resolver asks it
                     self.decide(m.id, "in-doubt", "released by the previous daemon process; its copy died with it")

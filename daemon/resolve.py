@@ -6,6 +6,10 @@ A VM is unresolved here when its migration broke at the commit step (daemon/peer
   copy) -> discard it; the source died holding it (lost) -> run it (ours is the only copy).
 - source: the VM is `released` and the journal says `in-doubt` (our Commit went out, no acknowledgement). It
   waits for the destination's answer: it runs (or ran) the VM -> committed; it never ran it -> run ours again.
+- a QEMU migration this daemon was the source of, in doubt (the daemon restarted during it, or the destination
+  could not be asked after the switchover): VmmService.settle_source asks the source QEMU (QMP) and the
+  destination daemon: before the switchover the source guest resumes; after it, the source QEMU quits once the
+  destination runs the guest, and waits (paused) while that cannot be known.
 The rule is vms.settle; this module only asks and acts. Until an answer decides, the VM stays as it is and
 `waiting[vm]` names what it waits for (shown by `invariantctl vms`): a peer that cannot be reached (asked again
 with backoff, up to every `max_interval` s), a peer not in [peers] (an operator must `resolve`), an answer that
@@ -19,13 +23,14 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
 from ..protocol import session as ps
 from . import tls
 from .config import PeerEntry
+from .journal import MigrationRecord
 from .logs import kv
 from .peer import PeerConfig, PeerError, inquire
 from .vms import ManagedVm, VmRegistry, VmState, settle
@@ -45,6 +50,7 @@ class Resolver:
     cfg: PeerConfig = PeerConfig()
     min_interval: float = 1.0
     max_interval: float = 30.0
+    vmm_settle: Callable[[MigrationRecord], Awaitable[tuple[str, str]]] | None = None   # QEMU migrations
     waiting: dict[str, str] = field(default_factory=dict)      # VM -> what it waits for
     resolved: list[str] = field(default_factory=list)          # recent decisions (bounded), for status and tests
     _next: dict[str, tuple[float, float]] = field(default_factory=dict)   # VM -> (next try, interval)
@@ -94,6 +100,8 @@ class Resolver:
         for rec in self.registry.journal.migrations("in-doubt"):
             if rec.id not in held and rec.role == "source":
                 out.append((None, "source", rec.id, rec.vm, rec.peer))
+            elif rec.role == "vmm-source" and self.vmm_settle is not None:
+                out.append((None, "vmm-source", rec.id, rec.vm, rec.peer))
         return out
 
     def poke(self) -> None:
@@ -103,6 +111,15 @@ class Resolver:
 
     async def settle_one(self, m: ManagedVm | None, role: str, mid: str, vm_id: str, peer: str) -> str:
         """Ask once and act. Returns the action taken (resume | discard | committed | lost) or "wait"."""
+        if role == "vmm-source":
+            rec = self.registry.journal.migration(mid)
+            action, why = await self.vmm_settle(rec)
+            if action == "wait":
+                self.waiting[vm_id] = f"waits: {why}"
+                return "wait"
+            self.waiting.pop(vm_id, None)
+            self._said(action, mid, vm_id, peer, why)
+            return action
         try:
             ans = await self.ask(peer, mid, vm_id)
         except ResolveError as e:
@@ -129,11 +146,14 @@ class Resolver:
             journal.step(mid, "acked")
             journal.decide(mid, "committed", f"resolved with {peer}: {why}")
         self.waiting.pop(vm_id, None)
+        self._said(action, mid, vm_id, peer, why)
+        return action
+
+    def _said(self, action: str, mid: str, vm_id: str, peer: str, why: str) -> None:
         line = f"{action} {kv(migration=mid, vm=vm_id, peer=peer)}: {why}"
         self.resolved.append(line)
         del self.resolved[:-100]
         (log.error if action == "lost" else log.warning)("resolved in-doubt: %s", line)
-        return action
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -553,7 +553,7 @@ class Orchestrator:
     async def vmm_status(self, mid: str) -> dict:
         return await self._vmm_call(self._vmm().status, mid)
 
-    async def _peer_rpc(self, name: str, method: str, *args):
+    async def peer_rpc(self, name: str, method: str, *args):
         """A call to a peer daemon's RPC, on one connection per peer kept open (a TLS handshake per call would
         slow the status polls of a QEMU migration); a connection that failed is dropped and made anew."""
         from ..client.rpc_client import Client, RpcError
@@ -599,7 +599,7 @@ class Orchestrator:
             try:
                 with mig.scope:
                     await svc.run_source(mig, vm, to_host, qmp, uri, dest_qmp, peer_caps=caps,
-                                         peer_call=self._peer_rpc, apply_timeout=self.cfg.timeouts.apply,
+                                         peer_call=self.peer_rpc, apply_timeout=self.cfg.timeouts.apply,
                                          commit_timeout=self.cfg.timeouts.commit)
                     mig.state, mig.result = "committed", "committed"
                     self.metrics.migration("committed")

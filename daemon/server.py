@@ -102,7 +102,8 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
         hub = AgentHub(cfg.agent.socket, metrics, hold=cfg.agent.hold)
         pol = default_policy()
         host = S.host_from_doc(caps, frozenset(pol.drift)) if caps.get("arch") == "aarch64" else None
-        vmm = VmmService(hub, backend=backend, host=host, policy=pol, metrics=metrics, apply_timeout=cfg.timeouts.apply)
+        vmm = VmmService(hub, backend=backend, host=host, policy=pol, metrics=metrics, apply_timeout=cfg.timeouts.apply,
+                         journal=journal)
     if cfg.rpc.enabled:
         from .rpc import Orchestrator
         key = cfg.peer.key or None
@@ -110,6 +111,8 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                             client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca),
                             rpc_client_ctx=tls.client_context(cfg.peer.cert, key, cfg.peer.ca) if cfg.rpc.tls
                             else None, vmm=vmm, resolver=resolver)
+        if vmm is not None:
+            resolver.vmm_settle = partial(vmm.settle_source, peer_call=orch.peer_rpc)
 
     async def on_peer(stream, who):
         inflight[0] += 1

@@ -29,6 +29,8 @@ def test_durable_wal_and_reopened(tmp_path):
 @pytest.mark.parametrize("role,phase,after", [
     ("source", "plan", "lost"), ("source", "paused", "lost"), ("source", "released", "in-doubt"),
     ("destination", "plan", "aborted"), ("destination", "applied", "lost"), ("destination", "running", "committed"),
+    ("vmm-source", "switchover", "in-doubt"),       # QEMU runs on: the resolver settles it (settle_source)
+    ("vmm-destination", "incoming", "open"),        # the source settles it, asking our status (journal's qmp)
 ])
 def test_restart_closes_open_migrations(tmp_path, role, phase, after):
     j = Journal(str(tmp_path / "j.db"))

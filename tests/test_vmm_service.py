@@ -115,3 +115,51 @@ async def test_incoming_waits_for_a_destination_qemu_that_is_still_starting(tmp_
         n.start_soon(late)
         out = await svc.listen("m-1", path, "tcp:0.0.0.0:4444")
     assert out["status"]["status"] == "running"
+
+
+# --- settling an in-doubt QEMU migration (a daemon restarted during it, or could not ask after the switchover) ----
+def _row(svc, fq, phase):
+    svc.journal.begin("m-9", "web-1", "vmm-source", "b", b"\1" * 32, phase, qmp=fq.path)
+    svc.journal.decide("m-9", "in-doubt", "restart")
+    return svc.journal.migration("m-9")
+
+
+def _dest(answer):
+    async def call(peer, method, mid):
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    return call
+
+
+async def test_settle_before_the_switchover_resumes_the_source(tmp_path):
+    fq = FakeQemu(str(tmp_path / "q.sock"), states=("pre-switchover",))
+    fq.running = False
+    svc = source_service()
+    action, why = await svc.settle_source(_row(svc, fq, "switchover"), _dest(VmmError("unreachable", "down")))
+    assert action == "resumed" and fq.names() == ["migrate_cancel"] and fq.running    # cancel resumes the guest
+    assert svc.journal.migration("m-9").outcome == "aborted"
+
+
+async def test_settle_after_a_completed_migration_quits_the_source_once_the_destination_runs(tmp_path):
+    fq = FakeQemu(str(tmp_path / "q.sock"), states=("completed",))
+    fq.running = False
+    svc = source_service()
+    row = _row(svc, fq, "completed")
+    action, why = await svc.settle_source(row, _dest(VmmError("unreachable", "connection refused")))
+    assert action == "wait" and "cannot be asked" in why and fq.names() == []          # never resumed unasked
+    action, why = await svc.settle_source(row, _dest(dict(OK, qemu={"status": "paused"})))
+    assert action == "wait" and "holds the whole guest but is paused" in why and fq.names() == []
+    action, why = await svc.settle_source(row, _dest(dict(RUNNING, qemu={"status": "running"})))
+    assert action == "committed" and fq.names() == ["quit"]
+    assert svc.journal.migration("m-9").outcome == "committed"
+
+
+async def test_settle_with_the_source_qemu_gone(tmp_path):
+    svc = source_service()
+    gone = SimpleNamespace(path=str(tmp_path / "none.sock"))
+    row = _row(svc, gone, "quit")                        # it quit as told, then the daemon died
+    assert (await svc.settle_source(row, _dest(VmmError("unreachable", "x"))))[0] == "committed"
+    row = _row(svc, gone, "ram")
+    assert (await svc.settle_source(row, _dest(VmmError("unreachable", "x"))))[0] == "wait"
+    assert (await svc.settle_source(row, _dest(dict(OK, qemu={"status": "inmigrate"}))))[0] == "lost"

@@ -37,6 +37,7 @@ from ...protocol import schemas as S
 from ...protocol.negotiate import negotiate
 from ...protocol.program import ProgramError, compile_plan
 from ..apply import ApplyError, apply_vm, plan_deviations
+from ..journal import Journal, MigrationRecord
 from ..kvm.backend import VcpuInit
 from ..logs import kv
 from ..peer import vm_profile
@@ -108,6 +109,11 @@ def profile_from_agent(rec: VmmRecord, backend, policy) -> S.VmProfile:
                        prof.target_impls, prof.seen_midrs, prof.source_kernel)
 
 
+#: query-migrate states in which the destination cannot have the guest's device state, let alone run it
+BEFORE_SWITCHOVER = frozenset({None, "none", "setup", "active", "pre-switchover", "failed", "cancelled",
+                               "cancelling"})
+
+
 def status_of(rec: VmmRecord | None) -> dict:
     """What the source waits on: the destination agent's program, its read-backs, its failures."""
     if rec is None:
@@ -131,9 +137,10 @@ class VmmService:
     `peer_caps(peer)` returns its HostCapabilities."""
 
     def __init__(self, hub: AgentHub, *, backend, host: S.HostCapabilities | None, policy, metrics=None,
-                 apply_timeout: float = 60.0) -> None:
+                 apply_timeout: float = 60.0, journal: Journal | None = None) -> None:
         self.hub, self.backend, self.host, self.policy, self.metrics = hub, backend, host, policy, metrics
         self.apply_timeout = apply_timeout
+        self.journal = journal if journal is not None else Journal()
         self.incoming: dict[str, Incoming] = {}
 
     # --- destination ----------------------------------------------------------------------------------------------
@@ -167,6 +174,7 @@ class VmmService:
         except ProgramError as e:
             raise VmmError("internal", f"the plan cannot be compiled for the agent: {e}") from None
         self.incoming[migration] = Incoming(migration, vm, plan.digest)
+        self.journal.begin(migration, vm, "vmm-destination", "", plan.digest, "prepared")
         for old in list(self.incoming)[:-KEEP_INCOMING]:          # bounded: the oldest records go first
             del self.incoming[old]
         log.info("VMM migration planned here %s: %d registers, cap 239 %s; waiting for its QEMU",
@@ -180,6 +188,8 @@ class VmmService:
         if inc is None:
             raise VmmError("notFound", f"no VMM migration {migration!r} was prepared here")
         inc.qmp = qmp_path
+        self.journal.step(migration, "incoming")
+        self.journal.set_qmp(migration, qmp_path)
 
         def steps(q):
             _caps(q, ["return-path"])
@@ -200,6 +210,10 @@ class VmmService:
 
     async def status(self, migration: str) -> dict:
         inc = self.incoming.get(migration)
+        if inc is None:                      # prepared by a previous process of this daemon: the journal knows
+            rec = self.journal.migration(migration)
+            if rec is not None and rec.role == "vmm-destination":
+                inc = Incoming(migration, rec.vm, bytes.fromhex(rec.digest), rec.qmp)
         rec = self.hub.find(migration=migration, role=W.Role.DESTINATION)
         out = status_of(rec)
         out["qemu"] = None
@@ -235,6 +249,19 @@ class VmmService:
                 f"{e.register}{'.' + e.field if e.field else ''}: {e.reason}" for e in plan.entries
                 if e.verdict.value == "refuse")[:2000])
         mig.phase = "preflight"
+        self.journal.begin(mig.id, vm, "vmm-source", peer, plan.digest, "preflight", qmp=qmp_path)
+        try:
+            await self._run_source(mig, vm, peer, qmp_path, uri, dest_qmp, plan, profile, peer_call, apply_timeout,
+                                   commit_timeout)
+        except BaseException as e:
+            if self.journal.migration(mig.id) and self.journal.migration(mig.id).outcome == "open":
+                self.journal.decide(mig.id, "in-doubt" if mig.result == "in-doubt" else "aborted",
+                                    f"{type(e).__name__}: {e}")
+            raise
+        self.journal.decide(mig.id, "committed")
+
+    async def _run_source(self, mig, vm, peer, qmp_path, uri, dest_qmp, plan, profile, peer_call, apply_timeout,
+                          commit_timeout) -> None:
         await peer_call(peer, "prepare_vmm", vm, mig.id, S.vm_to_bytes(profile), plan.digest)
         if dest_qmp:
             await peer_call(peer, "incoming_vmm", mig.id, dest_qmp, listen_uri(uri))
@@ -242,6 +269,7 @@ class VmmService:
         first = await self._until(peer_call, peer, mig.id, "applied", apply_timeout,
                                   "the destination QEMU's agent did not report the plan applied and read back", mig)
         mig.phase = "ram"
+        self.journal.step(mig.id, "ram")
         resumed = False
         try:
             st = await self._ram_and_switchover(mig, qmp_path, uri, peer_call, peer, apply_timeout, first)
@@ -252,6 +280,7 @@ class VmmService:
             if st["status"] != "completed":
                 raise VmmError("migrationFailed", f"QEMU migration {st['status']}: {st.get('error-desc', '')}")
             mig.phase = "commit"
+            self.journal.step(mig.id, "completed")
             d = await self._until(peer_call, peer, mig.id, "running", commit_timeout, "", mig)
             if d is None or not d["running"]:
                 q = (d or {}).get("qemu") or {}
@@ -260,6 +289,7 @@ class VmmService:
                                 "committing on QEMU's word", kv(migration=mig.id, vm=mig.vm, peer=peer))
                 else:
                     raise VmmError("migrationFailed", f"the destination never ran the VM (QEMU {q.get('status')})")
+            self.journal.step(mig.id, "quit")     # before: a restarted daemon finding no source QEMU knows why
             try:
                 await qmp(qmp_path, lambda q: q.cmd("quit"))
             except VmmError:
@@ -319,6 +349,7 @@ class VmmService:
                     if why:
                         q.cmd("migrate_cancel")
                         return {**q.cmd("query-migrate"), "refused": why}
+                    self.journal.step(mig.id, "switchover")   # from here the destination may run the guest
                     q.cmd("migrate-continue", state="pre-switchover")
                     while time.monotonic() < deadline:
                         st = q.cmd("query-migrate")
@@ -358,6 +389,65 @@ class VmmService:
                 if st.get("status") in want:
                     return st
                 await trio.sleep(QUERY_INTERVAL)
+
+    async def settle_source(self, rec: MigrationRecord, peer_call) -> tuple[str, str]:
+        """An in-doubt QEMU migration this daemon was the source of (its journal row): ask the source QEMU and the
+        destination daemon, act, and say what was done: resumed (the source guest runs again) | committed (the
+        destination runs it; the source QEMU is told to quit) | lost | wait (`why` names what it waits for).
+        Before the switchover the destination cannot run the guest, so the source resumes; after it, the source
+        resumes only when the destination's QEMU is known not to have the guest running."""
+        mid, where = rec.id, kv(migration=rec.id, vm=rec.vm, peer=rec.peer)
+        try:
+            dest = await peer_call(rec.peer, "vmm_status", mid)
+        except Exception as e:             # noqa: BLE001 - any failure to ask is "cannot ask"
+            dest, why_not = None, str(getattr(e, "message", e))
+        else:
+            why_not = ""
+        dq = ((dest or {}).get("qemu") or {}).get("status")
+        dest_runs = dq == "running" or bool((dest or {}).get("running"))
+        try:
+            src, run = await qmp(rec.qmp, lambda q: (q.cmd("query-migrate").get("status"),
+                                                     q.cmd("query-status").get("status")), timeout=5.0)
+        except VmmError as e:
+            if dest_runs or rec.phase == "quit":
+                self.journal.decide(mid, "committed", "the source QEMU is gone; the destination runs the guest")
+                return "committed", "the source QEMU is gone and the destination runs the guest"
+            if dest is None:
+                return "wait", f"the source QEMU is gone ({e.message}) and {rec.peer} cannot be asked ({why_not})"
+            self.journal.decide(mid, "lost", f"the source QEMU is gone ({e.message}); the destination's QEMU is {dq}")
+            return "lost", f"the source QEMU is gone and the destination's QEMU is {dq or 'unknown'}"
+        if run == "running":
+            self.journal.decide(mid, "aborted", "the source QEMU runs the guest")
+            return "resumed", "the source QEMU runs the guest"
+        if dest_runs:
+            self.journal.step(mid, "quit")
+            try:
+                await qmp(rec.qmp, lambda q: q.cmd("quit"))
+            except VmmError:
+                pass
+            self.journal.decide(mid, "committed", "the destination runs the guest: the source QEMU quit")
+            return "committed", "the destination runs the guest: the source QEMU was told to quit"
+        if src not in BEFORE_SWITCHOVER:       # device (the switchover under way) or completed
+            if dest is None:
+                return "wait", (f"the source QEMU's migration is {src} and {rec.peer} cannot be asked whether its QEMU "
+                                f"runs the guest ({why_not})")
+            if src != "completed":
+                return "wait", f"the source QEMU's migration is {src} (the switchover is under way)"
+            return "wait", (f"the destination QEMU holds the whole guest but is {dq or 'not reachable there'}: run it "
+                            f"there (cont) or quit it, then this settles")
+        def resume(q):
+            if src in ("active", "pre-switchover", "device", "setup"):
+                q.cmd("migrate_cancel")
+            if q.cmd("query-status").get("status") != "running":
+                q.cmd("cont")
+        try:
+            await qmp(rec.qmp, resume, timeout=5.0)
+        except VmmError as e:
+            return "wait", f"could not resume the source QEMU: {e.message}"
+        self.journal.decide(mid, "aborted", f"resumed the source guest (its migration was {src} before the "
+                                            f"switchover)")
+        log.warning("VMM migration settled %s: the source guest resumed (migration %s)", where, src)
+        return "resumed", f"the source guest resumed (its migration was {src}, before the switchover)"
 
     async def _resume_source(self, qmp_path, peer_call, peer, mid) -> bool:
         """After a failure: the source guest runs again unless the destination runs it or may. True = resolved;
