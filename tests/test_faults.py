@@ -22,6 +22,7 @@ from invariantd.daemon.pki import make_pki
 from invariantd.client.rpc_client import Client, RpcError
 
 VM = "vm-f"
+COMMIT = 3                 # s: the commit timeout (a stopped peer is waited for this long); the others are ample
 DAEMON = "import sys; from invariantd.daemon.server import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -56,10 +57,10 @@ listen = ""
 port = 0
 unix = "{self.sock}"
 [timeouts]
-handshake = 2
-phase = 2
-apply = 3
-commit = 2
+handshake = 5
+phase = 5
+apply = 10
+commit = {COMMIT}
 drain = 1
 [journal]
 path = "{self.db}"
@@ -215,7 +216,7 @@ def test_a_peer_stopped_past_every_timeout(pair, point, holder):
         c.create_vm(VM, 2)
         c.migrate(VM, "node-b")
     victim.wait_stopped()
-    time.sleep(3)                                      # past the commit timeout: the other side is in doubt now
+    time.sleep(COMMIT + 1.5)                           # past the commit timeout: the other side is in doubt now
     other = b if victim is a else a
     assert other.state() in ("in-doubt", "released")   # it waits, paused: it neither runs nor drops the VM
     assert len(runnable(a, b)) == 0

@@ -25,7 +25,7 @@ enum ErrorKind {
   kvm @6;              # KVM ioctl or apply error (exit 5)
   migrationFailed @7;  # migration aborted, cancelled or in doubt (exit 7)
   internal @8;         # daemon bug (exit 1)
-  forbidden @9;        # the caller's role may not call this, or its quota is used up (exit 6)
+  forbidden @9;        # the caller's role may not call this, or its quota is used up (exit 8)
 }
 
 struct Error {
