@@ -650,13 +650,16 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
 async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backend, registry: VmRegistry,
                           caps_doc: dict, cfg: PeerConfig = PeerConfig(), metrics: Metrics | None = None,
                           plan_checker: PlanChecker | None = None,
-                          policy: Policy | None = None) -> MigrationResult | None:
+                          policy: Policy | None = None,
+                          preplan_slots: trio.Semaphore | None = None) -> MigrationResult | None:
     """Destination side of one connection. Returns the result, or None when the migration did not complete
     (the reason is logged and was sent to the source).
 
     caps_doc: this host's capability document (daemon/probe.py); sent as HostCapabilities and used to
     recompute the plan. policy: the negotiation policy (default: the shipped one; must be the source's).
-    plan_checker(plan, vm_profile): an extra veto after the plan was agreed (raise ValueError to refuse)."""
+    plan_checker(plan, vm_profile): an extra veto after the plan was agreed (raise ValueError to refuse).
+    preplan_slots: connections that may be before their plan at once (each may buffer a pre-plan frame, up to
+    Limits.max_preplan_frame_bytes); the others wait, their bytes in the kernel, up to the handshake timeout."""
     conn = Conn(stream, ps.Session(ps.DESTINATION, cfg.limits, cfg.versions), metrics)
     m = metrics or Metrics()
     pol = policy or default_policy()
@@ -664,7 +667,17 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
     result = None
     mvm: ManagedVm | None = None
     committed = begun = False
+    slot = [None]
+
+    def release_slot() -> None:
+        if slot[0] is not None:
+            slot[0].release()
+            slot[0] = None
     try:
+        if preplan_slots is not None:
+            with trio.fail_after(cfg.handshake_timeout):
+                await preplan_slots.acquire()
+            slot[0] = preplan_slots
         try:
             host = await trio.to_thread.run_sync(host_capabilities, caps_doc, backend, pol)
         except S.SchemaError as e:
@@ -679,6 +692,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             prop = await conn.expect(ps.PlanProposal, ps.Inquiry)
             if isinstance(prop, ps.Inquiry):
                 ans = answer_inquiry(registry, prop)
+                release_slot()
                 await conn.send(ans)
                 log.info("inquiry answered %s: %s at %s, VM %s here", kv(migration=ans.migration_id, vm=ans.vm_id,
                                                                           peer=peer),
@@ -714,6 +728,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                 raise PeerError("plan", f"plan refused: {e}") from None
             journal.begin(prop.migration_id, prop.vm_id, "destination", peer, plan.digest)
             begun = True
+            release_slot()
             await failpoints.hit("destination.accepted")
             await conn.send(ps.PlanAccept(prop.migration_id, plan.digest))
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
@@ -828,3 +843,5 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         if err is None:
             raise                             # a bug or cancellation: let it propagate
         return None
+    finally:
+        release_slot()

@@ -29,6 +29,7 @@ from .resolve import Resolver
 from .vms import VmRegistry
 
 log = logging.getLogger("invariantd")
+PREPLAN_SLOTS = 16          # incoming connections before their plan at once (x 256 KiB frames: 4 MiB at most)
 
 
 def sd_notify(state: str) -> bool:
@@ -92,6 +93,7 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
 
     inflight = [0]
     idle = trio.Event()
+    preplan = trio.Semaphore(PREPLAN_SLOTS)
     orch = None
     hub = vmm = None
     if cfg.agent.socket:
@@ -118,7 +120,7 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
         inflight[0] += 1
         try:
             await handle_incoming(stream, who, backend=backend, registry=registry, caps_doc=caps, cfg=pcfg,
-                                  metrics=metrics)
+                                  metrics=metrics, preplan_slots=preplan)
             if resolver.unresolved():
                 resolver.poke()
         finally:

@@ -15,8 +15,8 @@ from .errors import RemoteProtocolError
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_frame_bytes: int = 8 << 20          # one message, header included
-    max_preplan_frame_bytes: int = 2 << 20  # until the plan is agreed (Hello, Capabilities, PlanProposal): what an
-                                            # authenticated peer may make a daemon buffer before anything is planned
+    max_preplan_frame_bytes: int = 256 << 10  # until the plan is agreed (Hello, Capabilities, PlanProposal: ~10 KiB
+                                            # each, measured): what a peer may make a daemon buffer before a plan
     max_segments: int = 64
     traversal_limit_in_words: int = 4 << 20  # words the decoder may visit in one message (amplification bound)
     nesting_limit: int = 16

@@ -342,3 +342,12 @@ def test_an_acknowledgement_for_another_stream_is_refused():
     pair.send(S, Commit("m-1", end.digest))
     with pytest.raises(LocalProtocolError, match="Commit digest differs"):
         pair.s[D].send(Commit("m-1", bytes(32)))
+
+
+def test_a_large_frame_before_the_plan_is_refused_from_its_header():
+    """Until the plan is agreed a peer may make the daemon buffer at most Limits.max_preplan_frame_bytes."""
+    d = Session(ps.DESTINATION)
+    header = struct.pack("<II", 0, (1 << 20) // 8)              # one segment of 1 MiB: fine after the plan
+    d.receive_data(header)
+    with pytest.raises(RemoteProtocolError, match="limit is 262144 until the plan is agreed"):
+        d.next_event()
