@@ -699,7 +699,7 @@ def _fill_status(b, d: dict) -> None:
         b.error.kind, b.error.message = d["error"][0], d["error"][1][:8000]
 
 
-def _impl_class():
+def impl_class():
     from ..client.rpc_client import rpc_schema
     rpc = rpc_schema()
 

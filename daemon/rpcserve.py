@@ -23,7 +23,7 @@ import outcome
 import trio
 
 from . import tls
-from .rpc import Caller, Orchestrator, RpcFailure, _impl_class
+from .rpc import Caller, Orchestrator, RpcFailure, impl_class
 
 log = logging.getLogger("invariantd.rpc")
 
@@ -72,7 +72,7 @@ class CapnpThread:
 
     def _main(self) -> None:
         import capnp
-        self._impl = _impl_class()
+        self._impl = impl_class()
 
         async def main():
             self.loop = asyncio.get_running_loop()

@@ -42,8 +42,7 @@ struct IdRegister {
 
 struct VmInfo {
   name @0 :Text;
-  state @1 :Text;           # running | paused | released | incoming | in-doubt | lost (journal: died with a
-                            # previous daemon process; listVms with unresolved only)
+  state @1 :Text;           # running | paused | released | incoming | in-doubt
   nVcpus @2 :UInt32;
   features @3 :List(Text);  # vCPU init features (arm64), e.g. PSCI_0_2
   arch @4 :Text;
