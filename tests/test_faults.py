@@ -96,13 +96,14 @@ path = "{self.db}"
             return {v["name"]: v for v in c.list_vms()}
 
     def state(self) -> str | None:
-        """The VM's state here; None when not held (or the daemon is down / stopped)."""
+        """The VM's state here; None when not held or the daemon is down; "unknown" when a running daemon did not
+        answer (a stopped one, or a slow one under load: asked again by settle)."""
         if self.proc is None or self.proc.poll() is not None:
             return None
         try:
             v = self.vms().get(VM)
         except RpcError:
-            return None
+            return "unknown"
         return v["state"] if v else None
 
     def journal_vm(self) -> str:
@@ -157,7 +158,7 @@ def settle(a: Daemon, b: Daemon, timeout: float = 25) -> list[str]:
         where = runnable(a, b)
         assert len(where) <= 1, f"runnable on {where}"
         states = {a.state(), b.state()}
-        if not states & {"in-doubt", "paused", "incoming"} and a.outcome() not in ("open", "in-doubt"):
+        if not states & {"in-doubt", "paused", "incoming", "unknown"} and a.outcome() not in ("open", "in-doubt"):
             return where
         if time.monotonic() > deadline:
             raise AssertionError(f"unresolved after {timeout}s: a={a.state()} b={b.state()}; "
