@@ -834,7 +834,8 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             if begun:
                 journal.decide(prop.migration_id, "aborted", str(err) if err else _describe(e))
             if mvm is not None:
-                registry.remove(mvm.vm_id, "discarded: the migration aborted before our Commit")
+                registry.remove(mvm.vm_id, "discarded: the source aborted and kept the VM" if source_kept else
+                                "discarded: the migration aborted before our Commit")
             m.migration("aborted")
             log.warning("incoming migration aborted %s: %s", kv(migration=prop.migration_id if begun else "",
                                                                  vm=prop.vm_id if begun else "", peer=peer),

@@ -245,3 +245,22 @@ def test_cut_at_each_step(pair, point, holder):
     migrate(a)
     assert settle(a, b) == [holder]
     assert a.proc.poll() is None and b.proc.poll() is None
+
+
+def test_cancel_while_the_destination_applies(pair):
+    """The operator cancels while the destination holds the applied VM: the source resumes it, and its Abort tells
+    the destination to discard its copy at once (not to keep it in doubt)."""
+    a, b = pair
+    start_with(a, b, "destination.applied", "sleep:2")
+    with a.client() as c:
+        c.create_vm(VM, 2)
+        mid = c.migrate(VM, "node-b")
+        deadline = time.monotonic() + 10
+        while c.status(mid)["phase"] not in ("apply", "commit") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        c.cancel(mid)
+        st = c.wait(mid, 10000)
+    assert st["state"] == "cancelled"
+    time.sleep(2.5)                                     # the destination leaves its failpoint and reads the Abort
+    assert settle(a, b) == ["node-a"]
+    assert b.state() is None and "discarded: the source aborted and kept the VM" in b.journal_vm()
