@@ -625,6 +625,8 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
                                             f"runs it or holds it paused in-doubt: {_wrap(e) or _describe(e)}") from e
         journal.step(mid, "acked")
         journal.decide(mid, "committed")
+        if (conn.session.version or 1) >= ps.ACKED_COMMIT_SINCE:
+            registry.free_released(vm_id, f"the destination {peer or ''} acknowledged: it runs the VM")
         m.migration("committed")
         log.info("migration committed %s: the destination runs the VM", kv(migration=mid, vm=vm_id, peer=peer))
         return MigrationResult(mid, vm_id, "committed", [], end.digest)

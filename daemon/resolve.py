@@ -142,9 +142,11 @@ class Resolver:
         elif action == "discard":
             journal.decide(mid, "aborted", f"resolved with {peer}: {why}")
             self.registry.remove(vm_id, f"discarded by resolution with {peer}")
-        else:                                # committed: the destination runs it; a released copy here stays
+        else:                                # committed: the destination runs it; our copy's state goes
             journal.step(mid, "acked")
             journal.decide(mid, "committed", f"resolved with {peer}: {why}")
+            if m is not None:
+                self.registry.free_released(vm_id, f"{peer} runs the VM (resolved)")
         self.waiting.pop(vm_id, None)
         self._said(action, mid, vm_id, peer, why)
         return action

@@ -297,7 +297,7 @@ class Orchestrator:
 
     def _info(self, m: ManagedVm, detail: bool = False) -> dict:
         names = {v: k for k, v in abi.VCPU_FEATURES.items()}
-        d = {"name": m.vm_id, "state": m.state.value, "vcpus": len(m.vcpus),
+        d = {"name": m.vm_id, "state": m.state.value, "vcpus": m.n_vcpus,
              "features": [names.get(f, str(f)) for f in (m.init.features if m.init else ())],
              "arch": self.backend.arch, "origin": getattr(m, "origin", ""), "history": list(m.history),
              "id_registers": [], "register_count": 0, "waiting": self.resolver.waiting.get(m.vm_id, ""),
@@ -369,9 +369,9 @@ class Orchestrator:
             mine = [m for n, m in self.registry.vms.items() if self.owners.get(n) == caller.name
                     and m.state.value != "released"]
             vms_max, vcpus_max = self.cfg.rpc.max_vms_per_caller, self.cfg.rpc.max_vcpus_per_caller
-            if len(mine) + 1 > vms_max or sum(len(m.vcpus) for m in mine) + n_vcpus > vcpus_max:
+            if len(mine) + 1 > vms_max or sum(m.n_vcpus for m in mine) + n_vcpus > vcpus_max:
                 raise RpcFailure("forbidden", f"{caller.name} holds {len(mine)} VMs / "
-                                              f"{sum(len(m.vcpus) for m in mine)} vCPUs here; one more of {n_vcpus} "
+                                              f"{sum(m.n_vcpus for m in mine)} vCPUs here; one more of {n_vcpus} "
                                               f"vCPU(s) exceeds its quota ({vms_max} VMs, {vcpus_max} vCPUs: "
                                               f"rpc.max_vms_per_caller / max_vcpus_per_caller)")
         init = None

@@ -55,6 +55,11 @@ class ManagedVm:
     journal: Journal | None = None          # the registry's: every state change is written there first
     migration: str = ""                     # the migration that last moved it (journal)
     peer: str = ""
+    n_vcpus: int = 0                        # kept when the vCPUs are freed (free())
+    freed: str = ""                         # why its KVM state was freed ("" = held)
+
+    def __post_init__(self) -> None:
+        self.n_vcpus = self.n_vcpus or len(self.vcpus)
 
     def _to(self, new: VmState, allowed: Sequence[VmState]) -> None:
         if self.state not in allowed:
@@ -79,7 +84,20 @@ class ManagedVm:
 
     def reclaim(self) -> None:
         """A released VM runs here again: only when its peer confirmed it holds no copy (resolve)."""
+        if self.freed:
+            raise VmStateError(f"VM {self.vm_id}: nothing to resume here: {self.freed}")
         self._to(VmState.RUNNING, (VmState.RELEASED,))
+
+    def free(self, why: str) -> None:
+        """A released VM whose destination acknowledged it (it runs there): its KVM state goes (the record stays,
+        its history and migration, until removed). Resuming that pause-time copy later would run a stale guest."""
+        if self.state is not VmState.RELEASED:
+            raise VmStateError(f"VM {self.vm_id}: only a released VM's state is freed, not a {self.state.value} one")
+        self.close()
+        self.vcpus = {}
+        self.freed = why
+        if self.journal is not None:
+            self.journal.vm(self.vm_id, self.state.value, detail=f"state freed: {why}")
 
     @property
     def runnable(self) -> bool:
@@ -243,6 +261,19 @@ class VmRegistry:
         else:
             m.resume()
         return m
+
+    MAX_FREED = 256
+
+    def free_released(self, vm_id: str, why: str) -> None:
+        """Free a released VM's KVM state (ManagedVm.free); at most MAX_FREED such records are kept, the oldest
+        dropped first (the journal keeps every one)."""
+        m = self.vms.get(vm_id)
+        if m is None or m.freed:
+            return
+        m.free(why)
+        freed = [n for n, x in self.vms.items() if x.freed]
+        for n in freed[:-self.MAX_FREED]:
+            del self.vms[n]
 
     def close(self) -> None:
         """The daemon stops: its own VMs die with the process. The journal says so (state `lost`), so that a

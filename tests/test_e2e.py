@@ -46,13 +46,17 @@ class Recording(Passthrough, trio.abc.Stream):
 
 
 def snapshot(node, vm_id="vm-1"):
-    return read_vm(node.registry.get(vm_id).vcpus)
+    """The VM's registers on `node`; for a VM released by a committed migration (its state is then freed), the
+    registers it had when it left (taken by migrate())."""
+    m = node.registry.get(vm_id)
+    return node.left[vm_id] if m.freed else read_vm(m.vcpus)
 
 
 async def migrate(nursery, pki, src_spec, dst, *, vcpus=2, regs=None, wrap=None, **kw):
     """Source VM on `src_spec`, destination `dst` (a spec or a Node). -> (a, b, result or PeerError, recording)."""
     a = Node(SimHost(src_spec), pki, "node-a")
     a.registry.create("vm-1", vcpus, regs=regs)
+    a.left = {"vm-1": snapshot(a)}
     b = dst if isinstance(dst, Node) else Node(SimHost(dst), pki)
     a.plans = []
     _, port = await b.listen(nursery)

@@ -242,6 +242,9 @@ async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm, caplog):
         stream = await tls.connect("127.0.0.1", port, tls.client_context(pki["node-a"], None, pki["ca"]),
                                    server_hostname="localhost")
         plans = []
+        src1 = reg_a.get("vm-x").vcpus[1]
+        ids = [i for i in src1.reg_list() if i != TSC]
+        src_vals = src1.get_regs(ids)[0]
         res = await migrate_out(stream, reg_a, "vm-x", cfg=CFG, metrics=Metrics(), on_plan=plans.append)
         await stream.aclose()
         with trio.fail_after(5):
@@ -253,9 +256,7 @@ async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm, caplog):
         assert r.result == "committed" and r.digest == res.digest
         vm_b = b.registry.get("vm-x")
         assert vm_b.state is VmState.RUNNING and sorted(vm_b.vcpus) == [0, 1]
-        src1, dst1 = reg_a.get("vm-x").vcpus[1], vm_b.vcpus[1]
-        ids = [i for i in src1.reg_list() if i != TSC]
-        assert dst1.get_regs(ids)[0] == src1.get_regs(ids)[0]
+        assert vm_b.vcpus[1].get_regs(ids)[0] == src_vals
         # the TSC read-backs were reported (one per vCPU), not hidden
         assert sorted(e.vcpu for e in r.events if e.action == "readback-adjusted") == [0, 1]
         # ... and logged once per register, not once per vCPU (a 256-vCPU VM gets one line)

@@ -69,18 +69,19 @@ async def test_identical_hosts_commit(nursery, pki):
     a, b = source(pki), Node(sim(), pki)
     lst, port = await b.listen(nursery)
     stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
+    src = a.registry.get("vm-1").vcpus[1]
+    ids = src.reg_list()
+    src_regs = dict(zip(ids, src.get_regs(ids)[0]))
     res = await migrate_out(stream, a.registry, "vm-1", cfg=CFG, metrics=a.metrics)
     await stream.aclose()
     with trio.fail_after(5):
         await b.done.wait()
     assert res.result == "committed" and a.registry.get("vm-1").state is VmState.RELEASED
+    assert a.registry.get("vm-1").freed and a.registry.get("vm-1").vcpus == {}     # acknowledged: its state went
     [r] = b.results
     assert r.result == "committed" and r.digest == res.digest
     vm_b = b.registry.get("vm-1")
     assert vm_b.state is VmState.RUNNING and sorted(vm_b.vcpus) == [0, 1]
-    src = a.registry.get("vm-1").vcpus[1]
-    ids = src.reg_list()
-    src_regs = dict(zip(ids, src.get_regs(ids)[0]))
     dst = vm_b.vcpus[1]
     assert {r: dst.get_reg(r) for r in src_regs} == src_regs
     assert b.metrics.migrations.labels("committed")._value.get() == 1
