@@ -155,10 +155,11 @@ def settle(a: Daemon, b: Daemon, timeout: float = 25) -> list[str]:
     """Wait until nothing is left to resolve; assert at every look that the VM is never runnable on two hosts."""
     deadline = time.monotonic() + timeout
     while True:
-        where = runnable(a, b)
+        outcome = a.outcome()                 # first: a settled outcome is never older than the states below
+        sa, sb = a.state(), b.state()
+        where = [d.node for d, st in ((a, sa), (b, sb)) if st == "running"]
         assert len(where) <= 1, f"runnable on {where}"
-        states = {a.state(), b.state()}
-        if not states & {"in-doubt", "paused", "incoming", "unknown"} and a.outcome() not in ("open", "in-doubt"):
+        if not {sa, sb} & {"in-doubt", "paused", "incoming", "unknown"} and outcome not in ("open", "in-doubt"):
             return where
         if time.monotonic() > deadline:
             raise AssertionError(f"unresolved after {timeout}s: a={a.state()} b={b.state()}; "
