@@ -6,7 +6,9 @@ daemon at an exact step of a migration. Off unless the environment says otherwis
 
 Actions: kill (SIGKILL this process: nothing runs after it, as with kill -9), stop (SIGSTOP: a peer that stops
 answering past every timeout; SIGCONT resumes it), sleep:SECONDS, cut (the peer connection breaks here: raises
-trio.BrokenResourceError). Points (daemon/peer.py; the phase names are the journal's, daemon/journal.py):
+trio.BrokenResourceError). Two points cut the byte stream instead: source.bytes=cut:N and destination.bytes=cut:N
+write the first N bytes that side sends on a migration's connection, then break it (peer.Conn). Points
+(daemon/peer.py; the phase names are the journal's, daemon/journal.py):
 
     source.proposed       the plan is journaled, the proposal not yet sent
     source.paused         the VM is paused, nothing streamed
@@ -28,7 +30,7 @@ import trio
 
 POINTS = ("source.proposed", "source.paused", "source.streamed", "source.released", "source.committed",
           "destination.accepted", "destination.streamed", "destination.applied", "destination.committed",
-          "destination.running")
+          "destination.running", "source.bytes", "destination.bytes")
 ACTIONS = ("kill", "stop", "sleep", "cut")
 
 
@@ -48,11 +50,19 @@ def parse(text: str) -> dict[str, str]:
                 float(action.split(":", 1)[1])
             except (IndexError, ValueError):
                 raise FailpointError(f"INVARIANTD_FAILPOINTS: {item!r}: sleep needs seconds (sleep:2.5)") from None
+        if name.endswith(".bytes") and not (action.startswith("cut:") and action[4:].isdigit()):
+            raise FailpointError(f"INVARIANTD_FAILPOINTS: {item!r}: a .bytes point takes cut:N (bytes)")
         out[name] = action
     return out
 
 
 ACTIVE: dict[str, str] = parse(os.environ.get("INVARIANTD_FAILPOINTS", ""))
+
+
+def byte_cut(role: str) -> int | None:
+    """source.bytes / destination.bytes: how many bytes `role` may send before its connection breaks."""
+    action = ACTIVE.get(f"{role}.bytes")
+    return int(action[4:]) if action else None
 
 
 async def hit(name: str) -> None:

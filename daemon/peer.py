@@ -243,6 +243,7 @@ class Conn:
         """on_event(direction, event): told of every event sent ("out") and received ("in"), e.g. for progress."""
         self.stream, self.session, self.metrics = stream, session, metrics
         self.on_event = on_event or (lambda direction, event: None)
+        self._written = 0
 
     async def send(self, event) -> None:
         self.on_event("out", event)
@@ -293,6 +294,14 @@ class Conn:
             limit = batch_bytes
 
     async def _write(self, data: bytes, timeout: float | None = None) -> None:
+        cut = failpoints.byte_cut(self.session.our_role) if failpoints.ACTIVE else None
+        if cut is not None:                 # fault injection (failpoints.py): the stream breaks after `cut` bytes
+            if self._written + len(data) > cut:
+                await self.stream.send_all(data[:max(0, cut - self._written)])
+                self._written = cut
+                self.session.send_failed()
+                raise trio.BrokenResourceError(f"failpoint {self.session.our_role}.bytes: cut after {cut} bytes")
+            self._written += len(data)
         try:
             if timeout is None:
                 await self.stream.send_all(data)

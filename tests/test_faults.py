@@ -265,3 +265,39 @@ def test_cancel_while_the_destination_applies(pair):
     time.sleep(2.5)                                     # the destination leaves its failpoint and reads the Abort
     assert settle(a, b) == ["node-a"]
     assert b.state() is None and "discarded: the source aborted and kept the VM" in b.journal_vm()
+
+
+def _sizes(tmp_path, pki) -> tuple[int, int]:
+    """Bytes each side sends in one clean migration of the VM (the sweep below cuts across them)."""
+    pa, pb = free_port(), free_port()
+    a = Daemon(tmp_path, "node-a", SRC_PROFILE, pa, "node-b", pb, pki)
+    b = Daemon(tmp_path, "node-b", DST_PROFILE, pb, "node-a", pa, pki)
+    try:
+        a.start()
+        b.start()
+        with a.client() as c:
+            c.create_vm(VM, 2)
+            st = c.wait(c.migrate(VM, "node-b"), 15000)
+        assert st["state"] == "committed", st
+        return st["bytes_sent"], st["bytes_received"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def sizes(tmp_path_factory, pki):
+    return _sizes(tmp_path_factory.mktemp("sizes"), pki)
+
+
+@pytest.mark.parametrize("side,at", [("source", f) for f in (0.01, 0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99, 0.999)]
+                         + [("destination", f) for f in (0.05, 0.3, 0.6, 0.9, 0.97, 0.995)])
+def test_cut_across_the_byte_stream(pair, sizes, side, at):
+    """The connection breaks after a given share of the bytes one side sends: after recovery the VM runs on exactly
+    one host, whichever side the cut came from and wherever it fell."""
+    a, b = pair
+    total = sizes[0] if side == "source" else sizes[1]
+    start_with(a, b, f"{side}.bytes", f"cut:{max(1, int(total * at))}")
+    migrate(a)
+    assert len(settle(a, b)) == 1
+    assert a.proc.poll() is None and b.proc.poll() is None
