@@ -113,6 +113,14 @@ def generate(doc: dict) -> list[Case]:
     if clidr in listed:
         v = values.get(clidr, 0)
         cases.append(Case("cache/CLIDR_EL1/res0-bit", "cache", [("set", clidr, v | (1 << 47)), ("get", clidr)]))
+        # set_clidr's IDC check (setters.tsv): accepted where the host's CTR_EL0.IDC is 1, refused where it is 0
+        f = {x.name: x for x in cat.fields_of("CLIDR_EL1")}
+        unified = f["LoUIS"].put(f["LoUU"].put(v, 0), 0)                  # LoUU = LoUIS = 0: implies IDC
+        no_loc = f["LoC"].put(v, 0)                                         # LoC = 0: implies IDC
+        not_idc = f["LoUIS"].put(f["LoUU"].put(f["LoC"].put(v, max(1, f["LoC"].get(v))), 1), 1)
+        for label, nv in (("implies-idc-louu-louis", unified), ("implies-idc-loc", no_loc), ("needs-pou", not_idc)):
+            cases.append(Case(f"cache/CLIDR_EL1/{label}", "cache", [("set", clidr, nv), ("get", clidr),
+                                                                    ("set", clidr, v)]))
     ctr = cat.id_of("CTR_EL0")
     if ctr in listed:
         v = values.get(ctr, 0)

@@ -116,9 +116,20 @@ def baseline(hosts: list[HostCapabilities], name: str = "baseline", revision: in
             out[rid] = v
             lowered.append(Change(nm, "", tuple(vals), v, why))
             continue
-        syn = pol.synthetic.get(rid)
-        if syn is not None and all(h.kernel >= syn.since for h in hosts):
-            out[rid] = vals[0]
+        if all(cat.setter_checks(nm, h.kernel) for h in hosts):
+            # every host's kernel fabricates it (set_clidr): one value each host's setter takes, whatever the
+            # order of the hosts (CLIDR is checked against each host's own CTR_EL0: setters.tsv)
+            ok = [v for v in sorted(set(vals))
+                  if not any(cat.setter_problems(nm, v, h.kernel, dict(h.values)) for h in hosts)]
+            if ok:
+                out[rid] = ok[0]
+                if len(set(vals)) > 1:
+                    lowered.append(Change(nm, "", tuple(vals), ok[0], "the lowest value every host's kernel takes "
+                                                                      "(its setter's checks, setters.tsv)"))
+            else:
+                out[rid] = min(vals)
+                varies.append(Change(nm, "", tuple(vals), min(vals), "no value every host's kernel takes: the plan "
+                                                                     "refuses it where the kernel would"))
             continue
         # feature ID / cache register: field by field
         v = vals[0]

@@ -126,6 +126,21 @@ class Precheck:
 
 
 @dataclass(frozen=True, slots=True)
+class SetterCheck:
+    """One check of KVM's whole-register setter for a cache-geometry register (setters.tsv)."""
+    register: str
+    check: str                    # res0 | idc
+    arg: str
+    since: tuple[int, ...]
+    until: tuple[int, ...] | None
+    errno: str
+    why: str
+
+    def active(self, kernel: tuple[int, ...]) -> bool:
+        return tuple(kernel) >= self.since and (self.until is None or tuple(kernel) < self.until)
+
+
+@dataclass(frozen=True, slots=True)
 class Drift:
     register: str
     reg_id: int
@@ -245,6 +260,17 @@ class Catalog:
                           tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
                           _kver(r["since"]), r["why"])
             self.prechecks[pc.register] = self.prechecks.get(pc.register, ()) + (pc,)
+        self.setters: dict[str, tuple[SetterCheck, ...]] = {}
+        for r in _rows("setters.tsv"):
+            if r["check"] not in ("res0", "idc"):
+                raise CatalogError(f"setters.tsv: {r['register']}: unknown check {r['check']!r} (res0 | idc)")
+            if r["check"] == "idc":
+                reg, _, fld = r["arg"].partition(".")
+                if not any(f.name == fld for f in self.fields_of(reg)):
+                    raise CatalogError(f"setters.tsv: {r['register']} idc: {r['arg']} is no field of id_fields.tsv")
+            sc = SetterCheck(r["register"], r["check"], r["arg"], _kver(r["since"]),
+                             _kver(r["until"]) if r["until"] else None, r["errno"], r["why"])
+            self.setters[sc.register] = self.setters.get(sc.register, ()) + (sc,)
 
     @staticmethod
     def _validate(reg: str, fields: list[Field]) -> None:
@@ -356,6 +382,33 @@ class Catalog:
             elif pc.rewrite and pc.field.raw(value) == pc.rewrite[0]:
                 stored = pc.field.put(stored, pc.rewrite[1])
         return stored, problems
+
+    def setter_checks(self, reg: str, kernel: tuple[int, ...]) -> tuple[SetterCheck, ...]:
+        """The checks KVM's own setter of `reg` makes on `kernel` (setters.tsv); () = the register is invariant
+        there (or has no such setter)."""
+        return tuple(c for c in self.setters.get(reg, ()) if c.active(kernel))
+
+    def implies_idc(self, clidr: int) -> bool:
+        """CLIDR_EL1 says no cleaning to the PoU is needed: LoC = 0, or LoUIS = 0 and LoUU = 0."""
+        f = {x.name: x for x in self.fields_of("CLIDR_EL1")}
+        return f["LoC"].get(clidr) == 0 or (f["LoUIS"].get(clidr) == 0 and f["LoUU"].get(clidr) == 0)
+
+    def setter_problems(self, reg: str, value: int, kernel: tuple[int, ...], vm_values: dict[int, int]
+                        ) -> list[tuple[SetterCheck, str]]:
+        """Why KVM's setter of `reg` on `kernel` refuses `value`, for a VM whose other registers hold `vm_values`
+        (the idc check reads CTR_EL0 there). [] = accepted."""
+        out = []
+        for c in self.setter_checks(reg, kernel):
+            if c.check == "res0":
+                bad = value & int(c.arg, 0)
+                if bad:
+                    out.append((c, f"{c.why}: {bad:#x}"))
+            elif c.check == "idc" and self.implies_idc(value):
+                other, _, fld = c.arg.partition(".")
+                f = next(x for x in self.fields_of(other) if x.name == fld)
+                if not f.get(vm_values.get(self.id_of(other), 0)):
+                    out.append((c, c.why))
+        return out
 
     def check_write(self, reg: str | int, val: int, limit: int, writable: int,
                     kernel: tuple[int, ...] | None = None) -> list[tuple[Field | None, str]]:

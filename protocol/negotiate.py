@@ -167,7 +167,7 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
                 key = (rid, s, d, pol.digest)
                 fn = _fw
             else:
-                key = (rid, s, d, _mask(c, rid), per_field_key, c.aa32)
+                key = (rid, s, d, _mask(c, rid), per_field_key, c.aa32, _setter_inputs(c, name))
                 fn = _idreg
             hit = memo.get(key)
             if hit is None:
@@ -414,6 +414,15 @@ def _impid(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
         c.add(name, rid, "", s, d, d, Verdict.OVERRIDE, f"{why_fixed}; {rule.reason}{extra}", sees)
 
 
+def _setter_inputs(c: _Ctx, name: str) -> tuple:
+    """The destination values a register's kernel setter also reads (setters.tsv: CLIDR_EL1 reads CTR_EL0): part
+    of the memo key, since the decision depends on them."""
+    checks = c.cat.setters.get(name)
+    if not checks:
+        return ()
+    return tuple(c.dst.get(c.cat.id_of(k.arg.partition(".")[0])) for k in checks if k.check == "idc")
+
+
 def _mask(c: _Ctx, rid: int) -> int:
     idx = _meta(rid)[2]
     if c.masks is None or idx is None:
@@ -442,12 +451,14 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
                                                   " (the VM has no AArch32 EL0 either, so the value is UNKNOWN to "
                                                   "its guest; carrying it as 0 is not planned yet)"))
         return
-    syn = pol.synthetic.get(rid)
-    if syn is not None and c.kernel >= syn.since:
-        if s & ~syn.mask:
-            c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"{note}bits {s & ~syn.mask:#x} outside {syn.mask:#x}: {syn.reason}")
+    if cat.setter_checks(name, c.kernel):      # KVM's own setter decides (protocol/data/setters.tsv: set_clidr)
+        problems = cat.setter_problems(name, s, c.kernel, c.dst)
+        if problems:
+            c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"{note}" + "; ".join(p for _, p in problems))
         else:
-            c.add(name, rid, "", s, d, s, Verdict.SET, f"{note}{syn.reason}")
+            setter = cat.setter_checks(name, c.kernel)[0].why.split(":")[0]
+            c.add(name, rid, "", s, d, s, Verdict.SET,
+                  f"{note}kept: the destination kernel fabricates {name} and its {setter} accepts this value")
         return
     per_field = c.masks is not None
     wmask = _mask(c, rid)

@@ -34,15 +34,6 @@ class FieldRule:
 
 
 @dataclass(frozen=True, slots=True)
-class Synthetic:
-    register: str
-    reg_id: int
-    mask: int
-    since: tuple[int, ...]
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Policy:
     name: str
     version: int
@@ -61,7 +52,6 @@ class Policy:
     big_little: str
     big_little_reason: str
     drift: dict                     # reg_id -> catalog.Drift (kernel data, the same for every policy)
-    synthetic: dict                 # reg_id -> Synthetic
     digest: str                     # sha256 of the merged policy document
 
     @property
@@ -69,7 +59,7 @@ class Policy:
         return f"{self.name}@{self.version} sha256:{self.digest[:16]}"
 
 
-_TOP = {"name", "version", "imp_id", "errata", "features", "big_little", "synthetic"}
+_TOP = {"name", "version", "imp_id", "errata", "features", "big_little"}
 
 
 def _merge(base: dict, over: dict, path: str = "") -> dict:
@@ -126,14 +116,6 @@ def from_doc(doc: dict) -> Policy:
                                                              f"features.field {reg}.{fld}.action"),
                                            str(r.get("reason", "")))
         drift = cat.drift      # kernel facts (protocol/data/drift.tsv), not a policy choice
-        synth = {}
-        for r in d.get("synthetic", []):
-            try:
-                rid = cat.id_of(r["register"])
-            except KeyError:
-                raise PolicyError(f"policy: synthetic: unknown register {r.get('register')!r}") from None
-            synth[rid] = Synthetic(r["register"], rid, int(r["mask"]), _ver(r.get("since", "0"), "synthetic.since"),
-                                   str(r.get("reason", "")))
         canon = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return Policy(
             name=str(d.get("name", "custom")), version=int(d.get("version", 1)),
@@ -147,7 +129,7 @@ def from_doc(doc: dict) -> Policy:
             exact=_choice(fe.get("exact", "refuse"), ("allow", "refuse"), "features.exact"),
             exact_reason=str(fe.get("exact_reason", "")), field_rules=frules,
             big_little=_choice(bl.get("action", "refuse"), ("assume-cluster", "refuse"), "big_little.action"),
-            big_little_reason=str(bl.get("reason", "")), drift=drift, synthetic=synth,
+            big_little_reason=str(bl.get("reason", "")), drift=drift,
             digest=hashlib.sha256(canon).hexdigest())
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, PolicyError):

@@ -112,3 +112,23 @@ def test_baseline_over_real_a72_profiles_7x():
     b = baseline([host(d) for d in docs], name="a72-fleet")
     assert b.accepted_everywhere and len(b.profile.target_impls) == 3
     assert_accepted_everywhere(b, docs)
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_clidr_and_ctr_do_not_depend_on_the_order_of_the_hosts(kernel):
+    """Cortex-A76 (CTR_EL0.IDC = 1, CLIDR LoUU = LoUIS = 0: implies IDC) and Cortex-A72 (IDC = 0): the baseline's
+    CLIDR must pass set_clidr on the A72 (setters.tsv) whichever host comes first; before, the A76's CLIDR was kept
+    when it came first, the plan said migratable and the real kernel refused it."""
+    a76, a72 = _probe(f"cortex-a76@{kernel}"), _probe(f"cortex-a72-r0p4@{kernel}")
+    assert CAT.implies_idc(int(a76["values"][f"{CAT.id_of('CLIDR_EL1'):#x}"], 16))
+    results = []
+    for docs in ([a76, a72], [a72, a76]):
+        b = baseline([host(d) for d in docs], name="mixed")
+        vals = dict(b.profile.values)
+        results.append((vals[CAT.id_of("CLIDR_EL1")], vals[CAT.id_of("CTR_EL0")]))
+        for d in docs:
+            plan = negotiate(b.profile, host(d))
+            clidr = next(e for e in plan.entries if e.register == "CLIDR_EL1" and not e.field)
+            assert clidr.verdict.value in ("set", "identical"), clidr.reason
+    assert results[0] == results[1]
+    assert not CAT.implies_idc(results[0][0])

@@ -42,6 +42,11 @@ def _expected_field(era, doc, meta):
         return "OK"
     f = next(x for x in cat.fields_of(reg) if x.name == fname)
     cls = cat.reg_class(cat.id_of(reg))
+    kernel = tuple(map(int, doc["kernel_version"].split(".")))
+    if cat.setter_checks(reg, kernel):            # the kernel's own setter (setters.tsv): its checks decide
+        values = {int(k, 16): int(v, 16) for k, v in doc["values"].items()}
+        new_value = f.put(values.get(cat.id_of(reg), 0), f.get(f.put(0, meta["to"])))
+        return "EINVAL" if cat.setter_problems(reg, new_value, kernel, values) else "OK"
     refusal = "EINVARIANT" if (era.name == "patched" and cls == "cache") else "EINVAL"
     if era.id_write == "exact":
         lowering = f.get(f.put(0, meta["to"])) < f.get(f.put(0, meta["from"]))

@@ -436,3 +436,14 @@ def test_bmap2_discovery_bits_are_data():
     bm2 = cat.id_of("KVM_REG_ARM_VENDOR_HYP_BMAP_2")
     assert cat.fwregs[bm2].accepts == 0b11
     assert all(fw.accepts == 0 for rid, fw in cat.fwregs.items() if rid != bm2)
+
+
+def test_clidr_implying_idc_is_refused_where_ctr_el0_has_no_idc():
+    """set_clidr (6.3+, setters.tsv): LoUU = LoUIS = 0 implies IDC; a host with CTR_EL0.IDC = 0 refuses it."""
+    a76_like = {"CLIDR_EL1": 0x82000023}                     # LoC 2, LoUU 0, LoUIS 0
+    idc0 = {"CTR_EL0": 0x84448004}                           # IDC 0 (Cortex-A72)
+    e = entry(plan_between(make_doc("6.12", a76_like), make_doc("6.12", idc0)), "CLIDR_EL1")
+    assert e.verdict is Verdict.REFUSE and "set_clidr: this CLIDR implies IDC" in e.reason
+    idc1 = {"CTR_EL0": 0x94448004}                           # IDC 1
+    assert entry(plan_between(make_doc("6.12", a76_like), make_doc("6.12", idc1)), "CLIDR_EL1").verdict \
+        is Verdict.SET

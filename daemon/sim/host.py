@@ -44,7 +44,7 @@ class Era:
     frozen_errno: int
     imp_id: str
     invariant_errno: int
-    clidr: str
+    ccsidr: str
     legacy_writable: tuple[str, ...]
     cap239_before_vcpu: bool = True
     first_run_clears: tuple[str, ...] = ()
@@ -60,7 +60,7 @@ def eras() -> dict[str, Era]:
     for r in _tsv("eras.tsv"):
         out[r["era"]] = Era(r["era"], None if r["from"] == "-" else _ver(r["from"]),
                             None if r["to"] == "-" else _ver(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
-                            r["imp_id"], _errno(r["invariant_errno"]), r["clidr"],
+                            r["imp_id"], _errno(r["invariant_errno"]), r["ccsidr"],
                             tuple(x for x in r["legacy_writable"].split(";") if x),
                             r["cap239_order"] == "before_vcpu",
                             tuple(x for x in r["first_run_clears"].split(";") if x))
@@ -387,7 +387,7 @@ class SimVcpu:
                 raise KvmError(op, E.EBUSY, reg_id)
         elif group == "demux":
             reset = self.vm.host.values.get(reg_id, 0)
-            if value != cur and (era.clidr == "invariant" or value & ~0x0FFFFFFF or (value & 7) < (reset & 7)):
+            if value != cur and (era.ccsidr == "invariant" or value & ~0x0FFFFFFF or (value & 7) < (reset & 7)):
                 raise KvmError(op, E.EINVAL, reg_id, "CCSIDR value refused")
         store[reg_id] = value
 
@@ -432,11 +432,14 @@ class SimVcpu:
             if value & ~_IMP_MASK[name]:
                 raise KvmError(op, E.EINVAL, reg_id, "bits outside the writable mask")
             return value
-        if name == "CLIDR_EL1" and era.clidr == "synthetic":
+        if cat.setter_checks(name, host.kernel_tuple):       # set_clidr and kin (protocol/data/setters.tsv)
             if value != cur and vm.has_ran:
                 raise KvmError(op, era.frozen_errno, reg_id)
-            if value & ~0x00007FFFFFFFFFFF:
-                raise KvmError(op, E.EINVAL, reg_id, "RES0 bits set")
+            ctr = cat.id_of("CTR_EL0")
+            problems = cat.setter_problems(name, value, host.kernel_tuple,
+                                            {ctr: self._store(ctr).get(ctr, host.values.get(ctr, 0))})
+            if problems:
+                raise KvmError(op, E.EINVAL, reg_id, problems[0][1])
             return value
         if era.id_write == "exact":
             invariant = cls == "cache"
