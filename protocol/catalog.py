@@ -260,6 +260,13 @@ class Catalog:
                           tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
                           _kver(r["since"]), r["why"])
             self.prechecks[pc.register] = self.prechecks.get(pc.register, ()) + (pc,)
+        self.legacy: dict[str, tuple[tuple[Field, tuple[int, ...], tuple[int, ...], str], ...]] = {}
+        for r in _rows("legacy_writable.tsv"):
+            f = next((x for x in self.fields_of(r["register"]) if x.name == r["field"]), None)
+            if f is None:
+                raise CatalogError(f"legacy_writable.tsv: {r['register']}.{r['field']}: no such field")
+            self.legacy[r["register"]] = self.legacy.get(r["register"], ()) + (
+                (f, _kver(r["since"]), _kver(r["until"]), r["why"]),)
         self.setters: dict[str, tuple[SetterCheck, ...]] = {}
         for r in _rows("setters.tsv"):
             if r["check"] not in ("res0", "idc"):
@@ -382,6 +389,12 @@ class Catalog:
             elif pc.rewrite and pc.field.raw(value) == pc.rewrite[0]:
                 stored = pc.field.put(stored, pc.rewrite[1])
         return stored, problems
+
+    def legacy_writable(self, reg: str, kernel: tuple[int, ...]) -> dict[str, str]:
+        """Fields of `reg` a kernel without writable masks still lets userspace lower (legacy_writable.tsv):
+        {field name: why}."""
+        return {f.name: why for f, since, until, why in self.legacy.get(reg, ())
+                if since <= tuple(kernel) < until}
 
     def setter_checks(self, reg: str, kernel: tuple[int, ...]) -> tuple[SetterCheck, ...]:
         """The checks KVM's own setter of `reg` makes on `kernel` (setters.tsv); () = the register is invariant

@@ -467,6 +467,8 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
     covered = 0
     # KVM's own setter for this register refuses some field values before the generic rule (prechecks.tsv)
     setter = {f.name: why for f, why in cat.precheck(name, s, c.kernel)[1]} if per_field else {}
+    legacy = {} if per_field else cat.legacy_writable(name, c.kernel)      # legacy_writable.tsv
+    legacy_mask = 0
     for f in cat.fields_of(name):
         covered |= f.mask
         if not (s ^ d) & f.mask:
@@ -476,6 +478,11 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
         if writable and f.safe_value(fs, fd) == fs and f.name not in setter:
             c.add(name, rid, f.name, f.raw(s), f.raw(d), f.raw(s), Verdict.SET,
                   f"{note}writable here and {_type(f)}-safe against the destination's {f.raw(d):#x}")
+            continue
+        if f.name in legacy and fs < fd and f.safe_value(fs, fd) == fs:
+            legacy_mask |= f.mask
+            c.add(name, rid, f.name, f.raw(s), f.raw(d), f.raw(s), Verdict.SET,
+                  f"{note}lowered as it is: {legacy[f.name]} (kernel {c.dest.kernel_version})")
             continue
         if not per_field:
             why = f"ID registers must match on kernel {c.dest.kernel_version} (no writable masks)"
@@ -517,7 +524,8 @@ def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None
             stored, problems = cat.precheck(name, planned, c.kernel)
             problems += cat.check_write(name, stored, d, wmask, c.kernel)
         else:
-            problems = [] if planned == d else [(None, "value differs and this kernel accepts only its own")]
+            problems = [] if (planned ^ d) & ~legacy_mask == 0 else \
+                [(None, "value differs and this kernel accepts only its own")]
         if problems:
             refused = True
             c.add(name, rid, "(check)", planned, d, d, Verdict.REFUSE,

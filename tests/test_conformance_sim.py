@@ -50,7 +50,8 @@ def _expected_field(era, doc, meta):
     refusal = "EINVARIANT" if (era.name == "patched" and cls == "cache") else "EINVAL"
     if era.id_write == "exact":
         lowering = f.get(f.put(0, meta["to"])) < f.get(f.put(0, meta["from"]))
-        return "OK" if f"{reg}.{fname}" in era.legacy_writable and lowering else refusal
+        kernel = tuple(map(int, doc["kernel_version"].split(".")))
+        return "OK" if fname in cat.legacy_writable(reg, kernel) and lowering else refusal
     masks = doc["writable_masks"] or {}
     idx = cat.sysreg(reg).mask_index
     mask = int(masks.get(str(idx), "0x0"), 16)

@@ -447,3 +447,21 @@ def test_clidr_implying_idc_is_refused_where_ctr_el0_has_no_idc():
     idc1 = {"CTR_EL0": 0x94448004}                           # IDC 1
     assert entry(plan_between(make_doc("6.12", a76_like), make_doc("6.12", idc1)), "CLIDR_EL1").verdict \
         is Verdict.SET
+
+
+def test_csv2_lowered_as_it_is_on_6_1():
+    """6.1 has no writable masks, but set_id_aa64pfr0_el1 lets userspace lower CSV2/CSV3 (legacy_writable.tsv):
+    the plan writes the source's lower value (the guest keeps it) instead of showing it the destination's."""
+    low = _with_field("ID_AA64PFR0_EL1", "CSV2", 0)
+    high = _with_field("ID_AA64PFR0_EL1", "CSV2", 1)
+    dst = make_doc("6.1", {"ID_AA64PFR0_EL1": high}, masks=None)
+    plan = plan_between(make_doc("6.1", {"ID_AA64PFR0_EL1": low}, masks=None), dst)
+    e = entry(plan, "ID_AA64PFR0_EL1", "CSV2")
+    assert e.verdict is Verdict.SET and e.planned == 0 and "set_id_aa64pfr0_el1" in e.reason
+    assert entry(plan, "ID_AA64PFR0_EL1").verdict is Verdict.SET and plan.guest_visible == ()
+    sim_apply(plan, dst)                                       # the simulated 6.1 kernel takes it
+    up = plan_between(make_doc("6.1", {"ID_AA64PFR0_EL1": high}, masks=None),
+                      make_doc("6.1", {"ID_AA64PFR0_EL1": low}, masks=None))
+    assert entry(up, "ID_AA64PFR0_EL1", "CSV2").verdict is not Verdict.SET    # raising is not allowed
+    on_612 = plan_between(make_doc("6.12", {"ID_AA64PFR0_EL1": low}), make_doc("6.12", {"ID_AA64PFR0_EL1": high}))
+    assert "set_id_aa64pfr0_el1 lets" not in entry(on_612, "ID_AA64PFR0_EL1", "CSV2").reason

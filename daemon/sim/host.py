@@ -45,7 +45,6 @@ class Era:
     imp_id: str
     invariant_errno: int
     ccsidr: str
-    legacy_writable: tuple[str, ...]
     cap239_before_vcpu: bool = True
     first_run_clears: tuple[str, ...] = ()
 
@@ -61,7 +60,6 @@ def eras() -> dict[str, Era]:
         out[r["era"]] = Era(r["era"], None if r["from"] == "-" else _ver(r["from"]),
                             None if r["to"] == "-" else _ver(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
                             r["imp_id"], _errno(r["invariant_errno"]), r["ccsidr"],
-                            tuple(x for x in r["legacy_writable"].split(";") if x),
                             r["cap239_order"] == "before_vcpu",
                             tuple(x for x in r["first_run_clears"].split(";") if x))
     return out
@@ -443,7 +441,8 @@ class SimVcpu:
             return value
         if era.id_write == "exact":
             invariant = cls == "cache"
-            legacy = [f for f in cat.fields_of(name) if f"{name}.{f.name}" in era.legacy_writable]
+            lw = cat.legacy_writable(name, host.kernel_tuple)          # protocol/data/legacy_writable.tsv
+            legacy = [f for f in cat.fields_of(name) if f.name in lw]
             mask = 0
             for f in legacy:
                 mask |= f.mask
