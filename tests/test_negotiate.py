@@ -465,3 +465,16 @@ def test_csv2_lowered_as_it_is_on_6_1():
     assert entry(up, "ID_AA64PFR0_EL1", "CSV2").verdict is not Verdict.SET    # raising is not allowed
     on_612 = plan_between(make_doc("6.12", {"ID_AA64PFR0_EL1": low}), make_doc("6.12", {"ID_AA64PFR0_EL1": high}))
     assert "set_id_aa64pfr0_el1 lets" not in entry(on_612, "ID_AA64PFR0_EL1", "CSV2").reason
+
+
+def test_pmu_v3_strict_is_known_but_refused_until_checked():
+    """Bit 9 of the 7.3 uapi headers: named in vcpu_features.tsv, refused by the plan (not yet checked on a lab
+    kernel) rather than an unknown bit."""
+    from invariantd.protocol import kvmabi
+    assert kvmabi.VCPU_FEATURES["PMU_V3_STRICT"] == 9 and kvmabi.FEATURE_GATES["PMU_V3_STRICT"] == "unchecked"
+    vm = S.vm_from_host(host(make_doc("7.3")))
+    vm = S.VmProfile(vm.name, vm.revision, ("PSCI_0_2", "PMU_V3", "PMU_V3_STRICT"), vm.values, vm.reg_list)
+    plan = negotiate(vm, host(make_doc("7.3")))
+    assert not plan.migratable
+    assert any("PMU_V3_STRICT" in e.register + e.field + e.reason and e.verdict is Verdict.REFUSE
+               for e in plan.entries)
