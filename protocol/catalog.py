@@ -215,6 +215,14 @@ class Catalog:
             reg = SysReg(r["name"], enc, r["class"], rid, r["visibility"])
             self.sysregs[reg.name] = reg
             self.by_id[rid] = reg
+        self.imp_masks: dict[str, int] = {}             # imp_id.tsv: writable bits with cap 239
+        for r in _rows("imp_id.tsv"):
+            if self.sysregs.get(r["register"]) is None or self.sysregs[r["register"]].cls != "imp_id":
+                raise CatalogError(f"imp_id.tsv: {r['register']} is no imp_id register of sysregs.tsv")
+            self.imp_masks[r["register"]] = int(r["mask"], 0)
+        missing = [n for n, x in self.sysregs.items() if x.cls == "imp_id" and n not in self.imp_masks]
+        if missing:
+            raise CatalogError(f"imp_id.tsv: no row for {', '.join(missing)}")
         self.fwregs: dict[int, FwReg] = {}
         for r in _rows("fwregs.tsv"):
             rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))

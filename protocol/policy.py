@@ -98,11 +98,12 @@ def from_doc(doc: dict) -> Policy:
     try:
         imp = d.get("imp_id", {})
         rules = {}
-        for reg in ("MIDR_EL1", "REVIDR_EL1", "AIDR_EL1"):
+        imp_regs = sorted(cat.imp_masks)       # every implementation-ID register of the catalog (imp_id.tsv)
+        for reg in imp_regs:
             r = imp.get(reg, {})
             rules[reg] = ImpIdRule(_choice(r.get("override", "never"), ("never", "same-part", "any"),
                                            f"imp_id.{reg}.override"), str(r.get("reason", "")))
-        unknown = set(imp) - {"pin", "pin_reason", "MIDR_EL1", "REVIDR_EL1", "AIDR_EL1"}
+        unknown = set(imp) - {"pin", "pin_reason", *imp_regs}
         if unknown:
             raise PolicyError(f"policy: unknown imp_id key(s) {sorted(unknown)}")
         er, fe, bl = d.get("errata", {}), d.get("features", {}), d.get("big_little", {})

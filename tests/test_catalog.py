@@ -120,3 +120,12 @@ def test_simulated_host_without_aarch32_el0_ignores_aa32_writes():
             from invariantd.daemon.kvm.errors import KvmError
             with pytest.raises(KvmError):
                 v.set_reg(isar0, before + 0x10)              # raises a field: refused
+
+
+def test_implementation_id_registers_come_from_data_not_a_count_of_three():
+    """imp_id.tsv lists them (SMIDR_EL1 would be a fourth row); the policy and the simulator follow the table."""
+    from invariantd.protocol.policy import default_policy
+    cat = catalog()
+    imp = {n for n, r in cat.sysregs.items() if r.cls == "imp_id"}
+    assert set(cat.imp_masks) == imp == set(default_policy().imp_id)
+    assert cat.imp_masks["MIDR_EL1"] == 0xFFFFFFFF

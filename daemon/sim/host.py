@@ -169,7 +169,6 @@ class SimHost:
         return self.masks[idx]
 
 
-_IMP_MASK = {"MIDR_EL1": 0xFFFFFFFF, "REVIDR_EL1": 0xFFFFFFFFFFFFFFFF, "AIDR_EL1": 0xFFFFFFFFFFFFFFFF}
 _SVE_FEATURE = abi.VCPU_FEATURES["SVE"]
 _PMU_FEATURE = abi.VCPU_FEATURES["PMU_V3"]
 
@@ -427,7 +426,7 @@ class SimVcpu:
                                "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS was not enabled before the first vCPU")
             if vm.has_ran:
                 raise KvmError(op, E.EBUSY, reg_id)
-            if value & ~_IMP_MASK[name]:
+            if value & ~cat.imp_masks[name]:                  # protocol/data/imp_id.tsv
                 raise KvmError(op, E.EINVAL, reg_id, "bits outside the writable mask")
             return value
         if cat.setter_checks(name, host.kernel_tuple):       # set_clidr and kin (protocol/data/setters.tsv)
