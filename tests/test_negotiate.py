@@ -478,3 +478,26 @@ def test_pmu_v3_strict_is_known_but_refused_until_checked():
     assert not plan.migratable
     assert any("PMU_V3_STRICT" in e.register + e.field + e.reason and e.verdict is Verdict.REFUSE
                for e in plan.entries)
+
+
+def test_ids_across_kernels_is_planned_not_failed():
+    """ID_AA64MMFR2_EL1.IDS (the anchors: may differ between kernels from 7.0, not writable). On every lab CPU model
+    the real 6.12 and 7.3 kernels report the same IDS (profiles), so 6.12 <-> 7.3 is unaffected there; where it does
+    differ the plan says so before anything moves: 0 -> 1 is shown to the guest (a gain), 1 -> 0 refused (a loss)."""
+    import json
+    from importlib import resources
+    cat = catalog()
+    rid, f = cat.id_of("ID_AA64MMFR2_EL1"), next(x for x in cat.fields_of("ID_AA64MMFR2_EL1") if x.name == "IDS")
+    prof = resources.files("invariantd.protocol").joinpath("data", "profiles")
+    for model in ("cortex-a72-r0p4", "cortex-a76", "neoverse-n1", "a64fx", "max"):
+        ids = {k: f.get(int(json.loads(prof.joinpath(f"{model}@{k}.json").read_text())["values"][f"{rid:#x}"], 16))
+               for k in ("6.12", "7.3")}
+        assert ids["6.12"] == ids["7.3"], (model, ids)
+    zero, one = _with_field("ID_AA64MMFR2_EL1", "IDS", 0), _with_field("ID_AA64MMFR2_EL1", "IDS", 1)
+    not_ids = {"ID_AA64MMFR2_EL1": 0xFFFFFFFFFFFFFFFF & ~f.mask}     # as the real kernels report: IDS not writable
+    up = plan_between(make_doc("6.12", {"ID_AA64MMFR2_EL1": zero}),
+                      make_doc("7.3", {"ID_AA64MMFR2_EL1": one}, masks=not_ids))
+    assert entry(up, "ID_AA64MMFR2_EL1", "IDS").verdict is Verdict.OVERRIDE
+    down = plan_between(make_doc("7.3", {"ID_AA64MMFR2_EL1": one}),
+                        make_doc("6.12", {"ID_AA64MMFR2_EL1": zero}, masks=not_ids))
+    assert entry(down, "ID_AA64MMFR2_EL1", "IDS").verdict is Verdict.REFUSE
