@@ -121,6 +121,8 @@ def generate(doc: dict) -> list[Case]:
         for label, nv in (("implies-idc-louu-louis", unified), ("implies-idc-loc", no_loc), ("needs-pou", not_idc)):
             cases.append(Case(f"cache/CLIDR_EL1/{label}", "cache", [("set", clidr, nv), ("get", clidr),
                                                                     ("set", clidr, v)]))
+        cases.append(Case("after-run/clidr-changed", "frozen", [("set", clidr, not_idc), ("get", clidr)],
+                          run_first=True))
     ctr = cat.id_of("CTR_EL0")
     if ctr in listed:
         v = values.get(ctr, 0)

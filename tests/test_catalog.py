@@ -129,3 +129,26 @@ def test_implementation_id_registers_come_from_data_not_a_count_of_three():
     imp = {n for n, r in cat.sysregs.items() if r.cls == "imp_id"}
     assert set(cat.imp_masks) == imp == set(default_policy().imp_id)
     assert cat.imp_masks["MIDR_EL1"] == 0xFFFFFFFF
+
+
+# The setters read in the kernel sources (6.1, 6.12, 7.x), for KVM_SET_ONE_REG of ID / imp-ID / cache / FW registers
+# and SVE_VLS. A setter added here without a row in kernel_setters.tsv fails, and so does a row naming no table.
+SETTERS_READ = ("set_id_reg", "set_id_aa64pfr0_el1", "set_id_aa64pfr1_el1", "set_id_aa64pfr2_el1", "set_id_dfr0_el1",
+                "set_id_aa64dfr0_el1", "set_id_aa64mmfr0_el1", "set_id_aa64mmfr2_el1", "set_ctr_el0", "set_clidr",
+                "set_ccsidr", "set_invariant_sys_reg", "set_imp_id_reg", "set_wi_reg", "kvm_arm_set_fw_reg",
+                "kvm_arm_set_fw_reg_bmap", "set_sve_vls")
+
+
+def test_every_kernel_setter_read_has_a_row_naming_where_its_rule_lives():
+    import re
+    from importlib import resources
+    data = resources.files("invariantd.protocol").joinpath("data")
+    rows = [ln.split("\t") for ln in data.joinpath("kernel_setters.tsv").read_text().splitlines()
+            if ln and not ln.startswith("#")][1:]
+    assert sorted(r[0] for r in rows) == sorted(SETTERS_READ)
+    for setter, _file, kernels, _regs, rule in rows:
+        assert kernels and rule, setter
+        for table in re.findall(r"([a-z_]+\.tsv)", rule):
+            where = data.joinpath(table) if table != "eras.tsv" else None
+            assert where is None or where.is_file(), (setter, table)
+        assert re.search(r"\.tsv|catalog\.|negotiate\.|host\.py", rule), (setter, "names no rule")

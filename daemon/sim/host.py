@@ -430,9 +430,7 @@ class SimVcpu:
                 raise KvmError(op, E.EINVAL, reg_id, "bits outside the writable mask")
             return value
         if cat.setter_checks(name, host.kernel_tuple):       # set_clidr and kin (protocol/data/setters.tsv)
-            if value != cur and vm.has_ran:
-                raise KvmError(op, era.frozen_errno, reg_id)
-            ctr = cat.id_of("CTR_EL0")
+            ctr = cat.id_of("CTR_EL0")                        # (set_clidr has no after-first-run check)
             problems = cat.setter_problems(name, value, host.kernel_tuple,
                                             {ctr: self._store(ctr).get(ctr, host.values.get(ctr, 0))})
             if problems:
