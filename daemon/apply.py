@@ -407,6 +407,8 @@ class _Run:
         if want and self.program.extra_writes:
             present = {r for r, _ in regs}
             out += [(r, v) for r, v in self.program.extra_writes if r not in present]
+        if want:        # in index order, as QEMU writes them: the ID registers (group 0x13) before the firmware ones
+            out.sort()  # (0x14), whose levels KVM derives from the VM's ID registers (WORKAROUND_2 from PFR1.SSBS)
         return out
 
     def phase_vcpu(self, i: int, want: bool) -> None:

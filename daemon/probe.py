@@ -76,7 +76,37 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
         doc["sve_vls"] = f"{vls:#x}"
         doc["sve_values"] = view
     doc["pmu_values"] = pmu_view(backend, doc["values"]) if doc["caps"].get("KVM_CAP_ARM_PMU_V3") else {}
+    doc["ssbs_hidden_values"] = ssbs_hidden_view(backend, doc)
     return doc
+
+
+def ssbs_hidden_view(backend: Backend, doc: dict) -> dict[str, str]:
+    """The firmware registers a vCPU reads differently once its VM's ID_AA64PFR1_EL1.SSBS is written 0 (where the
+    kernel lets it be: the writable mask covers it). From 6.12 KVM derives SMCCC_ARCH_WORKAROUND_2's level from the
+    VM's own SSBS on a Spectre-v4-mitigated host (hypercalls.c get_kernel_wa_level): NOT_AVAIL with SSBS, NOT_REQUIRED
+    without. {} where SSBS is 0 already, not writable, or nothing changes."""
+    cat = catalog()
+    pfr1 = cat.id_of("ID_AA64PFR1_EL1")
+    ssbs = next(f for f in cat.fields_of("ID_AA64PFR1_EL1") if f.name == "SSBS")
+    cur = int(doc["values"].get(f"{pfr1:#x}", "0x0"), 16)
+    masks = doc.get("writable_masks") or {}
+    mask = int(masks.get(str(cat.sysreg("ID_AA64PFR1_EL1").mask_index), "0x0"), 16)
+    if not ssbs.get(cur) or (mask & ssbs.mask) != ssbs.mask:
+        return {}
+    vm = backend.create_vm(0)
+    try:
+        vcpu = vm.create_vcpu(0)
+        vcpu.init(VcpuInit(vm.preferred_target().target, tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES)))
+        vcpu.set_reg(pfr1, ssbs.put(cur, 0))
+        ids = [r for r in vcpu.reg_list() if regid.decode(r).group == "fw"]
+        vals, errs = vcpu.get_regs(ids)
+        return {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
+                if not e and doc["values"].get(f"{r:#x}") != f"{v:#x}"}
+    except KvmError as e:
+        doc["errors"].append({"op": "ssbs-hidden view", "id": f"{pfr1:#x}", "errno": abi.errno_name(e.errno_value)})
+        return {}
+    finally:
+        vm.close()
 
 
 def feature_view(backend: Backend, feature: str, base_values: dict[str, str], before=None) -> tuple[object, dict]:

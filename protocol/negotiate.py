@@ -82,6 +82,8 @@ class _Ctx:
             self.dst.update(dest.sve_values)
         if "PMU_V3" in vm.features:          # a VM with a PMU meets the destination's PMU view (PMUVer, PerfMon)
             self.dst.update(dest.pmu_values)
+        if dest.ssbs_hidden_values and _ssbs_hidden(vm):   # a VM without SSBS meets the destination's firmware
+            self.dst.update(dest.ssbs_hidden_values)        # levels for it (WORKAROUND_2, 6.12+)
         self.dst_listed = frozenset(dest.reg_list)
         self.masks = dest.writable_masks
         self.kernel = dest.kernel
@@ -421,6 +423,13 @@ def _setter_inputs(c: _Ctx, name: str) -> tuple:
     if not checks:
         return ()
     return tuple(c.dst.get(c.cat.id_of(k.arg.partition(".")[0])) for k in checks if k.check == "idc")
+
+
+def _ssbs_hidden(vm: VmProfile) -> bool:
+    """The VM's ID_AA64PFR1_EL1.SSBS is 0 (so KVM reports its firmware levels as for a VM without SSBS)."""
+    cat = catalog()
+    pfr1 = dict(vm.values).get(cat.id_of("ID_AA64PFR1_EL1"))
+    return pfr1 is not None and not next(f for f in cat.fields_of("ID_AA64PFR1_EL1") if f.name == "SSBS").get(pfr1)
 
 
 def _mask(c: _Ctx, rid: int) -> int:

@@ -68,6 +68,7 @@ class HostCapabilities:
     base_features: tuple[str, ...] = ()
     sve_values: tuple[tuple[int, int], ...] = ()  # ID registers an SVE vCPU reads differently, sorted by id
     pmu_values: tuple[tuple[int, int], ...] = ()  # ID registers a PMU_V3 vCPU reads differently, sorted by id
+    ssbs_hidden_values: tuple[tuple[int, int], ...] = ()   # FW registers once the VM's PFR1.SSBS is 0, by id
 
     def cap(self, name: str) -> int:
         for k, v in self.caps:
@@ -246,6 +247,8 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
                                   for k, v in (doc.get("sve_values") or {}).items()))
         pmu_values = tuple(sorted((_reg_key(k, "pmu_values"), _hex(v, f"pmu_values[{k}]"))
                                   for k, v in (doc.get("pmu_values") or {}).items()))
+        ssbs_hidden = tuple(sorted((_reg_key(k, "ssbs_hidden_values"), _hex(v, f"ssbs_hidden_values[{k}]"))
+                                   for k, v in (doc.get("ssbs_hidden_values") or {}).items()))
     except SchemaError:
         raise
     except (AttributeError, TypeError, ValueError) as e:
@@ -259,7 +262,8 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
         kernel_version=str(doc["kernel_version"]), arch="aarch64", caps=caps, reg_list=reg_list,
         values=tuple(sorted(values.items())), writable_masks=masks, cpu_midrs=midrs,
         profile=str(doc.get("profile") or ""), vcpu_target=int(init.get("target", 0)),
-        base_features=tuple(init.get("base_features", ())), sve_values=sve_values, pmu_values=pmu_values)
+        base_features=tuple(init.get("base_features", ())), sve_values=sve_values, pmu_values=pmu_values,
+        ssbs_hidden_values=ssbs_hidden)
 
 
 def vm_from_host(host: HostCapabilities, name: str | None = None) -> VmProfile:
@@ -384,6 +388,7 @@ def host_to_bytes(h: HostCapabilities) -> bytes:
     m.baseFeatures = list(h.base_features)
     _regvalues(m, "sveValues", h.sve_values)
     _regvalues(m, "pmuValues", h.pmu_values)
+    _regvalues(m, "ssbsHiddenValues", h.ssbs_hidden_values)
     return m.to_bytes()
 
 
@@ -408,7 +413,8 @@ def host_from_bytes(data: bytes) -> HostCapabilities:
             writable_masks=tuple(r.writableMasks) if r.hasWritableMasks else None,
             cpu_midrs=tuple(r.cpuMidrs), profile=r.profile, vcpu_target=r.vcpuTarget,
             base_features=tuple(r.baseFeatures), sve_values=tuple((x.id, x.value) for x in r.sveValues),
-            pmu_values=tuple((x.id, x.value) for x in r.pmuValues))
+            pmu_values=tuple((x.id, x.value) for x in r.pmuValues),
+            ssbs_hidden_values=tuple((x.id, x.value) for x in r.ssbsHiddenValues))
     return _decode(schema().HostCapabilities, data, conv)
 
 

@@ -501,3 +501,34 @@ def test_ids_across_kernels_is_planned_not_failed():
     down = plan_between(make_doc("7.3", {"ID_AA64MMFR2_EL1": one}),
                         make_doc("6.12", {"ID_AA64MMFR2_EL1": zero}, masks=not_ids))
     assert entry(down, "ID_AA64MMFR2_EL1", "IDS").verdict is Verdict.REFUSE
+
+
+def test_workaround_2_follows_the_vms_ssbs_on_a_mitigated_6_12_host():
+    """6.12+ (hypercalls.c get_kernel_wa_level): on a Spectre-v4-mitigated host, a VM with SSBS reads and may write
+    WORKAROUND_2 NOT_AVAIL (0) only; once its ID_AA64PFR1_EL1.SSBS is 0, NOT_REQUIRED (3). The capability document
+    carries that view (ssbs_hidden_values); a VM without SSBS is planned against it, and the apply engine writes
+    PFR1 before the firmware registers (index order), so the kernel takes the 3."""
+    from invariantd.daemon.apply import apply_vm
+    from invariantd.daemon.sim import SimHost
+    from invariantd.protocol.program import compile_plan
+    cat = catalog()
+    wa2 = cat.id_of("KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2")
+    with_ssbs, no_ssbs = _with_field("ID_AA64PFR1_EL1", "SSBS", 2), _with_field("ID_AA64PFR1_EL1", "SSBS", 0)
+    dst = make_doc("6.12", {"ID_AA64PFR1_EL1": with_ssbs, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2": 0})
+    src = make_doc("6.12", {"ID_AA64PFR1_EL1": no_ssbs, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2": 3})
+    assert entry(plan_between(src, dst), "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2").verdict is Verdict.REFUSE  # no view
+    dst["ssbs_hidden_values"] = {f"{wa2:#x}": "0x3"}
+    vm = S.vm_from_host(host(src))
+    plan = negotiate(vm, host(dst))
+    assert entry(plan, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2").verdict is Verdict.IDENTICAL and plan.migratable
+    res = apply_vm(SimHost(doc=copy.deepcopy(dst)), {0: list(vm.values)}, compile_plan(plan, vm))
+    try:
+        assert res.vcpus[0].get_reg(wa2) == 3 and not res.mismatches
+    finally:
+        res.close()
+    h = SimHost(doc=copy.deepcopy(dst))                      # the view itself: SSBS visible -> 0, hidden -> 3
+    v = h.create_vm(0).create_vcpu(0)
+    v.init(h.init)
+    assert v.get_reg(wa2) == 0
+    v.set_reg(cat.id_of("ID_AA64PFR1_EL1"), no_ssbs)
+    assert v.get_reg(wa2) == 3

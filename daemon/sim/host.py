@@ -133,6 +133,7 @@ class SimHost:
         self.sve_vls = int(doc.get("sve_vls", "0x1"), 16)      # the host's SVE vector lengths (probe.py)
         self.sve_values = _hexmap(doc.get("sve_values") or {})  # ID registers an SVE vCPU reads differently
         self.pmu_values = _hexmap(doc.get("pmu_values") or {})  # ... and a vCPU with PMU_V3
+        self.ssbs_hidden_values = _hexmap(doc.get("ssbs_hidden_values") or {})   # FW registers once SSBS is 0
         # no AArch32 at EL0: the "aa32" ID registers are RAZ and ignore userspace writes (6.1+, sysregs.tsv)
         self.aa32_raz = self.kernel_tuple >= (6, 1) and not self.catalog.aarch32_el0(self.values)
         self.init = VcpuInit(doc["vcpu_init"]["target"],
@@ -317,7 +318,22 @@ class SimVcpu:
         self._check("KVM_GET_ONE_REG", reg_id)
         if self.vm.host.aa32_raz and self.vm.host.catalog.visibility(reg_id) == "aa32":
             return 0
+        hidden = self._ssbs_hidden_view()
+        if reg_id in hidden:
+            return hidden[reg_id]
         return self._store(reg_id)[reg_id]
+
+    def _ssbs_hidden_view(self) -> dict[int, int]:
+        """The firmware registers as KVM computes them for a VM whose ID_AA64PFR1_EL1.SSBS is 0 (6.12+: the
+        WORKAROUND_2 level follows the VM's SSBS; the profile's ssbs_hidden_values, probed on the real kernels)."""
+        host = self.vm.host
+        if not host.ssbs_hidden_values:
+            return {}
+        cat = host.catalog
+        pfr1 = cat.id_of("ID_AA64PFR1_EL1")
+        ssbs = next(f for f in cat.fields_of("ID_AA64PFR1_EL1") if f.name == "SSBS")
+        store = self._store(pfr1)
+        return host.ssbs_hidden_values if pfr1 in store and not ssbs.get(store[pfr1]) else {}
 
     def get_reg_list(self, capacity: int) -> list[int]:
         if self.features is None:
@@ -390,7 +406,7 @@ class SimVcpu:
 
     def _set_fw(self, op: str, reg_id: int, value: int, cur: int) -> None:
         name = self.vm.host.catalog.name(reg_id)
-        host_level = self.vm.host.values.get(reg_id, 0)
+        host_level = self._ssbs_hidden_view().get(reg_id, self.vm.host.values.get(reg_id, 0))
         if name == "KVM_REG_ARM_PSCI_VERSION":
             if value != cur and value not in (0x2, 0x10000, 0x10001, 0x10002, 0x10003) or value > host_level:
                 raise KvmError(op, E.EINVAL, reg_id, f"PSCI version {value:#x} not offered (host {host_level:#x})")

@@ -52,6 +52,9 @@ struct HostCapabilities {
                                       # an older daemon (an SVE VM is then planned against the base view)
   pmuValues @14 :List(RegValue);      # ID registers a vCPU *with PMU_V3* reads differently (ID_AA64DFR0_EL1.PMUVer,
                                       # ID_DFR0_EL1.PerfMon); empty: no PMU or an older daemon
+  ssbsHiddenValues @15 :List(RegValue);  # firmware registers that read differently once the VM's
+                                      # ID_AA64PFR1_EL1.SSBS is written 0 (6.12+: SMCCC_ARCH_WORKAROUND_2's level
+                                      # follows the VM's SSBS on a Spectre-v4-mitigated host); empty: no such view
 }
 
 struct VmProfile {
