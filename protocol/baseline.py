@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .catalog import Field, Safety, catalog, mask_index
 from . import regid
-from .negotiate import CAP239, _wa2_fold
+from .negotiate import CAP239
 from .policy import Policy
 from .schemas import HostCapabilities, Implementation, VmProfile
 
@@ -102,8 +102,7 @@ def baseline(hosts: list[HostCapabilities], name: str = "baseline", revision: in
         if cls == "fw":
             fw = cat.fwregs.get(rid)
             if fw and fw.kind == "workaround":
-                key = _wa2_fold if nm.endswith("WORKAROUND_2") else (lambda v: v)
-                v = min(vals, key=key)
+                v = min(vals, key=lambda x: fw.folded(x & 0xF) or 0)     # as the setter compares them
                 why = "lowest mitigation level over the hosts (a higher one is refused where the host is less mitigated)"
             elif fw and fw.kind == "bitmap":
                 v = vals[0]

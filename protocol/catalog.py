@@ -107,6 +107,14 @@ class FwReg:
     reset: str       # "host" or a number
     since: tuple[int, ...]
     accepts: int = 0  # bitmap: bits a new VM accepts beyond the value it reads (its reset / the host's)
+    values: tuple[int, ...] = ()          # psci: the versions the setter knows
+    fold: tuple[tuple[int, int], ...] = ()  # workaround: (level, folded level); () = compared as it is
+
+    def folded(self, level: int) -> int | None:
+        """A workaround level as the setter compares it (None: a level it refuses outright)."""
+        if not self.fold:
+            return level
+        return dict(self.fold).get(level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +234,14 @@ class Catalog:
         self.fwregs: dict[int, FwReg] = {}
         for r in _rows("fwregs.tsv"):
             rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))
-            self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]), int(r["accepts"], 0))
+            vals, fold = (), ()
+            if r["values"] != "-" and r["kind"] == "psci":
+                vals = tuple(int(x, 0) for x in r["values"].split(";"))
+            elif r["values"] != "-":
+                fold = tuple((int(a), int(to)) for grp in r["values"].split(";") for lhs, to in [grp.split(">")]
+                             for a in lhs.split(","))
+            self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]), int(r["accepts"], 0),
+                                     vals, fold)
         self.drift: dict[int, Drift] = {}
         for r in _rows("drift.tsv"):
             rid = self.id_of(r["register"])

@@ -66,8 +66,6 @@ def _type(f: Field) -> str:
     return f.kvm_safety.value.lower().replace("_", "-")
 
 
-def _wa2_fold(v: int) -> int:
-    return 3 if (v & 0xF) in (2, 3) else 0      # AVAIL / NOT_REQUIRED fold as the kernel does
 
 
 class _Ctx:
@@ -573,15 +571,16 @@ def _fw(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
     fw = c.cat.fwregs.get(rid)
     kind = fw.kind if fw else "unknown"
     if kind == "psci":
-        ok = s <= d and s in (0x2, 0x10000, 0x10001, 0x10002, 0x10003)
+        ok = s <= d and s in fw.values                    # the versions the setter knows (fwregs.tsv)
         c.add(name, rid, "", s, d, s if ok else d, Verdict.SET if ok else Verdict.REFUSE,
               f"PSCI version {s:#x} {'is offered by' if ok else 'is not offered by'} the destination (up to {d:#x})")
     elif kind == "workaround":
-        wa2 = name.endswith("WORKAROUND_2")
-        fs, fd = (_wa2_fold(s), _wa2_fold(d)) if wa2 else (s, d)
-        if s >> 5 or (s >> 4 and not wa2):
-            c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"level {s:#x} does not fit the register")
-        elif fs <= fd:
+        enabled_bit = bool(fw.fold)                       # WORKAROUND_2 also has the ENABLED bit (4)
+        fs, fd = fw.folded(s & 0xF), fw.folded(d & 0xF)   # as the setter compares them (fwregs.tsv)
+        if s >> 5 or (s >> 4 and not enabled_bit) or fs is None:
+            c.add(name, rid, "", s, d, d, Verdict.REFUSE, f"level {s:#x} does not fit the register or is not "
+                                                          f"one KVM's setter knows")
+        elif fd is not None and fs <= fd:
             c.add(name, rid, "", s, d, s, Verdict.SET,
                   f"source level {s:#x} is not above the destination's {d:#x}: the guest keeps what it was told")
         else:

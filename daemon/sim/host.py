@@ -407,20 +407,21 @@ class SimVcpu:
     def _set_fw(self, op: str, reg_id: int, value: int, cur: int) -> None:
         name = self.vm.host.catalog.name(reg_id)
         host_level = self._ssbs_hidden_view().get(reg_id, self.vm.host.values.get(reg_id, 0))
-        if name == "KVM_REG_ARM_PSCI_VERSION":
-            if value != cur and value not in (0x2, 0x10000, 0x10001, 0x10002, 0x10003) or value > host_level:
+        fw = self.vm.host.catalog.fwregs[reg_id]
+        if fw.kind == "psci":
+            if value != cur and value not in fw.values or value > host_level:           # fwregs.tsv
                 raise KvmError(op, E.EINVAL, reg_id, f"PSCI version {value:#x} not offered (host {host_level:#x})")
             return
-        if value >> 5 or (value >> 4 and name != "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2"):
+        if value >> 5 or (value >> 4 and not fw.fold):
             raise KvmError(op, E.EINVAL, reg_id, "workaround level does not fit 4 bits")
-        if name == "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2":
+        if fw.fold:                                  # WORKAROUND_2: the ENABLED bit and the level fold (fwregs.tsv)
             if value >> 4 and (value & 0xF) != 2:
                 raise KvmError(op, E.EINVAL, reg_id, "ENABLED bit without AVAIL")
-            if (value & 0xF) > 3:
-                raise KvmError(op, E.EINVAL, reg_id, "unknown WORKAROUND_2 level")
-            fold = lambda v: 3 if (v & 0xF) in (2, 3) else 0   # AVAIL/NOT_REQUIRED fold as the kernel does
-            if fold(value) > fold(host_level):
-                raise KvmError(op, E.EINVAL, reg_id, "destination is less mitigated (WORKAROUND_2)")
+            level, host = fw.folded(value & 0xF), fw.folded(host_level & 0xF)
+            if level is None:
+                raise KvmError(op, E.EINVAL, reg_id, f"unknown {name} level")
+            if host is None or level > host:
+                raise KvmError(op, E.EINVAL, reg_id, f"destination is less mitigated ({name})")
         elif value > host_level:
             raise KvmError(op, E.EINVAL, reg_id, f"destination is less mitigated ({value} > host {host_level})")
 
