@@ -123,6 +123,15 @@ def generate(doc: dict) -> list[Case]:
                                                                     ("set", clidr, v)]))
         cases.append(Case("after-run/clidr-changed", "frozen", [("set", clidr, not_idc), ("get", clidr)],
                           run_first=True))
+    # WORKAROUND_2 follows the VM's SSBS (6.12+): hide SSBS where the kernel lets it, then read and write WA2
+    pfr1, wa2 = cat.id_of("ID_AA64PFR1_EL1"), cat.id_of("KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2")
+    ssbs = next(f for f in cat.fields_of("ID_AA64PFR1_EL1") if f.name == "SSBS")
+    masks = doc.get("writable_masks") or {}
+    pmask = int(masks.get(str(cat.sysreg("ID_AA64PFR1_EL1").mask_index), "0x0"), 16)
+    if wa2 in listed and ssbs.get(values.get(pfr1, 0)) and (pmask & ssbs.mask) == ssbs.mask:
+        cases.append(Case("fw/WORKAROUND_2/ssbs-hidden", "fw",
+                          [("get", wa2), ("set", pfr1, ssbs.put(values[pfr1], 0)), ("get", wa2), ("set", wa2, 3),
+                           ("set", wa2, 0), ("get", wa2)]))
     ctr = cat.id_of("CTR_EL0")
     if ctr in listed:
         v = values.get(ctr, 0)
