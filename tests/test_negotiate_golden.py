@@ -233,3 +233,14 @@ def test_sve_vm_restores_on_a_newer_simulated_kernel(model):
     assert rep["mismatches"] == [] and rep["deviations"] == []
     vls = next(e for e in rep["plan"]["entries"] if e["register"] == "KVM_REG_ARM64_SVE_VLS")
     assert vls["verdict"] == "identical"
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_workaround_2_of_a_vm_without_ssbs_meets_the_ssbs_hidden_view(kernel):
+    """Cortex-A53 (no SSBS, WORKAROUND_2 NOT_REQUIRED) onto a Cortex-A76 (SSBS, mitigated: 0 for a VM with SSBS): the
+    real 6.12 / 7.3 kernels report and accept 3 once the VM's SSBS is 0 (profiles' ssbs_hidden_values), so the
+    plan no longer refuses the level; on 6.1 the level came from the host capability and stays refused."""
+    plan, _ = plan_for(f"cortex-a53@{kernel}", f"cortex-a76@{kernel}")
+    assert entry(plan, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2").verdict is Verdict.IDENTICAL
+    old, _ = plan_for("cortex-a53@6.1", "cortex-a76@6.1")
+    assert entry(old, "KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2").verdict is Verdict.REFUSE
