@@ -347,9 +347,13 @@ class Orchestrator:
         except VmStateError as e:
             raise RpcFailure("conflict", str(e)) from None
         if mid:
-            self.registry.journal.decide(mid, "committed" if (action == "resume") == (m.origin == "incoming")
-                                         else "aborted", f"resolved by request: {action} here ({peer} holds it "
-                                                         f"{theirs or 'not at all'})")
+            # the migration committed when the VM ends up at its destination: resumed there, or discarded here
+            # at the source; it aborted when the source keeps (reclaims) it or the destination drops its copy
+            at_destination = m.origin == "incoming"
+            ended_at_destination = (action == "resume") if at_destination else (action == "discard")
+            self.registry.journal.decide(mid, "committed" if ended_at_destination else "aborted",
+                                         f"resolved by request: {action} here ({peer} holds it "
+                                         f"{theirs or 'not at all'})")
         log.warning("resolved by request %s: %s here (the peer holds it %s)", kv(migration=mid, vm=name, peer=peer),
                     action, theirs or "not at all")
         return self._info(m) if action == "resume" else {"name": name, "state": "removed"}
