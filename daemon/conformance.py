@@ -123,6 +123,7 @@ def generate(doc: dict) -> list[Case]:
                                                                     ("set", clidr, v)]))
         cases.append(Case("after-run/clidr-changed", "frozen", [("set", clidr, not_idc), ("get", clidr)],
                           run_first=True))
+    cases += _ccsidr_cases(doc)
     # WORKAROUND_2 follows the VM's SSBS (6.12+): hide SSBS where the kernel lets it, then read and write WA2
     pfr1, wa2 = cat.id_of("ID_AA64PFR1_EL1"), cat.id_of("KVM_REG_ARM_SMCCC_ARCH_WORKAROUND_2")
     ssbs = next(f for f in cat.fields_of("ID_AA64PFR1_EL1") if f.name == "SSBS")
@@ -137,7 +138,59 @@ def generate(doc: dict) -> list[Case]:
         v = values.get(ctr, 0)
         l1ip = next(f for f in cat.fields_of("CTR_EL0") if f.name == "L1Ip")
         cases.append(Case("cache/CTR_EL0/l1ip-vpipt", "cache", [("set", ctr, l1ip.put(v, 0)), ("get", ctr)]))
-    return cases + _sve_cases(doc) + _field_cases(doc)
+    return cases + _init_cases() + _sve_cases(doc) + _field_cases(doc)
+
+
+def _init_cases() -> list[Case]:
+    """KVM_ARM_VCPU_INIT with each feature of vcpu_features.tsv (and the features it requires), and each feature
+    that requires another one without it: ENOENT (bit unknown to the kernel), EINVAL (not offered, or missing
+    what it needs) or OK."""
+    cases = []
+    for name in abi.VCPU_FEATURES:
+        need = abi.FEATURE_REQUIRES[name]
+        cases.append(Case(f"vcpu-init/{name}", "init", [("init",)],
+                          features=tuple(dict.fromkeys(("PSCI_0_2", name) + need))))
+        if need:
+            cases.append(Case(f"vcpu-init/{name}/alone", "init", [("init",)], features=("PSCI_0_2", name)))
+    return cases
+
+
+def _ccsidr_cases(doc: dict) -> list[Case]:
+    """set_ccsidr (setters.tsv) on the L1 data and instruction caches' CCSIDR (CSSELR 0 and 1): the UNKNOWN bits
+    31:28, a line below CTR_EL0's minimum, a longer line, another geometry; one with the VM's CTR_EL0.DminLine
+    lowered first (whose CTR_EL0 the rule reads); an index past CSSELR_MAX (13)."""
+    cat = catalog()
+    listed = {int(x, 16) for x in doc["reg_list"]}
+    values = {int(k, 16): int(v, 16) for k, v in doc["values"].items()}
+    f = {x.name: x for x in cat.fields_of("CCSIDR_EL1")}
+    ctr_id = cat.id_of("CTR_EL0")
+    ctr = values.get(ctr_id, 0)
+    cf = {x.name: x for x in cat.fields_of("CTR_EL0")}
+    cases = [Case("cache/CCSIDR/past-csselr-max", "cache", [("get", regid.demux_ccsidr(14)),
+                                                              ("set", regid.demux_ccsidr(14), 0)])]
+    for csselr in (0, 1):
+        rid = regid.demux_ccsidr(csselr)
+        if rid not in listed:
+            continue
+        v = values.get(rid, 0)
+        least = cf["IminLine" if csselr & 1 else "DminLine"].get(ctr) + 2 - 4      # LineSize of the minimum line
+        line = f["LineSize"].get(v)
+        sets = {"unknown-bits": f["UNKNOWN"].put(v, 0xF),
+                "geometry": f["NumSets"].put(f["Associativity"].put(v, 3), 255),
+                "longer-line": f["LineSize"].put(v, min(line + 1, 7))}
+        if least > 0:
+            sets["below-min"] = f["LineSize"].put(v, least - 1)
+        for label, nv in sets.items():
+            cases.append(Case(f"cache/CCSIDR[{csselr}]/{label}", "cache",
+                              [("set", rid, nv), ("get", rid), ("set", rid, v), ("get", rid)]))
+    d0 = regid.demux_ccsidr(0)
+    dmin = cf["DminLine"].get(ctr)
+    if d0 in listed and ctr_id in listed and dmin > 3:
+        lowered = cf["DminLine"].put(ctr, dmin - 1)
+        short = f["LineSize"].put(values.get(d0, 0), dmin - 1 + 2 - 4)
+        cases.append(Case("cache/CCSIDR[0]/after-ctr-lowered", "cache",
+                          [("set", ctr_id, lowered), ("get", ctr_id), ("set", d0, short), ("get", d0)]))
+    return cases
 
 
 def _sve_cases(doc: dict) -> list[Case]:
@@ -200,6 +253,15 @@ def run_case(backend, case: Case, caps: dict) -> list[list]:
         try:
             vm.create_vcpu(0)
             out.append(["enable_cap", *_ok(lambda: vm.enable_cap(abi.KVM_CAP_ARM_WRITABLE_IMP_ID_REGS))])
+        finally:
+            vm.close()
+        return [[a, b, None] for a, b, _ in out]
+    if case.steps[0][0] == "init":
+        vm = backend.create_vm(0)
+        try:
+            v = vm.create_vcpu(0)
+            bits = tuple(abi.VCPU_FEATURES[f] for f in case.features)
+            out.append(["init", *_ok(lambda: v.init(VcpuInit(vm.preferred_target().target, bits)))])
         finally:
             vm.close()
         return [[a, b, None] for a, b, _ in out]

@@ -292,8 +292,10 @@ class Catalog:
                 (f, _kver(r["since"]), _kver(r["until"]), r["why"]),)
         self.setters: dict[str, tuple[SetterCheck, ...]] = {}
         for r in _rows("setters.tsv"):
-            if r["check"] not in ("res0", "idc"):
-                raise CatalogError(f"setters.tsv: {r['register']}: unknown check {r['check']!r} (res0 | idc)")
+            if r["check"] not in ("res0", "idc", "linesize"):
+                raise CatalogError(f"setters.tsv: {r['register']}: unknown check {r['check']!r} (res0 | idc | linesize)")
+            if r["check"] == "linesize" and not {"IminLine", "DminLine"} <= {f.name for f in self.fields_of(r["arg"])}:
+                raise CatalogError(f"setters.tsv: {r['register']} linesize: {r['arg']} has no IminLine / DminLine")
             if r["check"] == "idc":
                 reg, _, fld = r["arg"].partition(".")
                 if not any(f.name == fld for f in self.fields_of(reg)):
@@ -419,10 +421,26 @@ class Catalog:
         return {f.name: why for f, since, until, why in self.legacy.get(reg, ())
                 if since <= tuple(kernel) < until}
 
+    @staticmethod
+    def setter_key(reg: str) -> str:
+        """The setters.tsv row name of a register: every CCSIDR[n] (KVM_REG_ARM_DEMUX_ID_CCSIDR) is CCSIDR_EL1."""
+        return "CCSIDR_EL1" if reg.startswith("CCSIDR[") else reg
+
     def setter_checks(self, reg: str, kernel: tuple[int, ...]) -> tuple[SetterCheck, ...]:
         """The checks KVM's own setter of `reg` makes on `kernel` (setters.tsv); () = the register is invariant
         there (or has no such setter)."""
-        return tuple(c for c in self.setters.get(reg, ()) if c.active(kernel))
+        return tuple(c for c in self.setters.get(self.setter_key(reg), ()) if c.active(kernel))
+
+    def min_line_problem(self, reg: str, value: int, ctr: int) -> str | None:
+        """set_ccsidr's line-size rule for CCSIDR[n] (n = CSSELR: bit 0 InD selects the instruction cache):
+        LineSize + 4 must be at least CTR_EL0's IminLine / DminLine + 2 (both log2 bytes). None = accepted."""
+        csselr = int(reg[reg.index("[") + 1:-1]) if "[" in reg else 0
+        line = next(f for f in self.fields_of("CCSIDR_EL1") if f.name == "LineSize").get(value) + 4
+        which = "IminLine" if csselr & 1 else "DminLine"
+        least = next(f for f in self.fields_of("CTR_EL0") if f.name == which).get(ctr) + 2
+        if line < least:
+            return f"{1 << line}-byte lines, below the {1 << least} bytes of CTR_EL0.{which}"
+        return None
 
     def implies_idc(self, clidr: int) -> bool:
         """CLIDR_EL1 says no cleaning to the PoU is needed: LoC = 0, or LoUIS = 0 and LoUU = 0."""
@@ -439,6 +457,10 @@ class Catalog:
                 bad = value & int(c.arg, 0)
                 if bad:
                     out.append((c, f"{c.why}: {bad:#x}"))
+            elif c.check == "linesize":
+                why = self.min_line_problem(reg, value, vm_values.get(self.id_of(c.arg), 0))
+                if why:
+                    out.append((c, f"{c.why} ({why})"))
             elif c.check == "idc" and self.implies_idc(value):
                 other, _, fld = c.arg.partition(".")
                 f = next(x for x in self.fields_of(other) if x.name == fld)

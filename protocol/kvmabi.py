@@ -63,6 +63,9 @@ def _vcpu_features() -> list[dict[str, str]]:
     for r in rows:
         if r["capability"] not in ("always", "unchecked") and r["capability"] not in CAPS:
             raise ValueError(f"vcpu_features.tsv: {r['name']}: unknown capability {r['capability']!r}")
+        for need in filter(None, r["requires"].split(",")):
+            if need not in {x["name"] for x in rows}:
+                raise ValueError(f"vcpu_features.tsv: {r['name']}: requires unknown feature {need!r}")
     return rows
 
 
@@ -70,6 +73,10 @@ _FEATURE_ROWS = _vcpu_features()
 VCPU_FEATURES = {r["name"]: int(r["bit"]) for r in _FEATURE_ROWS}
 # feature -> the KVM_CAP_* that gates it, "always" or "unchecked" (see the table's header)
 FEATURE_GATES = {r["name"]: r["capability"] for r in _FEATURE_ROWS}
+# feature -> the first kernel (major, minor) that knows the bit (ENOENT before it); () = every kernel supported
+FEATURE_SINCE = {r["name"]: tuple(int(x) for x in r["since"].split(".")) if r["since"] else () for r in _FEATURE_ROWS}
+# feature -> the features KVM_ARM_VCPU_INIT requires with it (EINVAL without them)
+FEATURE_REQUIRES = {r["name"]: tuple(x for x in r["requires"].split(",") if x) for r in _FEATURE_ROWS}
 KVM_ARM_VCPU_SVE = 4
 KVM_ARM_FEATURE_ID_RANGE_SIZE = 192
 KVM_EXIT_MMIO = 6

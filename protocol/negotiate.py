@@ -179,6 +179,8 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
             else:
                 entries.extend(hit[0])
                 frags.extend(hit[1])
+        elif cls == "demux":
+            _ccsidr(c, rid, name, s, d)
         else:
             c.add(name, rid, "", s, d, s, Verdict.SET, "per-vCPU state: restored as is")
 
@@ -186,9 +188,18 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
     caps = dict(dest.caps)
     for feat in vm.features:
         cap = kvmabi.FEATURE_GATES.get(feat, "unchecked")       # data/vcpu_features.tsv
-        if cap == "always":
+        since = kvmabi.FEATURE_SINCE.get(feat, ())
+        missing = [r for r in kvmabi.FEATURE_REQUIRES.get(feat, ()) if r not in vm.features]
+        if missing:
+            c.add("vcpu_init", 0, feat, 1, 0, 0, Verdict.REFUSE,
+                  f"vCPU feature {feat} needs {', '.join(missing)} too: KVM_ARM_VCPU_INIT refuses it alone (EINVAL)")
+        elif tuple(c.kernel) < since:
+            c.add("vcpu_init", 0, feat, 1, 0, 0, Verdict.REFUSE,
+                  f"vCPU feature {feat} is unknown to the destination kernel {c.dest.kernel_version} (from "
+                  f"{'.'.join(map(str, since))}): KVM_ARM_VCPU_INIT answers ENOENT")
+        elif cap == "always":
             continue
-        if cap == "unchecked":
+        elif cap == "unchecked":
             c.add("vcpu_init", 0, feat, 1, 0, 0, Verdict.REFUSE, f"vCPU feature {feat}: invariantd cannot check it yet")
         elif cap not in caps:
             c.notes.append(f"vCPU feature {feat}: the destination document does not report {cap}; "
@@ -444,6 +455,22 @@ def _direction(f: Field, fs: int, fd: int) -> str:
     if t is Safety.HIGHER:
         return "gain" if fd < fs else "loss"
     return "exact"
+
+
+def _ccsidr(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
+    """CCSIDR[n], a vCPU's cache geometry (KVM_REG_ARM_DEMUX_ID_CCSIDR): restored as the source read it where the
+    destination kernel's set_ccsidr takes it (setters.tsv); before 6.3 only the physical CPU's own value is taken."""
+    cat = c.cat
+    if not cat.setter_checks(name, c.kernel):
+        c.add(name, rid, "", s, d, d, Verdict.REFUSE,
+              f"the destination kernel {c.dest.kernel_version} reports the physical CPU's cache geometry and refuses "
+              f"any other (writable from 6.3): the guest would see {d:#x} instead of {s:#x}")
+        return
+    problems = cat.setter_problems(name, s, c.kernel, c.dst)
+    if problems:
+        c.add(name, rid, "", s, d, d, Verdict.REFUSE, "; ".join(p for _, p in problems))
+    else:
+        c.add(name, rid, "", s, d, s, Verdict.SET, "per-vCPU cache geometry: the destination's set_ccsidr takes it")
 
 
 def _idreg(c: _Ctx, rid: int, name: str, s: int, d: int, note: str = "") -> None:

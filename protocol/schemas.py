@@ -26,7 +26,7 @@ TRAVERSAL_LIMIT_WORDS = 1 << 20
 NESTING_LIMIT = 16
 
 # Register classes the negotiation looks at (catalog.reg_class()).
-PLANNED_CLASSES = ("id", "imp_id", "cache", "fw")
+PLANNED_CLASSES = ("id", "imp_id", "cache", "demux", "fw")   # demux: CCSIDR[n] (set_ccsidr, setters.tsv)
 PLANNED_IDS = frozenset({regid.SVE_VLS})     # planned too: an SVE VM's vector lengths against the host's
 
 

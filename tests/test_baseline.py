@@ -132,3 +132,22 @@ def test_clidr_and_ctr_do_not_depend_on_the_order_of_the_hosts(kernel):
             assert clidr.verdict.value in ("set", "identical"), clidr.reason
     assert results[0] == results[1]
     assert not CAT.implies_idc(results[0][0])
+
+
+@pytest.mark.parametrize("kernel", ["6.12", "7.3"])
+def test_ccsidr_line_sizes_do_not_depend_on_the_order_of_the_hosts(kernel):
+    """A64FX (256-byte lines) and Cortex-A53 (64-byte): each CCSIDR[n] of the baseline must pass set_ccsidr on both
+    (setters.tsv: no line shorter than the host's CTR_EL0 minimum), whichever host comes first - the A53's 64-byte
+    CCSIDR would be refused by the A64FX kernel - and every CCSIDR entry of the plan is then a SET."""
+    a64fx, a53 = _probe(f"a64fx@{kernel}"), _probe(f"cortex-a53@{kernel}")
+    seen = []
+    for docs in ([a64fx, a53], [a53, a64fx]):
+        b = baseline([host(d) for d in docs], name="mixed")
+        ccsidr = {r: v for r, v in b.profile.values if CAT.reg_class(r) == "demux"}
+        assert ccsidr and all(v & 7 == 4 for v in ccsidr.values()), ccsidr      # 2**(4+4) = 256 bytes
+        seen.append(ccsidr)
+        for d in docs:
+            plan = negotiate(b.profile, host(d))
+            assert all(e.verdict.value in ("set", "identical") for e in plan.entries if e.register.startswith("CCSIDR"))
+            sim_apply(plan, d)
+    assert seen[0] == seen[1]

@@ -136,7 +136,7 @@ def test_implementation_id_registers_come_from_data_not_a_count_of_three():
 SETTERS_READ = ("set_id_reg", "set_id_aa64pfr0_el1", "set_id_aa64pfr1_el1", "set_id_aa64pfr2_el1", "set_id_dfr0_el1",
                 "set_id_aa64dfr0_el1", "set_id_aa64mmfr0_el1", "set_id_aa64mmfr2_el1", "set_ctr_el0", "set_clidr",
                 "set_ccsidr", "set_invariant_sys_reg", "set_imp_id_reg", "set_wi_reg", "kvm_arm_set_fw_reg",
-                "kvm_arm_set_fw_reg_bmap", "set_sve_vls")
+                "kvm_arm_set_fw_reg_bmap", "set_sve_vls", "kvm_vcpu_init_check_features")
 
 
 def test_every_kernel_setter_read_has_a_row_naming_where_its_rule_lives():

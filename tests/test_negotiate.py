@@ -467,17 +467,47 @@ def test_csv2_lowered_as_it_is_on_6_1():
     assert "set_id_aa64pfr0_el1 lets" not in entry(on_612, "ID_AA64PFR0_EL1", "CSV2").reason
 
 
-def test_pmu_v3_strict_is_known_but_refused_until_checked():
-    """Bit 9 of the 7.3 uapi headers: named in vcpu_features.tsv, refused by the plan (not yet checked on a lab
-    kernel) rather than an unknown bit."""
+def test_pmu_v3_strict_follows_the_kernel_that_knows_it():
+    """Bit 9 (7.3 uapi): vcpu_features.tsv says since 7.3, gated by KVM_CAP_ARM_PMU_V3, requires PMU_V3 - as the lab
+    kernels answered (conformance vcpu-init/*: 7.3 OK with PMU_V3, EINVAL alone; 6.1 / 6.12 ENOENT)."""
     from invariantd.protocol import kvmabi
-    assert kvmabi.VCPU_FEATURES["PMU_V3_STRICT"] == 9 and kvmabi.FEATURE_GATES["PMU_V3_STRICT"] == "unchecked"
-    vm = S.vm_from_host(host(make_doc("7.3")))
-    vm = S.VmProfile(vm.name, vm.revision, ("PSCI_0_2", "PMU_V3", "PMU_V3_STRICT"), vm.values, vm.reg_list)
-    plan = negotiate(vm, host(make_doc("7.3")))
-    assert not plan.migratable
-    assert any("PMU_V3_STRICT" in e.register + e.field + e.reason and e.verdict is Verdict.REFUSE
-               for e in plan.entries)
+    assert kvmabi.VCPU_FEATURES["PMU_V3_STRICT"] == 9 and kvmabi.FEATURE_SINCE["PMU_V3_STRICT"] == (7, 3)
+    base = S.vm_from_host(host(make_doc("7.3")))
+
+    def plan_to(kernel, feats, pmu=1):
+        dst = make_doc(kernel)
+        dst["caps"]["KVM_CAP_ARM_PMU_V3"] = pmu
+        return negotiate(S.VmProfile(base.name, base.revision, feats, base.values, base.reg_list), host(dst))
+    strict = ("PSCI_0_2", "PMU_V3", "PMU_V3_STRICT")
+    assert plan_to("7.3", strict).migratable
+    old = plan_to("6.12", strict)
+    e = entry(old, "vcpu_init", "PMU_V3_STRICT")
+    assert not old.migratable and "unknown to the destination kernel 6.12" in e.reason and "ENOENT" in e.reason
+    e = entry(plan_to("7.3", ("PSCI_0_2", "PMU_V3_STRICT")), "vcpu_init", "PMU_V3_STRICT")
+    assert e.verdict is Verdict.REFUSE and "needs PMU_V3" in e.reason
+    e = entry(plan_to("7.3", strict, pmu=0), "vcpu_init", "PMU_V3_STRICT")
+    assert e.verdict is Verdict.REFUSE and "KVM_CAP_ARM_PMU_V3" in e.reason
+
+
+def test_ccsidr_follows_set_ccsidr():
+    """CCSIDR[n] (setters.tsv, set_ccsidr): from 6.3 a line no shorter than CTR_EL0's minimum is taken, whatever
+    the UNKNOWN bits 31:28 and the geometry; before 6.3 only the physical CPU's own value."""
+    ccsidr0 = 0x6020000000110000                                  # CSSELR 0: L1 data cache
+    a53_61, a64fx_64b_min = 0x700FE01A, 0x96668006                 # a53 on 6.1: 64-byte lines; CTR with 256-byte lines
+
+    def doc(kernel, ccsidr, ctr=None):
+        d = make_doc(kernel, {"CTR_EL0": ctr} if ctr else {}, masks=None if kernel == "6.1" else "full")
+        d["values"][f"{ccsidr0:#x}"] = f"{ccsidr:#x}"
+        d["reg_list"].append(f"{ccsidr0:#x}")
+        return d
+    ok = plan_between(doc("6.1", a53_61), doc("6.12", 0x2))
+    e = entry(ok, "CCSIDR[0]")
+    assert e.verdict is Verdict.SET and e.planned == a53_61 and "set_ccsidr takes it" in e.reason
+    sim_apply(ok, doc("6.12", 0x2))                               # the simulated 6.12 kernel takes it
+    short = entry(plan_between(doc("6.12", 0x2), doc("6.12", 0x4, ctr=a64fx_64b_min)), "CCSIDR[0]")
+    assert short.verdict is Verdict.REFUSE and "64-byte lines, below the 256 bytes of CTR_EL0.DminLine" in short.reason
+    legacy = entry(plan_between(doc("6.1", a53_61), doc("6.1", 0x701FE01A)), "CCSIDR[0]")
+    assert legacy.verdict is Verdict.REFUSE and "physical CPU's cache geometry" in legacy.reason
 
 
 def test_ids_across_kernels_is_planned_not_failed():

@@ -44,7 +44,6 @@ class Era:
     frozen_errno: int
     imp_id: str
     invariant_errno: int
-    ccsidr: str
     cap239_before_vcpu: bool = True
     first_run_clears: tuple[str, ...] = ()
 
@@ -59,7 +58,7 @@ def eras() -> dict[str, Era]:
     for r in _tsv("eras.tsv"):
         out[r["era"]] = Era(r["era"], None if r["from"] == "-" else _ver(r["from"]),
                             None if r["to"] == "-" else _ver(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
-                            r["imp_id"], _errno(r["invariant_errno"]), r["ccsidr"],
+                            r["imp_id"], _errno(r["invariant_errno"]),
                             r["cap239_order"] == "before_vcpu",
                             tuple(x for x in r["first_run_clears"].split(";") if x))
     return out
@@ -174,6 +173,29 @@ _SVE_FEATURE = abi.VCPU_FEATURES["SVE"]
 _PMU_FEATURE = abi.VCPU_FEATURES["PMU_V3"]
 
 
+_FEATURE_NAMES = {bit: name for name, bit in abi.VCPU_FEATURES.items()}
+
+
+def _check_features(host: "SimHost", bits) -> None:
+    """kvm_vcpu_init_check_features() from protocol/data/vcpu_features.tsv: a bit the kernel does not know ENOENT
+    (before any other check), a feature whose capability the host reports 0 (a document without the capability
+    leaves it to the kernel, as the plan does) or without the features it requires EINVAL."""
+    names = set()
+    for b in bits:
+        name = _FEATURE_NAMES.get(b)
+        if name is None or host.kernel_tuple < abi.FEATURE_SINCE[name]:
+            raise KvmError("KVM_ARM_VCPU_INIT", E.ENOENT, detail=f"feature bit {b} unknown to kernel "
+                                                                  f"{'.'.join(map(str, host.kernel_tuple))}")
+        names.add(name)
+    for name in sorted(names):
+        gate = abi.FEATURE_GATES[name]
+        if gate == "unchecked" or (gate != "always" and host.caps.get(abi.CAPS[gate], 1) == 0):
+            raise KvmError("KVM_ARM_VCPU_INIT", E.EINVAL, detail=f"{name} requested but not offered")
+        missing = [r for r in abi.FEATURE_REQUIRES[name] if r not in names]
+        if missing:
+            raise KvmError("KVM_ARM_VCPU_INIT", E.EINVAL, detail=f"{name} needs {', '.join(missing)}")
+
+
 class SimVm:
     def __init__(self, host: SimHost) -> None:
         self.host = host
@@ -231,9 +253,8 @@ class SimVcpu:
         if init.target != self.vm.host.init.target:
             raise KvmError("KVM_ARM_VCPU_INIT", E.EINVAL, detail=f"target {init.target} is not the preferred "
                                                                   f"{self.vm.host.init.target}")
-        if _SVE_FEATURE in init.features and not self.vm.host.check_extension(abi.KVM_CAP_ARM_SVE):
-            raise KvmError("KVM_ARM_VCPU_INIT", E.EINVAL, detail="SVE requested but not offered")
         host = self.vm.host
+        _check_features(host, init.features)
         self.features = tuple(init.features)
         self.listed = list(host.reg_list)
         self.values = {}
@@ -398,10 +419,16 @@ class SimVcpu:
                 raise KvmError(op, E.EINVAL, reg_id, "unsupported hypercall bit")
             if value != cur and self.vm.has_ran:
                 raise KvmError(op, E.EBUSY, reg_id)
-        elif group == "demux":
-            reset = self.vm.host.values.get(reg_id, 0)
-            if value != cur and (era.ccsidr == "invariant" or value & ~0x0FFFFFFF or (value & 7) < (reset & 7)):
-                raise KvmError(op, E.EINVAL, reg_id, "CCSIDR value refused")
+        elif group == "demux":                  # set_ccsidr (protocol/data/setters.tsv)
+            host, name = self.vm.host, cat.name(reg_id)
+            if not cat.setter_checks(name, host.kernel_tuple):
+                if value != host.values.get(reg_id, 0):
+                    raise KvmError(op, E.EINVAL, reg_id, "CCSIDR is the physical CPU's on this kernel")
+            else:
+                ctr = cat.id_of("CTR_EL0")          # the host's CTR_EL0 (get_min_cache_line_size)
+                problems = cat.setter_problems(name, value, host.kernel_tuple, {ctr: host.values.get(ctr, 0)})
+                if problems:
+                    raise KvmError(op, E.EINVAL, reg_id, problems[0][1])
         store[reg_id] = value
 
     def _set_fw(self, op: str, reg_id: int, value: int, cur: int) -> None:
