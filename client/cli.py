@@ -1,10 +1,7 @@
 """invariantctl: drive invariantd from the command line.
 
-Exit codes (stable, for orchestrators):
-  0  success                        4  peer or daemon unreachable
-  1  internal error (a bug: report)  5  KVM / apply error (register, id and errno in the message)
-  2  usage, bad input, not found     6  lab unavailable (no Debian archive or qemu)
-  3  plan refused (not migratable)   7  migration failed, aborted, cancelled or in doubt
+The entry point: every command's parser is registered here - offline planning (plan_cmd), the daemon's RPC
+(ctl), the demo and the lab on top of them - so nothing below imports this module.
 """
 from __future__ import annotations
 
@@ -12,13 +9,8 @@ import argparse
 import json
 import sys
 
-EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_KVM, EXIT_LAB = 0, 2, 3, 4, 5, 6
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
+from .exits import CliError, Exit
+from .render import print_caps_summary
 
 
 def _backend(sim: str | None):
@@ -32,31 +24,6 @@ def _backend(sim: str | None):
     return RealKvm()
 
 
-def print_caps_summary(doc: dict, label: str) -> None:
-    """The human header of a capability document (probe here, or a daemon's / peer's via `caps`)."""
-    one_reg = doc.get("one_reg", (doc.get("caps") or {}).get("KVM_CAP_ONE_REG"))
-    print(f"{label}: {doc.get('source')} {doc.get('profile') or ''}   arch: {doc.get('arch')}   "
-          f"kernel: {doc.get('kernel_release')}   KVM API {doc.get('api_version')}   ONE_REG: {'yes' if one_reg else 'no'}")
-    print("caps: " + ", ".join(f"{k.replace('KVM_CAP_', '')}={v}" for k, v in (doc.get("caps") or {}).items()))
-    if doc.get("arch") != "aarch64":
-        return
-    if doc.get("sim_era"):
-        print(f"simulated kernel era: {doc['sim_era']}")
-    print(f"per-CPU MIDR: {', '.join(doc.get('cpu_midrs') or []) or 'n/a'}   registers listed: "
-          f"{len(doc.get('reg_list') or [])}   writable masks: "
-          f"{'not offered' if doc.get('writable_masks') is None else len(doc['writable_masks'])}")
-    if doc.get("sve_vls"):
-        from ..protocol.catalog import sve_vqs
-        vls = ", ".join(str(128 * q) for q in sve_vqs(int(doc["sve_vls"], 16)))
-        print(f"SVE vector lengths: {vls} bits   an SVE vCPU reads differently: "
-              f"{', '.join(_reg_name(k) for k in doc.get('sve_values') or {}) or 'nothing'}")
-
-
-def _reg_name(hex_id: str) -> str:
-    from ..protocol.catalog import catalog
-    return catalog().name(int(hex_id, 16))
-
-
 def cmd_probe(args) -> int:
     from ..daemon.probe import probe
     backend = _backend(args.sim)
@@ -64,17 +31,17 @@ def cmd_probe(args) -> int:
     if args.json:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
-        return EXIT_OK
+        return Exit.OK
     print_caps_summary(doc, "this host" if not args.sim else "simulated host")
     if doc["arch"] != "aarch64":
-        return EXIT_OK
+        return Exit.OK
     print(f"{'register':<34} {'id':<20} {'value':<20} {'writable mask':<20} fields")
     for r in doc["registers"]:
         fields = " ".join(f"{k}={v:#x}" for k, v in r["fields"].items() if v)
         print(f"{r['name']:<34} {r['id']:<20} {r['value']:<20} {r.get('writable_mask', '-'):<20} {fields}")
     for e in doc["errors"]:
         print(f"warning: {e['op']} {e['id']}: {e['errno']}", file=sys.stderr)
-    return EXIT_OK
+    return Exit.OK
 
 
 def _lab_cells(args):
@@ -97,7 +64,7 @@ def cmd_lab(args) -> int:
         for i, (k, m) in enumerate(cells, 1):
             cell = matrix.run_cell(k, m, suite=args.cmd_lab == "conformance")
             if cell.errors:
-                raise CliError("; ".join(cell.errors), EXIT_LAB)
+                raise CliError("; ".join(cell.errors), Exit.LAB)
             line = {"kernel": k, "release": cell.kernel_release, "model": m, "wall_s": round(cell.wall, 1)}
             if args.cmd_lab == "profile":
                 path = matrix.write_profile(cell.profile, args.out)
@@ -113,18 +80,19 @@ def cmd_lab(args) -> int:
                 for d in cell.diffs:
                     print(f"    DIFF {d}")
     except lab.LabUnavailable as e:
-        raise CliError(f"lab unavailable: {e}", EXIT_LAB) from None
+        raise CliError(f"lab unavailable: {e}", Exit.LAB) from None
     except lab.LabError as e:
-        raise CliError(f"lab error: {e}", EXIT_LAB) from None
+        raise CliError(f"lab error: {e}", Exit.LAB) from None
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
-    return EXIT_REFUSED if total_diffs else EXIT_OK
+    return Exit.REFUSED if total_diffs else Exit.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="invariantctl", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import exits
+    p = argparse.ArgumentParser(prog="invariantctl", description="invariantctl: drive invariantd from the command line.",
+                                epilog=exits.table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("probe", help="discover this host's KVM capabilities (or a simulated host's)")
     pr.add_argument("--sim", metavar="PROFILE@KERNEL",
@@ -134,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_probe)
     from . import plan_cmd
     plan_cmd.register(sub)
-    from . import ctl; ctl.register(sub)  # noqa: E702
+    from . import ctl
+    ctl.register(sub)
+    from . import demo
+    demo.register(sub)
     lb = sub.add_parser("lab", help="real arm64 KVM kernels under QEMU: write simulator profiles, run conformance")
     lsub = lb.add_subparsers(dest="cmd_lab", required=True)
     for name, hlp in (("profile", "boot each kernel x CPU model, probe it, write the simulator's host profile"),
@@ -162,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except KvmError as e:
         print(f"invariantctl: {e}", file=sys.stderr)
-        return EXIT_KVM
+        return Exit.KVM
     except BrokenPipeError:             # `invariantctl probe | head`: the reader left, not an error
         sys.stderr.close()
-        return EXIT_OK
+        return Exit.OK
 
 
 if __name__ == "__main__":

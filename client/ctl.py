@@ -10,13 +10,11 @@
   migrate VM --to HOST        migrate, with a progress bar (--json: one JSON document at the end)
   status [MIGRATION]          one migration, or all of them
   cancel MIGRATION            cancel before the destination commits (the VM resumes on the source)
-  demo [--real]               two daemons on loopback, one VM, one migration via RPC (see client/demo.py)
 
 Daemon address: --daemon HOST:PORT or unix:/path; default $INVARIANTD_ADDR or 127.0.0.1:7444.
 Mutual TLS (when the daemon's rpc.tls = true): --ca/--cert/--key or $INVARIANTD_CA/_CERT/_KEY.
 
-Exit codes: 0 ok · 1 daemon bug (internal) · 2 usage / bad request / not found / conflict · 3 plan refused ·
-4 daemon or peer unreachable · 5 KVM / apply error · 7 migration failed, aborted, cancelled or in doubt.
+Exit codes: client/exits.py (and every command's --help).
 """
 from __future__ import annotations
 
@@ -24,12 +22,13 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager
 
-from .rpc_client import EXIT_CODES, Client, RpcError, client_ssl, default_addr
+from ..daemon.rpcclient import Client, RpcError, client_ssl, default_addr
+from . import exits
+from .exits import Exit
+from .render import print_caps_summary, print_plan_doc, progress_bar
 
-EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_KVM, EXIT_FAILED = 0, 2, 3, 4, 5, 7
-EPILOG = __doc__[__doc__.index("Exit codes"):]
+EPILOG = exits.table()
 
 
 def _client(args) -> Client:
@@ -54,67 +53,19 @@ def _handled(fn):
             return fn(args)
         except RpcError as e:
             if getattr(args, "json", False):
-                _dump({"error": {"kind": e.kind, "message": e.message}, "exit_code": e.exit_code})
+                _dump({"error": {"kind": e.kind, "message": e.message}, "exit_code": int(exits.for_kind(e.kind))})
             print(f"invariantctl: {e}", file=sys.stderr)
-            return e.exit_code
+            return exits.for_kind(e.kind)
     return wrapper
 
 
 # --- output helpers ---------------------------------------------------------------------------------------------
-def print_plan_doc(doc: dict, verbose: bool = False, out=None) -> None:
-    """The plan table (same layout as `invariantctl plan`) from a plan document (schemas.plan_to_doc)."""
-    out = out or sys.stdout
-    w = lambda s="": print(s, file=out)   # noqa: E731
-    w(f"plan: VM {doc['vm']} -> {doc['destination']}   policy {doc['policy']}")
-    hdr = ("register", "field", "source", "destination", "verdict", "reason")
-    w(f"{hdr[0]:<36} {hdr[1]:<14} {hdr[2]:<20} {hdr[3]:<20} {hdr[4]:<9} {hdr[5]}")
-    same = 0
-    for e in doc["entries"]:
-        if e["verdict"] == "identical" and not verbose:
-            same += 1
-            continue
-        s, d = int(e["source"], 16), int(e["destination"], 16)
-        s, d = (f"{s:#x}", f"{d:#x}") if e["field"] else (f"{s:#018x}", f"{d:#018x}")
-        w(f"{e['register']:<36} {e['field'] or '-':<14} {s:<20} {d:<20} {e['verdict']:<9} {e['reason']}")
-    if same:
-        w(f"({same} registers identical on both sides)")
-    w("guest-visible changes: " + ("none" if not doc["guest_visible"] else ""))
-    for g in doc["guest_visible"]:
-        w(f"  - {g}")
-    for n in doc["notes"]:
-        w(f"note: {n}")
-    w(f"digest: sha256:{doc['digest']}")
-    if doc["migratable"]:
-        w("result: MIGRATABLE" + (" (enable cap 239 before creating vCPUs)" if doc["enable_cap239"] else ""))
-    else:
-        bad = sorted({e["register"] for e in doc["entries"] if e["verdict"] == "refuse"})
-        w(f"result: REFUSED ({len(bad)} register(s): {', '.join(bad)})")
-
-
 def _vm_line(v: dict) -> str:
     line = (f"{v['name']:<24} {v['state']:<10} {v['vcpus']:>5}  {v['arch']:<8} {v['origin']:<9} "
             f"{','.join(v['features']) or '-'}")
     if v.get("waiting"):
         line += f"\n    {v['waiting']}"
     return line
-
-
-@contextmanager
-def progress_bar(out=None):
-    """A rich progress bar for a migration; yields (update(status_dict), progress)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    console = Console(file=out or sys.stderr)
-    with Progress(TextColumn("[bold]{task.fields[phase]:<10}"), BarColumn(),
-                  TextColumn("vCPUs {task.completed:.0f}/{task.total:.0f}"),
-                  TextColumn("{task.fields[regs]} regs"), TextColumn("{task.fields[sent]} B sent"),
-                  TimeElapsedColumn(), console=console, transient=False) as prog:
-        task = prog.add_task("migrate", total=1, phase="connecting", regs=0, sent=0)
-
-        def update(st: dict) -> None:
-            prog.update(task, total=max(1, st["vcpus_total"]), completed=st["vcpus_done"], phase=st["phase"],
-                        regs=st["registers_sent"], sent=st["bytes_sent"])
-        yield update, prog
 
 
 # --- commands ---------------------------------------------------------------------------------------------------
@@ -124,10 +75,9 @@ def cmd_caps(args) -> int:
         doc = c.caps(args.host or "")
     if args.json:
         _dump(doc)
-        return EXIT_OK
-    from .cli import print_caps_summary
+        return Exit.OK
     print_caps_summary(doc, args.host or "daemon")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -138,13 +88,13 @@ def cmd_vms(args) -> int:
         vms = [v for v in vms if v["state"] in ("in-doubt", "released")]
     if args.json:
         _dump(vms)
-        return EXIT_OK
+        return Exit.OK
     print(f"{'name':<24} {'state':<10} {'vCPUs':>5}  {'arch':<8} {'origin':<9} features")
     for v in vms:
         print(_vm_line(v))
     if not vms:
         print("(no VMs)")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -156,7 +106,7 @@ def cmd_create_vm(args) -> int:
     else:
         print(f"created {v['name']}: {v['vcpus']} vCPU(s), {v['arch']}, features {','.join(v['features']) or '-'}, "
               f"state {v['state']}")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -165,14 +115,14 @@ def cmd_inspect_vm(args) -> int:
         v = c.inspect_vm(args.name)
     if args.json:
         _dump(v)
-        return EXIT_OK
+        return Exit.OK
     print(_vm_line(v))
     print(f"history: {' '.join(v['history']) or '-'}   registers on vCPU 0: {v['register_count']}")
     if v["id_registers"]:
         print(f"{'register':<34} {'value':<20} fields")
         for r in v["id_registers"]:
             print(f"{r['name']:<34} {r['value']:<20} {r['fields']}")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -181,13 +131,13 @@ def cmd_peers(args) -> int:
         p = c.peers()
     if args.json:
         _dump(p)
-        return EXIT_OK
+        return Exit.OK
     print(f"node {p['node']}")
     for x in p["peers"]:
         print(f"  {x['name']:<20} peer {x['address']:<24} rpc {x['rpc'] or '-'}")
     if not p["peers"]:
         print("  (no peers configured)")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -198,7 +148,7 @@ def cmd_plan_vm(args) -> int:
         _dump(p)
     else:
         print_plan_doc(p["plan"], verbose=args.all)
-    return EXIT_OK if p["migratable"] else EXIT_REFUSED
+    return Exit.OK if p["migratable"] else Exit.REFUSED
 
 
 def _status_line(st: dict) -> str:
@@ -209,12 +159,12 @@ def _status_line(st: dict) -> str:
 
 def _end_code(st: dict) -> int:
     if st["state"] == "committed":
-        return EXIT_OK
+        return Exit.OK
     if st["state"] == "running":
-        return EXIT_OK
+        return Exit.OK
     kind = (st["error"] or {}).get("kind", "migrationFailed")
-    code = EXIT_CODES.get(kind, EXIT_FAILED)
-    return code if code in (EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_KVM) else EXIT_FAILED
+    code = exits.BY_KIND.get(kind, Exit.FAILED)
+    return code if code in (Exit.REFUSED, Exit.UNREACHABLE, Exit.KVM) else Exit.FAILED
 
 
 @_handled
@@ -227,7 +177,7 @@ def cmd_migrate(args) -> int:
                 _dump({"id": mid})
             else:
                 print(mid)
-            return EXIT_OK
+            return Exit.OK
         deadline = time.monotonic() + args.timeout
         if args.json or not sys.stderr.isatty() and not args.progress:
             st = c.wait(mid, int(args.timeout * 1000))
@@ -246,7 +196,7 @@ def cmd_migrate(args) -> int:
     if st["state"] == "running":
         print(f"invariantctl: still running after {args.timeout}s; follow with `invariantctl status {mid}`",
               file=sys.stderr)
-        return EXIT_FAILED
+        return Exit.FAILED
     return _end_code(st)
 
 
@@ -255,7 +205,7 @@ def cmd_remove_vm(args) -> int:
     with _client(args) as c:
         c.remove_vm(args.name)
     _dump({"name": args.name, "state": "removed"}) if args.json else print(f"removed {args.name}")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -266,7 +216,7 @@ def cmd_resolve(args) -> int:
         _dump(vm)
     else:
         print(f"{args.vm}: {'resumed here' if args.resume else 'discarded here'} ({vm['state']})")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -275,14 +225,14 @@ def cmd_vmms(args) -> int:
         vmms = c.list_vmms()
     if args.json:
         _dump(vmms)
-        return EXIT_OK
+        return Exit.OK
     print(f"{'pid':>7} {'role':<12} {'VM':<20} {'migration':<34} {'vCPUs':>5} {'events':>6}  connected")
     for v in vmms:
         print(f"{v['pid']:>7} {v['role']:<12} {v['vm'] or '-':<20} {v['migration'] or '-':<34} "
               f"{len(v['vcpus_snapshotted']):>5} {len(v['events']):>6}  {'yes' if v['connected'] else 'no'}")
     if not vmms:
         print("(no VMM agents have reported: start QEMU with invariantd-qemu and set [agent] socket)")
-    return EXIT_OK
+    return Exit.OK
 
 
 @_handled
@@ -291,13 +241,13 @@ def cmd_migrate_vmm(args) -> int:
         mid = c.migrate_vmm(args.vm, args.to, args.qmp, args.uri, args.dest_qmp or "")
         if args.no_wait:
             _dump({"id": mid}) if args.json else print(mid)
-            return EXIT_OK
+            return Exit.OK
         st = c.wait(mid, int(args.timeout * 1000))
     if args.json:
         _dump(st)
     else:
         print(_status_line(st))
-    return _end_code(st) if st["state"] != "running" else EXIT_FAILED
+    return _end_code(st) if st["state"] != "running" else Exit.FAILED
 
 
 @_handled
@@ -311,7 +261,7 @@ def cmd_status(args) -> int:
             print(_status_line(st))
         if not sts:
             print("(no migrations)")
-    return _end_code(sts[0]) if args.migration else EXIT_OK
+    return _end_code(sts[0]) if args.migration else Exit.OK
 
 
 @_handled
@@ -322,16 +272,7 @@ def cmd_cancel(args) -> int:
         _dump(st)
     else:
         print(_status_line(st))
-    return EXIT_OK if st["state"] == "cancelled" else _end_code(st)
-
-
-def cmd_demo(args) -> int:
-    from .demo import DemoError, run_demo
-    try:
-        return run_demo(real=args.real, as_json=args.json, progress=not args.no_progress)
-    except DemoError as e:
-        print(f"invariantctl demo: {e}", file=sys.stderr)
-        return e.code
+    return Exit.OK if st["state"] == "cancelled" else _end_code(st)
 
 
 def register(sub) -> None:
@@ -408,10 +349,3 @@ def register(sub) -> None:
     p = sub.add_parser("cancel", help="cancel a migration before the destination commits", **kw)
     p.add_argument("migration")
     p.set_defaults(func=cmd_cancel)
-    p = sub.add_parser("demo", help="two daemons on loopback: create, plan, migrate a VM via RPC; metrics",
-                       description=__import__("invariantd.client.demo", fromlist=["x"]).__doc__,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--real", action="store_true", help="both daemons on this machine's /dev/kvm")
-    p.add_argument("--json", action="store_true", help="one JSON report instead of text")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_demo)

@@ -22,6 +22,8 @@ from dataclasses import replace
 from functools import partial
 
 from ..daemon.pki import make_pki
+from . import exits
+from .render import print_plan_doc, progress_bar
 
 SRC_PROFILE = "cortex-a72-r0p3@6.12"
 DST_PROFILE = "cortex-a72-r0p4@7.3"
@@ -72,10 +74,8 @@ def _config(node: str, pki: dict, backend_kind: str, profile: str, peers=(), jou
                   journal=JournalSection(journal))
 
 
-class DemoError(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
+class DemoError(exits.CliError):
+    """The demo could not run (its exit code: client/exits.py)."""
 
 
 def run_demo(*, real: bool = False, as_json: bool = False, out=None, progress: bool = True) -> int:
@@ -101,7 +101,7 @@ async def _demo(pki, real, say, report, as_json, progress, out) -> int:
     import trio
     from ..daemon.config import PeerEntry
     from ..daemon.server import make_backend, run
-    from .rpc_client import Client, RpcError, client_ssl
+    from ..daemon.rpcclient import Client, RpcError, client_ssl
 
     kind = "kvm" if real else "sim"
     cfg_b = _config("node-b", pki, kind, DST_PROFILE, journal=os.path.join(os.path.dirname(pki["ca"]), "node-b.db"))
@@ -145,7 +145,6 @@ async def _demo(pki, real, say, report, as_json, progress, out) -> int:
             plan = await rpc(client.plan, VM_NAME, "node-b")
             report["plan"] = plan
             say("")
-            from .ctl import print_plan_doc
             print_plan_doc(plan["plan"], out=out) if not as_json else None
             mid = await rpc(client.migrate, VM_NAME, "node-b")
             say(f"\nmigrating {VM_NAME} node-a -> node-b (migration {mid})")
@@ -158,8 +157,7 @@ async def _demo(pki, real, say, report, as_json, progress, out) -> int:
             else:
                 err = st["error"] or {"kind": "migrationFailed", "message": "?"}
                 say(f"outcome: {st['state'].upper()} in phase {st['phase']}: {err['message']}")
-                from .rpc_client import EXIT_CODES
-                code = EXIT_CODES.get(err["kind"], 7) or 7
+                code = exits.for_kind(err["kind"]) or exits.Exit.FAILED
             b_client = Client(f"127.0.0.1:{ports_b['rpc']}", client_ssl(pki["operator"], None, pki["ca"]),
                               server_hostname="localhost")
             try:
@@ -185,7 +183,7 @@ async def _demo(pki, real, say, report, as_json, progress, out) -> int:
         except RpcError as e:
             report["error"] = {"kind": e.kind, "message": e.message}
             say(f"demo failed: {e}")
-            code = e.exit_code
+            code = exits.for_kind(e.kind)
         finally:
             await trio.to_thread.run_sync(client.close)
             n.cancel_scope.cancel()
@@ -198,7 +196,6 @@ async def _follow(client, mid: str, show: bool, out) -> dict:
     import trio
     if not show:
         return await trio.to_thread.run_sync(client.wait, mid, 60000)
-    from .ctl import progress_bar
     with progress_bar(out) as (update, _):
         while True:
             st = await trio.to_thread.run_sync(client.status, mid)
@@ -206,3 +203,21 @@ async def _follow(client, mid: str, show: bool, out) -> dict:
             if st["state"] != "running":
                 return st
             await trio.sleep(0.05)
+
+
+def cmd_demo(args) -> int:
+    try:
+        return run_demo(real=args.real, as_json=args.json, progress=not args.no_progress)
+    except DemoError as e:
+        print(f"invariantctl demo: {e}", file=sys.stderr)
+        return e.code
+
+
+def register(sub) -> None:
+    import argparse
+    p = sub.add_parser("demo", help="two daemons on loopback: create, plan, migrate a VM via RPC; metrics",
+                       description=__doc__, epilog=exits.table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", action="store_true", help="both daemons on this machine's /dev/kvm")
+    p.add_argument("--json", action="store_true", help="one JSON report instead of text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)

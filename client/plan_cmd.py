@@ -15,11 +15,10 @@ import argparse
 import json
 import sys
 
-EXIT_OK, EXIT_USAGE, EXIT_REFUSED = 0, 2, 3
+from .exits import CliError, Exit
 
 
-def _err(message: str, code: int = EXIT_USAGE):
-    from .cli import CliError
+def _err(message: str, code: int = Exit.USAGE):
     return CliError(message, code)
 
 
@@ -79,7 +78,7 @@ def cmd_plan(args) -> int:
         sys.stdout.write("\n")
     else:
         print_plan(plan, verbose=args.all)
-    return EXIT_OK if plan.migratable else EXIT_REFUSED
+    return Exit.OK if plan.migratable else Exit.REFUSED
 
 
 def print_plan(plan, verbose: bool = False, out=None) -> None:
@@ -161,7 +160,7 @@ def cmd_baseline(args) -> int:
             print("  target implementations (errata discovery): "
                   + ", ".join(f"{i.midr:#x}" for i in b.profile.target_impls))
         print("result: " + ("accepted by every host" if b.accepted_everywhere else "NOT accepted by every host - exit 3"))
-    return EXIT_OK if b.accepted_everywhere else EXIT_REFUSED
+    return Exit.OK if b.accepted_everywhere else Exit.REFUSED
 
 
 def register(subparsers) -> None:

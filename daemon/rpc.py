@@ -223,7 +223,7 @@ class Orchestrator:
         """The peer's capability document (and as HostCapabilities when it is arm64): over its RPC when
         configured, else over the peer link (Hello -> Capabilities -> Abort "caps-only")."""
         if p.rpc:
-            from ..client.rpc_client import Client, RpcError
+            from .rpcclient import Client, RpcError
 
             def fetch():
                 with Client(p.rpc, self.rpc_client_ctx, timeout=self.cfg.timeouts.handshake,
@@ -560,7 +560,7 @@ class Orchestrator:
     async def peer_rpc(self, name: str, method: str, *args):
         """A call to a peer daemon's RPC, on one connection per peer kept open (a TLS handshake per call would
         slow the status polls of a QEMU migration); a connection that failed is dropped and made anew."""
-        from ..client.rpc_client import Client, RpcError
+        from .rpcclient import Client, RpcError
         p = self._peer(name)
         if not p.rpc:
             raise RpcFailure("badRequest", f"peer {name} has no rpc address in [peers]: VMM migrations call its RPC")
@@ -704,7 +704,7 @@ def _fill_status(b, d: dict) -> None:
 
 
 def impl_class():
-    from ..client.rpc_client import rpc_schema
+    from .rpcclient import rpc_schema
     rpc = rpc_schema()
 
     class Impl(rpc.Orchestrator.Server):

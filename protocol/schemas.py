@@ -351,13 +351,22 @@ def plan_to_doc(plan: Plan) -> dict:
 
 # --- Cap'n Proto boundary ----------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def schema():
-    """The loaded schema module (capnp.load, once per process)."""
+@lru_cache(maxsize=None)
+def load_capnp(name: str):
+    """protocol/schemas/NAME (invariantd.capnp, peer.capnp, rpc.capnp), loaded once per process with capnp.load -
+    the one schema loader (never the import hook: loading one file both ways aborts the process). A schema that
+    imports invariantd.capnp finds it already loaded, so both share one parsed schema."""
     import capnp  # noqa: PLC0415 - lazy: the pure engine does not need it
-    ref = resources.files(__package__).joinpath("schemas", "invariantd.capnp")
+    if name != "invariantd.capnp":
+        load_capnp("invariantd.capnp")
+    ref = resources.files(__package__).joinpath("schemas", name)
     with resources.as_file(ref) as path:
         return capnp.load(str(path), imports=[])
+
+
+def schema():
+    """invariantd.capnp: the capability document, VM profile and plan."""
+    return load_capnp("invariantd.capnp")
 
 
 def _regvalues(builder, name: str, pairs) -> None:

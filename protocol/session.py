@@ -30,7 +30,6 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from typing import Sequence, Union
 
 import xxhash
@@ -417,12 +416,9 @@ _WIRE_NAMES = {Hello: "hello", Capabilities: "capabilities", PlanProposal: "plan
                Abort: "abort", Inquiry: "inquiry", Answer: "answer"}
 
 
-@lru_cache(maxsize=1)
 def _schema():
-    import capnp   # lazy: the state machine and events do not need it
-    path = resources.files(__package__).joinpath("schemas", "peer.capnp")
-    with resources.as_file(path) as p:
-        return capnp.load(str(p))
+    from .schemas import load_capnp      # lazy: the state machine and events do not need Cap'n Proto
+    return load_capnp("peer.capnp")
 
 
 def encode(event: Event) -> bytes:

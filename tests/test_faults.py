@@ -19,7 +19,7 @@ import pytest
 
 from invariantd.client.demo import DST_PROFILE, SRC_PROFILE
 from invariantd.daemon.pki import make_pki
-from invariantd.client.rpc_client import Client, RpcError
+from invariantd.daemon.rpcclient import Client, RpcError
 
 VM = "vm-f"
 COMMIT = 3                 # s: the commit timeout (a stopped peer is waited for this long); the others are ample

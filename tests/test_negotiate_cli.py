@@ -8,7 +8,7 @@ import json
 import pytest
 
 from invariantd.client import plan_cmd
-from invariantd.client.cli import CliError
+from invariantd.client.exits import CliError
 from test_negotiate import A72_R0P4, N1_R4P1, make_doc
 
 

@@ -12,7 +12,8 @@ import trio
 
 from invariantd.client.demo import DST_PROFILE, SRC_PROFILE
 from invariantd.daemon.pki import make_pki
-from invariantd.client.rpc_client import Client, RpcError, client_ssl, parse_addr, rpc_schema
+from invariantd.client.exits import for_kind
+from invariantd.daemon.rpcclient import Client, RpcError, client_ssl, parse_addr, rpc_schema
 from invariantd.daemon import tls
 from invariantd.daemon.config import (BackendConfig, Config, ConfigError, MetricsSection, PeerEntry, PeerSection,
                                       RpcSection, Timeouts, parse)
@@ -108,7 +109,7 @@ async def test_create_list_inspect_and_errors(nursery, pki):
                            (("vm-3", 1, ["NOPE"]), "badRequest")):
             with pytest.raises(RpcError) as ei:
                 await call(c.create_vm, *args)
-            assert ei.value.kind == kind and ei.value.exit_code == 2
+            assert ei.value.kind == kind and for_kind(ei.value.kind) == 2
         with pytest.raises(RpcError) as ei:
             await call(c.inspect_vm, "ghost")
         assert ei.value.kind == "notFound" and "ghost" in ei.value.message
@@ -178,7 +179,7 @@ async def test_unreachable_peer_and_daemon(nursery, pki):
     with Client(f"127.0.0.1:{dead}", timeout=5) as c:
         with pytest.raises(RpcError) as ei:
             await call(c.list_vms)
-        assert ei.value.kind == "unreachable" and ei.value.exit_code == 4
+        assert ei.value.kind == "unreachable" and for_kind(ei.value.kind) == 4
     # RPC with mTLS refuses a client without a certificate
     with Client(f"127.0.0.1:{cl.a['rpc']}", client_ssl(None, None, pki["ca"]), server_hostname="localhost",
                 timeout=5) as c:

@@ -12,7 +12,7 @@ import trio
 from fixtures import FakeQemu
 from invariantd.client.cli import main
 from invariantd.daemon.pki import make_pki
-from invariantd.client.rpc_client import Client, client_ssl
+from invariantd.daemon.rpcclient import Client, client_ssl
 from invariantd.daemon.apply import read_vm
 from invariantd.daemon.config import AgentSection, BackendConfig, Config, MetricsSection, PeerEntry, PeerSection, \
     RpcSection, Timeouts

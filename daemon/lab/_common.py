@@ -100,3 +100,16 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         data = data.encode()
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def source_root() -> Path:
+    """The project source tree shared into the guest: the folder holding daemon/, protocol/,
+    client/ (`$INVARIANTD_LAB_SOURCE` overrides)."""
+    env = os.environ.get("INVARIANTD_LAB_SOURCE")
+    if env:
+        return Path(env).resolve()
+    try:
+        import invariantd.daemon as d  # the installed/editable package, if importable
+        return Path(d.__file__).resolve().parent.parent
+    except ImportError:
+        return Path(__file__).resolve().parent.parent.parent

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import provision as _prov
-from ._common import LabError, cache_dir, cache_lock, log, phase, timings
+from ._common import LabError, cache_dir, cache_lock, log, phase, source_root, timings
 
 GUEST_ROOT = "/opt/ivd"
 GUEST_PYTHONPATH = f"{GUEST_ROOT}/run/pkg"
@@ -53,19 +53,6 @@ class GuestResult:
     run_seconds: float = 0.0
     boot_seconds: float = 0.0
     argv: tuple = ()
-
-
-def source_root() -> Path:
-    """The project source tree shared into the guest: the folder holding daemon/, protocol/,
-    client/ (`$INVARIANTD_LAB_SOURCE` overrides)."""
-    env = os.environ.get("INVARIANTD_LAB_SOURCE")
-    if env:
-        return Path(env).resolve()
-    try:
-        import invariantd.daemon as d  # the installed/editable package, if importable
-        return Path(d.__file__).resolve().parent.parent
-    except ImportError:
-        return Path(__file__).resolve().parent.parent.parent
 
 
 def guest_info() -> dict:

@@ -51,7 +51,7 @@ def _config(node: str, peers=()):
 
 
 def _client(addr: str, timeout: float = 60):
-    from ...client.rpc_client import Client, client_ssl
+    from ..rpcclient import Client, client_ssl
     return Client(addr, client_ssl(f"{JOB}/in.operator.pem", None, f"{JOB}/in.ca.pem"), server_hostname="localhost",
                   timeout=timeout)
 
@@ -98,7 +98,7 @@ async def _source(args, out: dict) -> int:
     import trio
     from ..config import PeerEntry
     from ..server import make_backend, run
-    from ...client.rpc_client import RpcError
+    from ..rpcclient import RpcError
     pname, _, paddr = args.peer.partition("=")
     peers = (PeerEntry(pname, paddr, PEER_PORT, rpc=f"{paddr}:{RPC_PORT}", server_name="localhost"),)
     cfg = _config(args.node, peers)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from ._common import (KERNEL_KEYS, SCRIPTS, LabError, LabUnavailable, atomic_write, cache_dir,
-                      cache_lock, log, phase, run)
+                      cache_lock, log, phase, run, source_root)
 
 HOST_PACKAGES = ("qemu-system-arm", "ipxe-qemu", "cpio", "xz-utils", "zstd", "e2fsprogs",
                  "mmdebstrap", "gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross")
@@ -511,7 +511,6 @@ def runtime_requirements() -> list[str]:
     import tomllib
     from importlib.metadata import PackageNotFoundError, requires
 
-    from .guest import source_root
     pyproject = source_root() / "pyproject.toml"
     if pyproject.is_file():
         try:

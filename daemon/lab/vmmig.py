@@ -106,7 +106,7 @@ async def _source(args, out: dict) -> int:
     import trio
     from ..config import PeerEntry
     from ..server import make_backend, run
-    from ...client.rpc_client import RpcError
+    from ..rpcclient import RpcError
     pname, _, paddr = args.peer.partition("=")
     peers = (PeerEntry(pname, paddr, PEER_PORT, rpc=f"{paddr}:{RPC_PORT}", server_name="localhost"),)
     cfg = _config(args.node, peers)

@@ -1,12 +1,13 @@
 """The Python client of the orchestrator RPC (protocol/schemas/rpc.capnp): one request path, one error type.
+Used by invariantctl (client/) and by the daemon itself when it calls a peer daemon's RPC (daemon/rpc.py).
 
     with Client("127.0.0.1:7444") as c:          # or "unix:/run/invariantd/rpc.sock"; ssl=client context
         c.create_vm("vm-1", 2)
         mid = c.migrate("vm-1", "b")
         st = c.wait(mid)                           # dict: state, phase, bytes_sent, vcpus_done/total, ...
 
-Every daemon-side failure raises RpcError(kind, message); `RpcError.exit_code` is invariantctl's exit code for
-that kind (EXIT_CODES). pycapnp 2.x RPC is asyncio-only: `Client` runs one asyncio loop with the KJ loop in a
+Every daemon-side failure raises RpcError(kind, message), kind an ErrorKind of rpc.capnp (invariantctl's exit
+code for each kind: client/exits.py). pycapnp 2.x RPC is asyncio-only: `Client` runs one asyncio loop with the KJ loop in a
 private thread and hands plain Python data (dicts, bytes) across, so it can be used from plain code, from a
 trio program (via trio.to_thread) and from several threads. `AsyncClient` is the same over an existing
 asyncio + capnp.kj_loop() (e.g. inside the daemon's RPC thread).
@@ -20,17 +21,20 @@ import os
 import ssl
 import threading
 from functools import lru_cache
-from importlib import resources
 from typing import Any
+
+from ..protocol import schemas as S
 
 DEFAULT_RPC_PORT = 7444
 DEFAULT_ADDR = "unix:/run/invariantd/rpc.sock"   # the daemon's default (rpc.unix); TCP is mutual TLS only
 ENV_ADDR = "INVARIANTD_ADDR"
 
-# ErrorKind (rpc.capnp) -> invariantctl exit code
-EXIT_CODES = {"ok": 0, "badRequest": 2, "notFound": 2, "conflict": 2, "refused": 3, "unreachable": 4, "kvm": 5,
-              "migrationFailed": 7, "internal": 1, "forbidden": 8}
-KINDS = tuple(EXIT_CODES)
+
+
+@lru_cache(maxsize=1)
+def kinds() -> tuple[str, ...]:
+    """ErrorKind's enumerants, from rpc.capnp itself."""
+    return tuple(rpc_schema().ErrorKind.schema.enumerants)
 
 
 class RpcError(Exception):
@@ -39,27 +43,16 @@ class RpcError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind if kind in EXIT_CODES else "internal"
+        self.kind = kind if kind in kinds() else "internal"
         self.message = message
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.kind]
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
 
 
-@lru_cache(maxsize=1)
 def rpc_schema():
-    """protocol/schemas/rpc.capnp, loaded once per process with capnp.load (never the import hook). It imports
-    invariantd.capnp, which protocol.schemas loads first so both share one parsed schema."""
-    import capnp
-    from ..protocol import schemas as S
-    S.schema()
-    ref = resources.files("invariantd.protocol").joinpath("schemas", "rpc.capnp")
-    with resources.as_file(ref) as path:
-        return capnp.load(str(path), imports=[])
+    """protocol/schemas/rpc.capnp (protocol.schemas.load_capnp: once per process)."""
+    return S.load_capnp("rpc.capnp")
 
 
 def default_addr() -> str:

@@ -1,0 +1,79 @@
+"""What invariantctl prints for people: capability summaries, plan tables, the migration progress bar."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+
+def print_caps_summary(doc: dict, label: str) -> None:
+    """The human header of a capability document (probe here, or a daemon's / peer's via `caps`)."""
+    one_reg = doc.get("one_reg", (doc.get("caps") or {}).get("KVM_CAP_ONE_REG"))
+    print(f"{label}: {doc.get('source')} {doc.get('profile') or ''}   arch: {doc.get('arch')}   "
+          f"kernel: {doc.get('kernel_release')}   KVM API {doc.get('api_version')}   ONE_REG: {'yes' if one_reg else 'no'}")
+    print("caps: " + ", ".join(f"{k.replace('KVM_CAP_', '')}={v}" for k, v in (doc.get("caps") or {}).items()))
+    if doc.get("arch") != "aarch64":
+        return
+    if doc.get("sim_era"):
+        print(f"simulated kernel era: {doc['sim_era']}")
+    print(f"per-CPU MIDR: {', '.join(doc.get('cpu_midrs') or []) or 'n/a'}   registers listed: "
+          f"{len(doc.get('reg_list') or [])}   writable masks: "
+          f"{'not offered' if doc.get('writable_masks') is None else len(doc['writable_masks'])}")
+    if doc.get("sve_vls"):
+        from ..protocol.catalog import sve_vqs
+        vls = ", ".join(str(128 * q) for q in sve_vqs(int(doc["sve_vls"], 16)))
+        print(f"SVE vector lengths: {vls} bits   an SVE vCPU reads differently: "
+              f"{', '.join(_reg_name(k) for k in doc.get('sve_values') or {}) or 'nothing'}")
+
+
+def _reg_name(hex_id: str) -> str:
+    from ..protocol.catalog import catalog
+    return catalog().name(int(hex_id, 16))
+
+
+def print_plan_doc(doc: dict, verbose: bool = False, out=None) -> None:
+    """The plan table (same layout as `invariantctl plan`) from a plan document (schemas.plan_to_doc)."""
+    out = out or sys.stdout
+    w = lambda s="": print(s, file=out)   # noqa: E731
+    w(f"plan: VM {doc['vm']} -> {doc['destination']}   policy {doc['policy']}")
+    hdr = ("register", "field", "source", "destination", "verdict", "reason")
+    w(f"{hdr[0]:<36} {hdr[1]:<14} {hdr[2]:<20} {hdr[3]:<20} {hdr[4]:<9} {hdr[5]}")
+    same = 0
+    for e in doc["entries"]:
+        if e["verdict"] == "identical" and not verbose:
+            same += 1
+            continue
+        s, d = int(e["source"], 16), int(e["destination"], 16)
+        s, d = (f"{s:#x}", f"{d:#x}") if e["field"] else (f"{s:#018x}", f"{d:#018x}")
+        w(f"{e['register']:<36} {e['field'] or '-':<14} {s:<20} {d:<20} {e['verdict']:<9} {e['reason']}")
+    if same:
+        w(f"({same} registers identical on both sides)")
+    w("guest-visible changes: " + ("none" if not doc["guest_visible"] else ""))
+    for g in doc["guest_visible"]:
+        w(f"  - {g}")
+    for n in doc["notes"]:
+        w(f"note: {n}")
+    w(f"digest: sha256:{doc['digest']}")
+    if doc["migratable"]:
+        w("result: MIGRATABLE" + (" (enable cap 239 before creating vCPUs)" if doc["enable_cap239"] else ""))
+    else:
+        bad = sorted({e["register"] for e in doc["entries"] if e["verdict"] == "refuse"})
+        w(f"result: REFUSED ({len(bad)} register(s): {', '.join(bad)})")
+
+
+
+@contextmanager
+def progress_bar(out=None):
+    """A rich progress bar for a migration; yields (update(status_dict), progress)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    console = Console(file=out or sys.stderr)
+    with Progress(TextColumn("[bold]{task.fields[phase]:<10}"), BarColumn(),
+                  TextColumn("vCPUs {task.completed:.0f}/{task.total:.0f}"),
+                  TextColumn("{task.fields[regs]} regs"), TextColumn("{task.fields[sent]} B sent"),
+                  TimeElapsedColumn(), console=console, transient=False) as prog:
+        task = prog.add_task("migrate", total=1, phase="connecting", regs=0, sent=0)
+
+        def update(st: dict) -> None:
+            prog.update(task, total=max(1, st["vcpus_total"]), completed=st["vcpus_done"], phase=st["phase"],
+                        regs=st["registers_sent"], sent=st["bytes_sent"])
+        yield update, prog
