@@ -34,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 
 import trio
 
-from ..protocol import kvmabi as abi
+from ..protocol import kernelver, kvmabi as abi
 from ..protocol import schemas as S
 from ..protocol import session as ps
 from ..protocol.catalog import catalog
@@ -43,7 +43,7 @@ from ..protocol.framing import Limits
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import Policy, default_policy
 from ..protocol.program import compile_plan
-from . import failpoints, probe
+from . import failpoints
 from .apply import (ApplyError, apply_vm, apply_vm_async, plan_deviations, read_vm, read_vm_async,
                     vm_wide)
 from .kvm.backend import Backend, Vcpu
@@ -122,7 +122,7 @@ def vm_profile(vm_id: str, init, regsets: Mapping[int, Sequence[tuple[int, int]]
                     values[rid] = v
     try:
         midrs = tuple(sorted(set(backend.cpu_midrs())))
-        kernel = probe.kernel_version(backend.kernel_release())
+        kernel = kernelver.major_minor(backend.kernel_release())
     except Exception:       # a backend that cannot say: the plan then knows less about what the guest saw
         midrs, kernel = (), ""
     return S.VmProfile(name=vm_id, revision=1, features=_feature_names(init), values=tuple(sorted(values.items())),

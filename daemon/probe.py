@@ -7,21 +7,15 @@ JSON-ready and is also the simulator's host-profile format (`invariantctl lab pr
 from __future__ import annotations
 
 import errno as E
-import re
 
 from ..protocol import kvmabi as abi
 from ..protocol.catalog import catalog, mask_index
-from ..protocol import regid
+from ..protocol import kernelver, regid
 from .kvm.backend import Backend, VcpuInit
 from .kvm.errors import KvmError
 
 FORMAT = "invariantd/host-capabilities@1"
 BASE_FEATURES = ("PSCI_0_2",)
-
-
-def kernel_version(release: str) -> str:
-    m = re.match(r"(\d+)\.(\d+)", release)
-    return f"{m.group(1)}.{m.group(2)}" if m else release
 
 
 def probe(backend: Backend, profile: str | None = None) -> dict:
@@ -31,7 +25,7 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
         "profile": profile,
         "arch": backend.arch,
         "kernel_release": backend.kernel_release(),
-        "kernel_version": kernel_version(backend.kernel_release()),
+        "kernel_version": kernelver.major_minor(backend.kernel_release()),
         "api_version": backend.api_version(),
         "caps": {},
         "errors": [],

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .catalog import Field, Safety, catalog, mask_index
-from . import regid
+from . import kernelver, regid
 from .negotiate import CAP239
 from .policy import Policy
 from .schemas import HostCapabilities, Implementation, VmProfile
@@ -172,5 +172,5 @@ def baseline(hosts: list[HostCapabilities], name: str = "baseline", revision: in
     prof = VmProfile(name=name, revision=revision, features=hosts[0].base_features,
                      values=tuple(sorted(out.items())), reg_list=tuple(common), target_impls=impls,
                      seen_midrs=(),   # a VM created from the baseline knows only the host it boots on
-                     source_kernel=min((h.kernel_version for h in hosts), key=lambda k: tuple(map(int, k.split(".")[:2]))))
+                     source_kernel=min((h.kernel_version for h in hosts), key=kernelver.parse))
     return Baseline(prof, tuple(lowered), tuple(conflicts), tuple(omitted), tuple(varies))

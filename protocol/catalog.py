@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from . import regid
+from . import kernelver, regid
 
 
 class CatalogError(ValueError):
@@ -26,10 +26,6 @@ class Safety(enum.Enum):
     EXACT = "EXACT"                    # FTR_EXACT: the current value or the field's safe value
     HIGHER_OR_ZERO = "HIGHER_OR_ZERO"  # FTR_HIGHER_OR_ZERO_SAFE: raise, or 0
     NONE = "NONE"                      # no cpufeature row: must equal the kernel's value
-
-
-def _kver(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(".")) if text else (0,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +236,7 @@ class Catalog:
             elif r["values"] != "-":
                 fold = tuple((int(a), int(to)) for grp in r["values"].split(";") for lhs, to in [grp.split(">")]
                              for a in lhs.split(","))
-            self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], _kver(r["since"]), int(r["accepts"], 0),
+            self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], kernelver.data(r["since"]), int(r["accepts"], 0),
                                      vals, fold)
         self.drift: dict[int, Drift] = {}
         for r in _rows("drift.tsv"):
@@ -254,7 +250,7 @@ class Catalog:
                     raise CatalogError(f"drift.tsv: {r['register']}: feature {r['feature']!r} is not "
                                        f"REGISTER:shift:width:FEAT_NAME ({e})") from None
             self.drift[rid] = Drift(r["register"], rid, tuple(int(x, 0) for x in r["resets"].split(";")),
-                                    _kver(r["since"]), r["why"], feat)
+                                    kernelver.data(r["since"]), r["why"], feat)
         overrides = {(r["register"], r["field"]): r for r in _rows("kvm_overrides.tsv")}
         self.fields: dict[str, tuple[Field, ...]] = {}
         acc: dict[str, list[Field]] = {}
@@ -265,7 +261,7 @@ class Catalog:
             ov = overrides.pop((reg, r["field"]), None)
             safety = Safety(r["type"])
             f = Field(reg, r["field"], int(r["shift"]), int(r["width"]), r["sign"] == "S", safety,
-                      int(r["safe"], 0), _kver(r["since"]), r["note"],
+                      int(r["safe"], 0), kernelver.data(r["since"]), r["note"],
                       Safety(ov["type"]) if ov else safety, ov["why"] if ov else "")
             acc.setdefault(reg, []).append(f)
         if overrides:
@@ -281,7 +277,7 @@ class Catalog:
             pc = Precheck(r["register"], f, int(r["min"]) if r["min"] else None,
                           tuple(int(x) for x in r["refuse"].split(";") if x),
                           tuple(int(x) for x in r["rewrite"].split(":")) if r["rewrite"] else None,
-                          _kver(r["since"]), r["why"])
+                          kernelver.data(r["since"]), r["why"])
             self.prechecks[pc.register] = self.prechecks.get(pc.register, ()) + (pc,)
         self.legacy: dict[str, tuple[tuple[Field, tuple[int, ...], tuple[int, ...], str], ...]] = {}
         for r in _rows("legacy_writable.tsv"):
@@ -289,7 +285,7 @@ class Catalog:
             if f is None:
                 raise CatalogError(f"legacy_writable.tsv: {r['register']}.{r['field']}: no such field")
             self.legacy[r["register"]] = self.legacy.get(r["register"], ()) + (
-                (f, _kver(r["since"]), _kver(r["until"]), r["why"]),)
+                (f, kernelver.data(r["since"]), kernelver.data(r["until"]), r["why"]),)
         self.setters: dict[str, tuple[SetterCheck, ...]] = {}
         for r in _rows("setters.tsv"):
             if r["check"] not in ("res0", "idc", "linesize"):
@@ -300,8 +296,8 @@ class Catalog:
                 reg, _, fld = r["arg"].partition(".")
                 if not any(f.name == fld for f in self.fields_of(reg)):
                     raise CatalogError(f"setters.tsv: {r['register']} idc: {r['arg']} is no field of id_fields.tsv")
-            sc = SetterCheck(r["register"], r["check"], r["arg"], _kver(r["since"]),
-                             _kver(r["until"]) if r["until"] else None, r["errno"], r["why"])
+            sc = SetterCheck(r["register"], r["check"], r["arg"], kernelver.data(r["since"]),
+                             kernelver.data(r["until"]) if r["until"] else None, r["errno"], r["why"])
             self.setters[sc.register] = self.setters.get(sc.register, ()) + (sc,)
 
     @staticmethod

@@ -9,6 +9,8 @@ import errno as _errno
 import os
 from importlib import resources
 
+from . import kernelver
+
 KVMIO = 0xAE
 _NONE, _W, _R, _RW = 0, 1, 2, 3
 
@@ -74,7 +76,7 @@ VCPU_FEATURES = {r["name"]: int(r["bit"]) for r in _FEATURE_ROWS}
 # feature -> the KVM_CAP_* that gates it, "always" or "unchecked" (see the table's header)
 FEATURE_GATES = {r["name"]: r["capability"] for r in _FEATURE_ROWS}
 # feature -> the first kernel (major, minor) that knows the bit (ENOENT before it); () = every kernel supported
-FEATURE_SINCE = {r["name"]: tuple(int(x) for x in r["since"].split(".")) if r["since"] else () for r in _FEATURE_ROWS}
+FEATURE_SINCE = {r["name"]: kernelver.parse(r["since"]) for r in _FEATURE_ROWS}
 # feature -> the features KVM_ARM_VCPU_INIT requires with it (EINVAL without them)
 FEATURE_REQUIRES = {r["name"]: tuple(x for x in r["requires"].split(",") if x) for r in _FEATURE_ROWS}
 KVM_ARM_VCPU_SVE = 4

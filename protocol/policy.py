@@ -81,13 +81,6 @@ def _choice(value, allowed: tuple[str, ...], where: str) -> str:
     return value
 
 
-def _ver(text: str, where: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in str(text).split("."))
-    except ValueError:
-        raise PolicyError(f"policy: {where} = {text!r} is not a kernel version like 6.3") from None
-
-
 def _default_doc() -> dict:
     return tomllib.loads(resources.files(__package__).joinpath("data", "default-policy.toml").read_text())
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from . import regid
+from . import kernelver, regid
 from .catalog import catalog
 
 HOST_FORMAT = "invariantd/host-capabilities@1"
@@ -78,7 +78,7 @@ class HostCapabilities:
 
     @property
     def kernel(self) -> tuple[int, ...]:
-        return _kver(self.kernel_version)
+        return kernelver.parse(self.kernel_version)
 
     @property
     def name(self) -> str:
@@ -133,18 +133,6 @@ class Plan:
         """(id, value) the destination writes, in plan order; dropped and refused registers excluded."""
         return tuple((e.reg_id, e.planned) for e in self.entries
                      if not e.field and e.verdict not in (Verdict.DROP, Verdict.REFUSE))
-
-
-def _kver(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        out.append(int(digits))
-        if len(out) == 2:
-            break
-    return tuple(out) or (0,)
 
 
 # --- JSON documents ----------------------------------------------------------------------------------

@@ -152,3 +152,13 @@ def test_every_kernel_setter_read_has_a_row_naming_where_its_rule_lives():
             where = data.joinpath(table) if table != "eras.tsv" else None
             assert where is None or where.is_file(), (setter, table)
         assert re.search(r"\.tsv|catalog\.|negotiate\.|host\.py", rule), (setter, "names no rule")
+
+
+def test_one_kernel_version_parser():
+    """protocol/kernelver.py is the only parser: releases, data columns, the simulator's '-patched' kernels."""
+    from invariantd.protocol import kernelver
+    assert kernelver.parse("6.12.118+deb13-arm64") == (6, 12) and kernelver.parse("7.3-patched") == (7, 3)
+    assert kernelver.parse("3.11") == (3, 11) and kernelver.parse("") == () and kernelver.parse("x") == ()
+    assert kernelver.data("") == (0,) and kernelver.major_minor("6.1.0-57-arm64") == "6.1"
+    with pytest.raises(ValueError):
+        kernelver.data("six")

@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Sequence
 
 from ...protocol import kvmabi as abi
-from ...protocol import regid
+from ...protocol import kernelver, regid
 from ...protocol.catalog import Catalog, catalog, mask_index, sve_vls_problem
 from ..kvm.backend import VcpuInit, reg_list_handshake
 from ..kvm.errors import KvmError
@@ -24,10 +24,6 @@ from ..kvm.errors import KvmError
 
 class ProfileError(ValueError):
     """A --sim profile name or file that cannot be used; the message lists what exists."""
-
-
-def _ver(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split("."))
 
 
 def _tsv(name: str) -> list[dict]:
@@ -56,8 +52,8 @@ def _errno(name: str) -> int:
 def eras() -> dict[str, Era]:
     out = {}
     for r in _tsv("eras.tsv"):
-        out[r["era"]] = Era(r["era"], None if r["from"] == "-" else _ver(r["from"]),
-                            None if r["to"] == "-" else _ver(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
+        out[r["era"]] = Era(r["era"], None if r["from"] == "-" else kernelver.parse(r["from"]),
+                            None if r["to"] == "-" else kernelver.parse(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
                             r["imp_id"], _errno(r["invariant_errno"]),
                             r["cap239_order"] == "before_vcpu",
                             tuple(x for x in r["first_run_clears"].split(";") if x))
@@ -67,7 +63,7 @@ def eras() -> dict[str, Era]:
 def era_for(kernel: str) -> Era:
     if kernel.endswith("-patched"):
         return eras()["patched"]
-    v = _ver(kernel)[:2]
+    v = kernelver.parse(kernel)[:2]
     for e in eras().values():
         if e.lo is not None and e.lo <= v <= e.hi:
             return e
@@ -128,7 +124,7 @@ class SimHost:
         if masks is not None:
             for k, v in masks.items():
                 self.masks[int(k)] = int(v, 16)
-        self.kernel_tuple = _ver(doc["kernel_version"])[:2]
+        self.kernel_tuple = kernelver.parse(doc["kernel_version"])[:2]
         self.sve_vls = int(doc.get("sve_vls", "0x1"), 16)      # the host's SVE vector lengths (probe.py)
         self.sve_values = _hexmap(doc.get("sve_values") or {})  # ID registers an SVE vCPU reads differently
         self.pmu_values = _hexmap(doc.get("pmu_values") or {})  # ... and a vCPU with PMU_V3
