@@ -10,17 +10,10 @@
  * it with aarch64-linux-gnu-gcc for the real arm64 kernels booted under QEMU).
  */
 #include <errno.h>
+#include <linux/kvm.h>           /* the ioctl numbers and struct kvm_one_reg: from the kernel's own header */
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
-
-#define IVD_KVM_GET_ONE_REG 0x4010AEABUL
-#define IVD_KVM_SET_ONE_REG 0x4010AEACUL
-
-struct ivd_one_reg {
-	uint64_t id;
-	uint64_t addr;
-};
 
 int ivd_abi_version(void) { return 1; }
 
@@ -33,7 +26,7 @@ long ivd_ioctl(int fd, unsigned long request, uintptr_t arg)
 
 static int one(int fd, unsigned long req, uint64_t id, uint8_t *addr)
 {
-	struct ivd_one_reg reg = { .id = id, .addr = (uint64_t)(uintptr_t)addr };
+	struct kvm_one_reg reg = { .id = id, .addr = (uint64_t)(uintptr_t)addr };
 	if (ioctl(fd, req, &reg) < 0)
 		return errno;
 	return 0;
@@ -48,7 +41,7 @@ int ivd_set_regs(int fd, const uint64_t *ids, uint8_t *data, const uint64_t *off
 {
 	int failed = 0;
 	for (int i = 0; i < n; i++) {
-		errs[i] = one(fd, IVD_KVM_SET_ONE_REG, ids[i], data + offs[i]);
+		errs[i] = one(fd, KVM_SET_ONE_REG, ids[i], data + offs[i]);
 		failed += errs[i] != 0;
 	}
 	return failed;
@@ -58,7 +51,7 @@ int ivd_get_regs(int fd, const uint64_t *ids, uint8_t *data, const uint64_t *off
 {
 	int failed = 0;
 	for (int i = 0; i < n; i++) {
-		errs[i] = one(fd, IVD_KVM_GET_ONE_REG, ids[i], data + offs[i]);
+		errs[i] = one(fd, KVM_GET_ONE_REG, ids[i], data + offs[i]);
 		failed += errs[i] != 0;
 	}
 	return failed;
