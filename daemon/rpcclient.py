@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..protocol import schemas as S
+from .tls import client_context
 
 DEFAULT_RPC_PORT = 7444
 DEFAULT_ADDR = "unix:/run/invariantd/rpc.sock"   # the daemon's default (rpc.unix); TCP is mutual TLS only
@@ -82,13 +83,7 @@ def parse_addr(addr: str) -> tuple[str, str, int]:
 
 def client_ssl(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
     """A mutual-TLS client context (the cluster CA, this client's certificate), or None without a CA."""
-    if not ca:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if cert:
-        ctx.load_cert_chain(cert, key or None)
-    return ctx
+    return client_context(cert, key or None, ca) if ca else None
 
 
 # --- reader -> plain data ---------------------------------------------------------------------------------------

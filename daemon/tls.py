@@ -25,11 +25,13 @@ class TlsError(Exception):
     """The TLS connection could not be set up; the message says with whom and why."""
 
 
-def _base(purpose: ssl.Purpose, cert_file: str, key_file: str | None, ca_file: str) -> ssl.SSLContext:
+def _base(purpose: ssl.Purpose, cert_file: str | None, key_file: str | None, ca_file: str) -> ssl.SSLContext:
+    """The one TLS context factory: TLS 1.3 only, the other side verified against the cluster CA."""
     ctx = ssl.create_default_context(purpose, cafile=ca_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(cert_file, key_file)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
 
@@ -38,8 +40,9 @@ def server_context(cert_file: str, key_file: str | None, ca_file: str) -> ssl.SS
     return _base(ssl.Purpose.CLIENT_AUTH, cert_file, key_file, ca_file)
 
 
-def client_context(cert_file: str, key_file: str | None, ca_file: str) -> ssl.SSLContext:
-    """Connecting side: verifies the server against the cluster CA (and its name), presents our certificate."""
+def client_context(cert_file: str | None, key_file: str | None, ca_file: str) -> ssl.SSLContext:
+    """Connecting side (a daemon to its peer, invariantctl to a daemon's RPC): verifies the server against the
+    cluster CA (and its name), presents our certificate (none: a listener requiring one refuses us)."""
     ctx = _base(ssl.Purpose.SERVER_AUTH, cert_file, key_file, ca_file)
     ctx.check_hostname = True
     return ctx
