@@ -34,7 +34,7 @@ from ..protocol import regid
 from ..protocol.catalog import catalog
 from ..protocol.program import ID_LIKE_CLASSES, Action, ApplyProgram
 from ..protocol.schemas import Plan, Verdict
-from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
+from .kvm.backend import Backend, Vcpu, VcpuInit, Vm, create_vcpus
 from .kvm.errors import KvmError
 
 # classes applied VM-wide, before any other register (and before any vCPU could run)
@@ -342,23 +342,11 @@ class _Applier:
 def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit | None,
                 regsets: Mapping[int, Sequence[tuple[int, int]]],
                 features: Sequence[int] | None = None) -> dict[int, Vcpu]:
-    vcpus: dict[int, Vcpu] = {}
-    for i in indices:
-        vcpus[i] = vm.create_vcpu(i)
-    if backend.arch != "aarch64":
-        return vcpus
-    if init is None:
-        pref = vm.preferred_target()
-        init = VcpuInit(pref.target, tuple(features) if features is not None
-                        else (abi.VCPU_FEATURES["PSCI_0_2"],))
-    for i, vcpu in vcpus.items():
-        vcpu.init(init)
-        if abi.KVM_ARM_VCPU_SVE in init.features:
-            vls = dict(regsets.get(i, ())).get(regid.SVE_VLS)
-            if vls is not None:
-                vcpu.set_reg(regid.SVE_VLS, vls)     # must precede finalize
-            vcpu.finalize(abi.KVM_ARM_VCPU_SVE)
-    return vcpus
+    indices = list(indices)
+    if init is None and features is not None and backend.arch == "aarch64":
+        init = VcpuInit(vm.preferred_target().target, tuple(features))
+    vls = {i: v for i in indices for r, v in regsets.get(i, ()) if r == regid.SVE_VLS}
+    return create_vcpus(vm, backend.arch, indices, init, vls)
 
 
 class _Run:

@@ -25,7 +25,7 @@ from typing import Sequence
 from ..protocol import kvmabi as abi
 from ..protocol import regid
 from .journal import Journal
-from .kvm.backend import Backend, Vcpu, VcpuInit, Vm
+from .kvm.backend import Backend, Vcpu, VcpuInit, Vm, create_vcpus
 
 
 class VmState(enum.Enum):
@@ -185,22 +185,11 @@ class VmRegistry:
             raise VmStateError(f"VM {vm_id} exists")
         vm = self.backend.create_vm()
         try:
-            cpus: dict[int, Vcpu] = {}
-            for i in range(vcpus):
-                cpus[i] = vm.create_vcpu(i)
-            if self.backend.arch == "aarch64":
-                if init is None:
-                    pref = vm.preferred_target()
-                    init = VcpuInit(pref.target, (2,))          # PSCI 0.2
-                for v in cpus.values():
-                    v.init(init)
+            if init is None and self.backend.arch == "aarch64":
+                init = VcpuInit(vm.preferred_target().target, (abi.VCPU_FEATURES["PSCI_0_2"],))
+            cpus = create_vcpus(vm, self.backend.arch, range(vcpus), init,
+                                {i: v for i, rs in (regs or {}).items() for r, v in rs if r == regid.SVE_VLS})
             sve = init is not None and abi.KVM_ARM_VCPU_SVE in init.features
-            if sve:     # as a VMM does before the first run: vector lengths (the host's unless given), finalize
-                for i, v in cpus.items():
-                    vls = dict((regs or {}).get(i, ())).get(regid.SVE_VLS)
-                    if vls is not None:
-                        v.set_reg(regid.SVE_VLS, vls)
-                    v.finalize(abi.KVM_ARM_VCPU_SVE)
             for i, rs in (regs or {}).items():
                 for r, val in rs:
                     if not (sve and r == regid.SVE_VLS):

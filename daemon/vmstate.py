@@ -21,7 +21,7 @@ from ..protocol.program import compile_plan
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
 from .apply import ApplyError, apply_vm, plan_deviations, read_vm
-from .kvm.backend import VcpuInit
+from .kvm.backend import VcpuInit, create_vcpus
 from .peer import host_capabilities, vm_profile
 from .probe import probe
 
@@ -45,18 +45,13 @@ def capture(backend, vcpus: int, features=("PSCI_0_2",), run: bool = True) -> di
     try:
         feats = tuple(abi.VCPU_FEATURES[f] for f in features)
         init = VcpuInit(vm.preferred_target().target, feats) if backend.arch == "aarch64" else None
-        handles = {}
         rnd = random.Random(0x5FE)
-        for i in range(vcpus):
-            v = vm.create_vcpu(i)
-            if init is not None:
-                v.init(init)
-            if "SVE" in features:
-                v.finalize(abi.KVM_ARM_VCPU_SVE)
+        handles = create_vcpus(vm, backend.arch, range(vcpus), init)
+        if "SVE" in features:
+            for v in handles.values():
                 for r in v.reg_list():
                     if regid.decode(r).group == "sve" and r != regid.SVE_VLS:
                         v.set_reg(r, rnd.getrandbits(8 * regid.size_bytes(r)))
-            handles[i] = v
         if run:
             for v in handles.values():
                 v.run_once()

@@ -6,7 +6,10 @@ KvmError(op, errno, reg_id). Batch calls never raise per register: they return o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
+
+from ...protocol import kvmabi as abi
+from ...protocol import regid
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +72,24 @@ class Backend(Protocol):
     def create_vm(self, vm_type: int = 0) -> Vm: ...
     def kernel_release(self) -> str: ...
     def cpu_midrs(self) -> list[int]: ...
+
+
+def create_vcpus(vm: Vm, arch: str, indices: Iterable[int], init: VcpuInit | None = None,
+                 sve_vls: Mapping[int, int] | None = None) -> dict[int, Vcpu]:
+    """The one way a vCPU is made, in KVM's order: KVM_CREATE_VCPU for every index, then on arm64
+    KVM_ARM_VCPU_INIT (`init`, default: the preferred target with PSCI 0.2), and for an SVE vCPU its vector lengths
+    (KVM_REG_ARM64_SVE_VLS from `sve_vls[index]`, else the host's) before KVM_ARM_VCPU_FINALIZE. Other
+    architectures: create only."""
+    vcpus = {i: vm.create_vcpu(i) for i in indices}
+    if arch != "aarch64":
+        return vcpus
+    if init is None:
+        init = VcpuInit(vm.preferred_target().target, (abi.VCPU_FEATURES["PSCI_0_2"],))
+    for i, vcpu in vcpus.items():
+        vcpu.init(init)
+        if abi.KVM_ARM_VCPU_SVE in init.features:
+            vls = (sve_vls or {}).get(i)
+            if vls is not None:
+                vcpu.set_reg(regid.SVE_VLS, vls)          # must precede finalize
+            vcpu.finalize(abi.KVM_ARM_VCPU_SVE)
+    return vcpus
