@@ -126,3 +126,16 @@ def test_corrupted_values_fail_the_checksum():
     with pytest.raises(RemoteProtocolError, match="checksum mismatch") as ei:
         ps.decode(bytes(w))
     assert ei.value.what == "bad-checksum"
+
+
+def test_the_fast_codec_carries_every_vcpuchunk_field_of_the_schema():
+    """protocol/session/chunkwire.py writes and reads VcpuChunk by hand: a field peer.capnp gains that the codec
+    does not carry would be dropped silently on the fast path. The schema itself is the reference."""
+    from invariantd.protocol.session import chunkwire
+    sch = ps._schema()
+    vc = sch.VcpuChunk.schema
+    assert sorted(vc.fieldnames) == sorted(chunkwire.CARRIED), set(vc.fieldnames) ^ set(chunkwire.CARRIED)
+    node = vc.node.struct
+    assert (node.dataWordCount, node.pointerCount) == (chunkwire._VC_DATA_WORDS, chunkwire._VC_PTRS)
+    tag = next(f.discriminantValue for f in sch.Message.schema.node.struct.fields if f.name == "vcpuChunk")
+    assert tag == chunkwire._MSG_VCPU_CHUNK

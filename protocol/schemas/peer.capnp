@@ -45,6 +45,8 @@ struct Preflight {
   events @2 :List(Text);          # retries / overrides the trial apply needed
 }
 
+# VcpuChunk has a hand-written codec for the stream's hot path (protocol/session/chunkwire.py): a field added
+# here must be added there too (CARRIED; tests/test_session_chunks.py fails until it is).
 struct VcpuChunk {
   vmId @0 :Text;
   vcpu @1 :UInt32;                # the (first) vCPU this chunk carries
