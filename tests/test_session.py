@@ -1,4 +1,4 @@
-"""protocol/session.py + framing.py: the sans-IO peer session."""
+"""protocol/session/ + framing.py: the sans-IO peer session."""
 from __future__ import annotations
 
 import struct

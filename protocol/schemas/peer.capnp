@@ -56,7 +56,7 @@ struct VcpuChunk {
                                   # with vcpuCount = n: n such records, vCPU vcpu, vcpu+1, ... in turn
   checksumKind @5 :ChecksumKind;
   checksum @6 :Data;              # over u32 vcpu, u32 chunk, [u32 vcpuCount if > 0], the register ids (u64
-                                  # LE) and values: one chunk's bytes end to end (protocol/session.py)
+                                  # LE) and values: one chunk's bytes end to end (protocol/session/events.py)
   regIdsLe @7 :Data;              # the register ids as packed u64 little-endian (what writers send; readers
                                   # accept regIds instead when this is empty). Both forms: must agree.
   vcpuCount @8 :UInt32;           # protocol 2: vCPUs vcpu..vcpu+vcpuCount-1 share regIds (0 = one vCPU, the
