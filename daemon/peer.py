@@ -517,6 +517,24 @@ async def inquire(stream: trio.abc.Stream, migration_id: str, vm_id: str, *,
         raise
 
 
+async def fetch_capabilities(stream: trio.abc.Stream, *, cfg: PeerConfig = PeerConfig()) -> ps.Capabilities:
+    """A peer's capability document without migrating: Hello, its Hello and Capabilities, then an Abort coded
+    caps-only (the peer logs no failed migration for it)."""
+    conn = Conn(stream, ps.Session(ps.SOURCE, cfg.limits, cfg.versions), None)
+    try:
+        with trio.fail_after(cfg.handshake_timeout):
+            await conn.send(ps.Hello(cfg.versions, ps.SOURCE, cfg.node))
+            await conn.expect(ps.Hello)
+            caps = await conn.expect(ps.Capabilities)
+        await conn.abort_quietly("capabilities only (plan)", CAPS_ONLY)
+        return caps
+    except BaseException as e:
+        err = _wrap(e)
+        if err is not None and err is not e:
+            raise err from e
+        raise
+
+
 def decode_caps(ev: ps.Capabilities) -> S.HostCapabilities:
     if ev.format != CAPS_FORMAT:
         raise PeerError("protocol", f"destination capabilities in format {ev.format!r}; this daemon reads "

@@ -32,7 +32,6 @@ import trio
 from ..protocol import kvmabi as abi
 from ..protocol import schemas as S
 from ..protocol import session as ps
-from ..protocol.errors import ProtocolError
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
 from . import peer as peer_mod
@@ -253,28 +252,12 @@ class Orchestrator:
 
     async def _caps_over_peer_link(self, p: PeerEntry) -> tuple[dict, S.HostCapabilities | None]:
         stream = await self._connect(p)
-        sess = ps.Session(ps.SOURCE)
         try:
-            with trio.fail_after(self.cfg.timeouts.handshake):
-                await stream.send_all(sess.send(ps.Hello(ps.PROTOCOL_VERSIONS, ps.SOURCE, self.cfg.node)))
-                evs = []
-                while len(evs) < 2:
-                    ev = sess.next_event()
-                    if ev is ps.NEED_DATA:
-                        sess.receive_data(await stream.receive_some(65536))
-                        continue
-                    if not isinstance(ev, (ps.Hello, ps.Capabilities)):
-                        raise RpcFailure("migrationFailed", f"peer {p.name} answered {type(ev).__name__}")
-                    evs.append(ev)
-                cev = evs[1]
-                try:
-                    await stream.send_all(sess.send(ps.Abort("capabilities only (plan)", "caps-only")))
-                except Exception:
-                    pass
-        except trio.TooSlowError:
-            raise RpcFailure("unreachable", f"peer {p.name} did not send its capabilities in time") from None
-        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise RpcFailure("unreachable", f"peer {p.name}: {e}") from None
+            cev = await peer_mod.fetch_capabilities(stream, cfg=self.peer_cfg)
+        except peer_mod.PeerError as e:
+            kind = "unreachable" if e.kind in ("timeout", "closed") else "migrationFailed"   # protocol, aborted
+            why = "did not send its capabilities in time" if e.kind == "timeout" else str(e)
+            raise RpcFailure(kind, f"peer {p.name}: {why}") from None
         finally:
             await trio.aclose_forcefully(stream)
         if "json" in cev.format:
