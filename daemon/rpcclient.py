@@ -19,11 +19,11 @@ import concurrent.futures
 import json
 import os
 import ssl
-import threading
 from functools import lru_cache
 from typing import Any
 
 from ..protocol import schemas as S
+from .capnploop import CapnpLoop
 from .tls import client_context
 
 DEFAULT_RPC_PORT = 7444
@@ -260,34 +260,16 @@ class AsyncClient:
 
 
 # --- blocking facade: one private thread with asyncio + the KJ loop ---------------------------------------------
-class _LoopThread:
+class _LoopThread(CapnpLoop):
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._exc: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="invariantd-rpc-client", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._exc:
-            raise self._exc
-
-    def _main(self) -> None:
-        import capnp
-
-        async def main():
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            self._ready.set()
-            await self._stop.wait()
-        try:
-            asyncio.run(capnp.run(main()))
-        except BaseException as e:      # noqa: BLE001 - reported to the constructor
-            self._exc = e
-            self._ready.set()
+        super().__init__("invariantd-rpc-client")
+        self.start()
+        self.started.wait()
+        if self.error:
+            raise self.error
 
     def run(self, coro, timeout: float | None):
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut = self.submit(coro)
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -295,9 +277,7 @@ class _LoopThread:
             raise RpcError("unreachable", f"invariantd did not answer within {timeout}s") from None
 
     def stop(self) -> None:
-        if self.loop and self._stop and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(5)
+        super().stop(join=5)
 
 
 class Client:

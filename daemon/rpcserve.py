@@ -17,12 +17,12 @@ import logging
 import os
 import socket
 import struct
-import threading
 
 import outcome
 import trio
 
 from . import tls
+from .capnploop import CapnpLoop
 from .rpc import Caller, Orchestrator, RpcFailure, impl_class
 
 log = logging.getLogger("invariantd.rpc")
@@ -58,42 +58,23 @@ class Bridge:
         return (await fut).unwrap()
 
 
-class CapnpThread:
-    """The asyncio + KJ loop serving Cap'n Proto on sockets handed to it (adopt)."""
+class CapnpThread(CapnpLoop):
+    """The Cap'n Proto loop serving the RPC on sockets handed to it (adopt)."""
 
     def __init__(self, orch: Orchestrator, bridge: Bridge) -> None:
+        super().__init__("invariantd-rpc")
         self.orch, self.bridge = orch, bridge
-        self.started = threading.Event()
-        self.error: BaseException | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
         self._conns: set = set()
-        self.thread = threading.Thread(target=self._main, name="invariantd-rpc", daemon=True)
 
-    def _main(self) -> None:
-        import capnp
+    def on_start(self) -> None:
         self._impl = impl_class()
 
-        async def main():
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            self.started.set()
+    def on_stop(self) -> None:
+        for c in list(self._conns):
             try:
-                await self._stop.wait()
-            finally:
-                for c in list(self._conns):
-                    try:
-                        c.close()
-                    except Exception:
-                        pass
-        try:
-            asyncio.run(capnp.run(main()))
-        except BaseException as e:      # noqa: BLE001 - reported to serve_rpc
-            if not self.started.is_set():
-                self.error = e
-                self.started.set()
-            else:
-                log.error("RPC thread ended: %r", e)
+                c.close()
+            except Exception:
+                pass
 
     async def _serve(self, sock: socket.socket, caller: Caller) -> None:
         import capnp
@@ -114,14 +95,7 @@ class CapnpThread:
 
     def adopt(self, sock: socket.socket, caller: Caller) -> None:
         """Serve the Cap'n Proto RPC on `sock` (one end of a socketpair) for `caller`. Called from trio."""
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._serve(sock, caller)))
-
-    def stop(self) -> None:
-        if self.loop is not None and self._stop is not None:
-            try:
-                self.loop.call_soon_threadsafe(self._stop.set)
-            except RuntimeError:
-                pass
+        self.call_soon(lambda: asyncio.ensure_future(self._serve(sock, caller)))
 
 
 async def relay(outer: trio.abc.Stream, th: CapnpThread, caller: Caller) -> None:
@@ -205,7 +179,7 @@ async def serve_rpc(orch: Orchestrator, host: str = "", port: int | None = None,
     async with trio.open_nursery() as n:
         await n.start(orch.run)
         th = CapnpThread(orch, Bridge(trio.lowlevel.current_trio_token(), n))
-        th.thread.start()
+        th.start()
         try:
             await trio.to_thread.run_sync(th.started.wait, abandon_on_cancel=True)
             if th.error is not None:
