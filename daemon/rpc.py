@@ -10,8 +10,8 @@ pycapnp 2.x RPC runs on asyncio only (stack-check.md §1.3), so the service is s
 
 Every Cap'n Proto object stays on the capnp thread; only plain Python data crosses. Errors travel typed in
 each result's `error` field (ErrorKind); a Cap'n Proto exception only ever means a daemon bug.
-Listeners, the relay and the thread: daemon/rpcserve.py. Each connection's Impl is bound to its Caller; which
-role may call which method is METHOD_ROLES below.
+Listeners, the relay and the thread: daemon/rpcserve.py; the Cap'n Proto Impl: daemon/rpcimpl.py; which role may
+call which method: daemon/rpcaccess.py; a migration's record and progress tap: daemon/migrations.py.
 
 Migrations run as trio tasks in the service's nursery, each in its own cancel scope (cancel()). Progress
 (phase, bytes, vCPUs streamed) is read off the peer stream by a tap that decodes the peer protocol's frames
@@ -24,14 +24,12 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from ..protocol import kvmabi as abi
 from ..protocol import schemas as S
-from ..protocol import session as ps
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
 from . import peer as peer_mod
@@ -42,7 +40,9 @@ from .kvm.backend import VcpuInit
 from .kvm.errors import KvmError
 from .logs import kv
 from .metrics import Metrics
+from .migrations import Migration, ProgressStream
 from .probe import describe
+from .rpcaccess import Caller
 from .resolve import ResolveError, Resolver
 from .vms import ManagedVm, VmRegistry, VmStateError
 from .vmm.service import VmmError, VmmService
@@ -68,91 +68,6 @@ class RpcFailure(Exception):
 PEER_KINDS = {"plan": "refused", "tls": "unreachable", "preflight": "kvm", "apply": "kvm", "vm": "kvm",
               "protocol": "migrationFailed", "aborted": "migrationFailed", "timeout": "migrationFailed",
               "closed": "migrationFailed", "in-doubt": "migrationFailed"}
-
-
-# --- migrations -------------------------------------------------------------------------------------------------
-@dataclass
-class Migration:
-    id: str
-    vm: str
-    to: str
-    vcpus_total: int
-    state: str = "running"
-    phase: str = "connecting"
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    vcpus_done: int = 0
-    registers_sent: int = 0
-    started: float = field(default_factory=time.time)
-    t0: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-    result: str = ""
-    error: tuple[str, str] | None = None
-    plan_digest: bytes = b""
-    detail: dict = field(default_factory=dict)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    done: trio.Event = field(default_factory=trio.Event)
-    _cur_vcpu: int | None = None
-
-    def as_dict(self) -> dict:
-        end = self.ended if self.ended is not None else time.monotonic()
-        return {"id": self.id, "vm": self.vm, "to": self.to, "state": self.state, "phase": self.phase,
-                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "vcpus_done": self.vcpus_done, "vcpus_total": self.vcpus_total,
-                "registers_sent": self.registers_sent, "started_unix_ms": int(self.started * 1000),
-                "elapsed_ms": int((end - self.t0) * 1000), "result": self.result, "error": self.error,
-                "plan_digest": self.plan_digest, "detail": self.detail}
-
-    # the tap: peer-protocol events seen on the wire
-    def on_event(self, direction: str, ev) -> None:
-        if direction == "out":
-            if isinstance(ev, ps.Hello):
-                self.phase = "handshake"
-            elif isinstance(ev, ps.PlanProposal):
-                self.phase = "plan"
-                self.plan_digest = ev.digest
-            elif isinstance(ev, ps.VcpuChunk):
-                self.phase = "stream"
-                # vCPUs are streamed in ascending order: those before this chunk's first one are done
-                self.vcpus_done = max(self.vcpus_done, min(self.vcpus_total, ev.vcpu))
-                self._cur_vcpu = ev.vcpu
-                self.registers_sent += len(ev.reg_ids) * max(1, getattr(ev, "count", 0))
-            elif isinstance(ev, ps.StreamEnd):
-                self.vcpus_done = self.vcpus_total
-                self.phase = "apply"
-            elif isinstance(ev, ps.Commit):
-                self.phase = "commit"
-        else:
-            if isinstance(ev, ps.Capabilities):
-                self.phase = "plan"
-            elif isinstance(ev, ps.PlanAccept):
-                self.phase = "preflight"
-            elif isinstance(ev, ps.Preflight) and ev.ok:
-                self.phase = "stream"
-            elif isinstance(ev, ps.Commit):
-                self.phase = "commit"
-
-
-class ProgressStream(trio.abc.Stream):
-    """A trio stream that counts the bytes that pass (the events come from migrate_out's on_event)."""
-
-    def __init__(self, inner: trio.abc.Stream, mig: Migration) -> None:
-        self.inner, self.mig = inner, mig
-
-    async def send_all(self, data) -> None:
-        await self.inner.send_all(data)
-        self.mig.bytes_sent += len(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes=None) -> bytes:
-        data = await self.inner.receive_some(max_bytes)
-        self.mig.bytes_received += len(data)
-        return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 # --- the service (trio side) -----------------------------------------------------------------------------------
@@ -625,200 +540,3 @@ def _log_outcome(mig: Migration) -> None:
                 kv(migration=mig.id, vm=mig.vm, peer=mig.to), kind, took, msg)
 
 
-# --- the capnp thread and the bridge ----------------------------------------------------------------------------
-# --- who may call what -------------------------------------------------------------------------------------------
-#: Orchestrator methods (Python names) and the certificate roles (daemon/pki.py) that may call them. A daemon (peer
-#: role) calls only what a VMM migration's source needs of its destination, and caps (plan); an orchestrator never
-#: calls those peer steps. A caller on the unix socket is an orchestrator (the socket's group is the access control).
-PEER_CALLS = frozenset({"caps", "prepare_vmm", "incoming_vmm", "vmm_status"})
-ORCHESTRATOR_CALLS = frozenset({"caps", "peers", "list_vms", "inspect_vm", "create_vm", "remove_vm", "resolve_vm",
-                                "plan", "migrate", "status", "list_migrations", "cancel", "wait", "list_vmms",
-                                "vmm_status", "migrate_vmm"})
-METHOD_ROLES = {"peer": PEER_CALLS, "orchestrator": ORCHESTRATOR_CALLS}
-BY_CALLER = frozenset({"create_vm"})          # take the caller (quota)
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is on the other end of an RPC connection: its roles (certificate URI SANs; "orchestrator" on the unix
-    socket) and a name (certificate name, or "uid N" on the unix socket: what quotas count by)."""
-    roles: frozenset[str]
-    name: str
-
-    def may_not(self, method: str) -> str:
-        if any(method in METHOD_ROLES.get(r, ()) for r in self.roles):
-            return ""
-        has = ", ".join(sorted(self.roles)) or "no role"
-        need = " or ".join(r for r, calls in METHOD_ROLES.items() if method in calls)
-        return f"{self.name} ({has}) may not call {method}: that takes the {need} role"
-
-
-def _set_error(results, kind: str, message: str) -> None:
-    results.error.kind = kind
-    results.error.message = message[:8000]
-
-
-def _fill_vm(b, d: dict) -> None:
-    b.name, b.state, b.nVcpus, b.arch, b.origin = d["name"], d["state"], d["vcpus"], d["arch"], d["origin"]
-    b.registerCount = d["register_count"]
-    b.migration, b.peer, b.waiting = d.get("migration", ""), d.get("peer", ""), d.get("waiting", "")
-    fl = b.init("features", len(d["features"]))
-    for i, f in enumerate(d["features"]):
-        fl[i] = f
-    hl = b.init("history", len(d["history"]))
-    for i, h in enumerate(d["history"]):
-        hl[i] = h
-    rl = b.init("idRegisters", len(d["id_registers"]))
-    for i, r in enumerate(d["id_registers"]):
-        rl[i].name, rl[i].id, rl[i].value, rl[i].fields = r["name"], r["id"], r["value"], r["fields"]
-
-
-def _fill_status(b, d: dict) -> None:
-    b.id, b.vm, b.toHost, b.state, b.phase = d["id"], d["vm"], d["to"], d["state"], d["phase"]
-    b.bytesSent, b.bytesReceived, b.vcpusDone, b.vcpusTotal = (d["bytes_sent"], d["bytes_received"],
-                                                               d["vcpus_done"], d["vcpus_total"])
-    b.registersSent, b.startedUnixMs, b.elapsedMs, b.result = (d["registers_sent"], d["started_unix_ms"],
-                                                               d["elapsed_ms"], d["result"])
-    b.planDigest = d["plan_digest"]
-    if d.get("detail"):
-        b.detail = json.dumps(d["detail"], default=_jsonable).encode()
-    if d["error"]:
-        b.error.kind, b.error.message = d["error"][0], d["error"][1][:8000]
-
-
-def impl_class():
-    from .rpcclient import rpc_schema
-    rpc = rpc_schema()
-
-    class Impl(rpc.Orchestrator.Server):
-        """One per connection, bound to its caller: every call is checked against METHOD_ROLES first."""
-
-        def __init__(self, orch: Orchestrator, bridge, caller: Caller) -> None:
-            self.orch, self.bridge, self.caller = orch, bridge, caller
-
-        async def _do(self, results, fn, args, fill) -> None:
-            why = self.caller.may_not(fn.__name__)
-            if why:
-                log.warning("RPC refused: %s", why)
-                _set_error(results, "forbidden", why)
-                return
-            try:
-                data = await self.bridge.to_trio(fn, *args, self.caller) if fn.__name__ in BY_CALLER else \
-                    await self.bridge.to_trio(fn, *args)
-            except RpcFailure as e:
-                _set_error(results, e.kind, e.message)
-                return
-            except Exception as e:                # a bug in the daemon: typed, logged, never a traceback
-                log.exception("RPC %s failed", getattr(fn, "__name__", fn))
-                _set_error(results, "internal", f"{type(e).__name__}: {e}")
-                return
-            fill(results, data)
-
-        async def caps(self, host, _context, **kw):
-            def fill(r, doc):
-                r.json = json.dumps(doc, indent=1).encode()
-                if doc.get("arch") == "aarch64":
-                    try:
-                        with S.schema().HostCapabilities.from_bytes(
-                                S.host_to_bytes(S.host_from_doc(doc))) as h:
-                            r.host = h
-                    except Exception:         # the JSON document is the contract; the struct is a convenience
-                        pass
-            await self._do(_context.results, self.orch.caps, (str(host),), fill)
-
-        async def listVms(self, _context, **kw):
-            def fill(r, vms):
-                lst = r.init("vms", len(vms))
-                for i, d in enumerate(vms):
-                    _fill_vm(lst[i], d)
-            await self._do(_context.results, self.orch.list_vms, (), fill)
-
-        async def createVm(self, name, nVcpus, features, _context, **kw):
-            await self._do(_context.results, self.orch.create_vm, (str(name), int(nVcpus), [str(f) for f in features]),
-                           lambda r, d: _fill_vm(r.vm, d))
-
-        async def inspectVm(self, name, _context, **kw):
-            await self._do(_context.results, self.orch.inspect_vm, (str(name),), lambda r, d: _fill_vm(r.vm, d))
-
-        async def removeVm(self, name, _context, **kw):
-            await self._do(_context.results, self.orch.remove_vm, (str(name),), lambda r, d: None)
-
-        async def resolveVm(self, name, peer, action, _context, **kw):
-            def fill(r, d):
-                if d.get("state") != "removed":
-                    _fill_vm(r.vm, d)
-            await self._do(_context.results, self.orch.resolve_vm, (str(name), str(peer), str(action)), fill)
-
-        async def plan(self, vm, toHost, _context, **kw):
-            def fill(r, d):
-                pr = r.result
-                pr.migratable, pr.digest, pr.json, pr.destination = (d["migratable"], d["digest"], d["json"],
-                                                                     d["destination"])
-                with S.schema().Plan.from_bytes(d["plan_bytes"], traversal_limit_in_words=S.TRAVERSAL_LIMIT_WORDS,
-                                                nesting_limit=S.NESTING_LIMIT) as p:
-                    pr.plan = p
-            await self._do(_context.results, self.orch.plan, (str(vm), str(toHost)), fill)
-
-        async def migrate(self, vm, toHost, _context, **kw):
-            def fill(r, mid):
-                r.migrationId = mid
-            await self._do(_context.results, self.orch.migrate, (str(vm), str(toHost)), fill)
-
-        async def status(self, migrationId, _context, **kw):
-            await self._do(_context.results, self.orch.status, (str(migrationId),),
-                           lambda r, d: _fill_status(r.status, d))
-
-        async def listMigrations(self, _context, **kw):
-            def fill(r, ms):
-                lst = r.init("migrations", len(ms))
-                for i, d in enumerate(ms):
-                    _fill_status(lst[i], d)
-            await self._do(_context.results, self.orch.list_migrations, (), fill)
-
-        async def cancel(self, migrationId, _context, **kw):
-            await self._do(_context.results, self.orch.cancel, (str(migrationId),),
-                           lambda r, d: _fill_status(r.status, d))
-
-        async def wait(self, migrationId, timeoutMs, _context, **kw):
-            await self._do(_context.results, self.orch.wait, (str(migrationId), int(timeoutMs)),
-                           lambda r, d: _fill_status(r.status, d))
-
-        async def peers(self, _context, **kw):
-            def fill(r, d):
-                r.node = d["node"]
-                lst = r.init("peers", len(d["peers"]))
-                for i, p in enumerate(d["peers"]):
-                    lst[i].name, lst[i].address, lst[i].rpc = p["name"], p["address"], p["rpc"]
-            await self._do(_context.results, self.orch.peers, (), fill)
-
-        async def _json(self, results, fn, args):
-            def fill(r, d):
-                r.json = json.dumps(d, indent=1, default=_jsonable).encode()
-            await self._do(results, fn, args, fill)
-
-        async def listVmms(self, _context, **kw):
-            await self._json(_context.results, self.orch.list_vmms, ())
-
-        async def prepareVmm(self, vm, migrationId, profile, digest, _context, **kw):
-            await self._json(_context.results, self.orch.prepare_vmm, (str(vm), str(migrationId), bytes(profile),
-                                                                       bytes(digest)))
-
-        async def incomingVmm(self, migrationId, qmp, uri, _context, **kw):
-            await self._json(_context.results, self.orch.incoming_vmm, (str(migrationId), str(qmp), str(uri)))
-
-        async def vmmStatus(self, migrationId, _context, **kw):
-            await self._json(_context.results, self.orch.vmm_status, (str(migrationId),))
-
-        async def migrateVmm(self, vm, toHost, qmp, uri, destQmp, _context, **kw):
-            def fill(r, mid):
-                r.migrationId = mid
-            await self._do(_context.results, self.orch.migrate_vmm, (str(vm), str(toHost), str(qmp), str(uri),
-                                                                     str(destQmp)), fill)
-
-    return Impl
-
-
-def _jsonable(x):
-    if isinstance(x, bytes):
-        return x.hex()
-    return str(x)

@@ -7,7 +7,7 @@
 
 Every listener is trio's, so connection caps and who-is-calling are decided in one place before a byte reaches
 Cap'n Proto; pycapnp only ever serves one end of a socketpair (its asyncio transport hides the TLS peer
-certificate, which is why the TLS ends here). Each connection's Impl is bound to its Caller; rpc.METHOD_ROLES
+certificate, which is why the TLS ends here). Each connection's Impl is bound to its Caller; rpcaccess.METHOD_ROLES
 says which methods each role may call. Only plain Python data crosses between the threads (Bridge).
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ import trio
 
 from . import tls
 from .capnploop import CapnpLoop
-from .rpc import Caller, Orchestrator, RpcFailure, impl_class
+from .rpc import Orchestrator, RpcFailure
+from .rpcaccess import Caller
+from .rpcimpl import impl_class
 
 log = logging.getLogger("invariantd.rpc")
 

@@ -1,4 +1,4 @@
-"""Access by role (daemon/pki.py, daemon/tls.py, daemon/rpc.py METHOD_ROLES): an orchestrator certificate cannot act
+"""Access by role (daemon/pki.py, daemon/tls.py, daemon/rpcaccess.py METHOD_ROLES): an orchestrator certificate cannot act
 as a peer, a peer certificate cannot act as an orchestrator, a certificate without a role is refused everywhere,
 and one caller's createVm quota."""
 from __future__ import annotations

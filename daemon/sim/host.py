@@ -402,7 +402,6 @@ class SimVcpu:
         cur = store[reg_id]
         cls = cat.reg_class(reg_id)
         group = regid.decode(reg_id).group
-        era = self.vm.host.era
         if cls in ("id", "imp_id", "cache"):
             value = self._set_idlike(op, reg_id, cls, value, cur)
         elif group == "fw":
