@@ -8,7 +8,7 @@ Actions: kill (SIGKILL this process: nothing runs after it, as with kill -9), st
 answering past every timeout; SIGCONT resumes it), sleep:SECONDS, cut (the peer connection breaks here: raises
 trio.BrokenResourceError). Two points cut the byte stream instead: source.bytes=cut:N and destination.bytes=cut:N
 write the first N bytes that side sends on a migration's connection, then break it (peer.Conn). Points
-(daemon/peer.py; the phase names are the journal's, daemon/journal.py):
+(daemon/peer/; the phase names are the journal's, daemon/journal.py):
 
     source.proposed       the plan is journaled, the proposal not yet sent
     source.paused         the VM is paused, nothing streamed

@@ -9,7 +9,7 @@ call returns). Two tables:
 - vms: the whereabouts of every VM this daemon held: its state (vms.VmState values, plus `lost` and `removed`),
   the migration that put it there, the peer.
 
-Write-ahead rule (daemon/peer.py): a source records `released` before its Commit goes out and `aborted` before it
+Write-ahead rule (daemon/peer/source.py, destination.py): a source records `released` before its Commit goes out and `aborted` before it
 resumes its VM; a destination records `applied` before its Commit goes out and `running` before it runs the VM.
 So whatever a peer asks after a crash (Inquiry, protocol 5), the answer never claims less than what was done.
 

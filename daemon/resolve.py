@@ -1,6 +1,6 @@
 """Resolving in-doubt VMs by themselves: ask the peer what it decided (peer protocol 5 Inquiry), act on one rule.
 
-A VM is unresolved here when its migration broke at the commit step (daemon/peer.py):
+A VM is unresolved here when its migration broke at the commit step (daemon/peer/):
 - destination: the VM is `in-doubt` (applied and verified, paused after our Commit; the source may or may not
   have released it). It waits for the source's answer: released -> run it; aborted (the source resumed its
   copy) -> discard it; the source died holding it (lost) -> run it (ours is the only copy).

@@ -64,7 +64,7 @@ class RpcFailure(Exception):
         self.kind, self.message = kind, message
 
 
-# PeerError.kind (daemon/peer.py) -> ErrorKind
+# PeerError.kind (daemon/peer/) -> ErrorKind
 PEER_KINDS = {"plan": "refused", "tls": "unreachable", "preflight": "kvm", "apply": "kvm", "vm": "kvm",
               "protocol": "migrationFailed", "aborted": "migrationFailed", "timeout": "migrationFailed",
               "closed": "migrationFailed", "in-doubt": "migrationFailed"}

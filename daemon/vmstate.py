@@ -22,7 +22,7 @@ from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
 from .apply import ApplyError, apply_vm, plan_deviations, read_vm
 from .kvm.backend import VcpuInit, create_vcpus
-from .peer import host_capabilities, vm_profile
+from .vmprofile import host_capabilities, vm_profile
 from .probe import probe
 
 FORMAT = "invariantd/vm-state@1"

@@ -40,7 +40,7 @@ from ..apply import ApplyError, apply_vm, plan_deviations
 from ..journal import Journal, MigrationRecord
 from ..kvm.backend import VcpuInit
 from ..logs import kv
-from ..peer import vm_profile
+from ..vmprofile import vm_profile
 from .hub import AgentHub, VmmRecord
 
 log = logging.getLogger("invariantd.vmm")
