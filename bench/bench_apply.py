@@ -21,7 +21,8 @@ import time
 
 import trio
 
-from invariantd.daemon.apply import apply_vm, apply_vm_async, read_vm
+from invariantd.daemon.apply import apply_vm, apply_vm_async
+from invariantd.daemon.readback import read_vm
 from invariantd.protocol.program import ApplyProgram
 from invariantd.protocol import kvmabi as abi
 

@@ -8,7 +8,7 @@ source daemon, exactly as an orchestrator would; both daemons' /metrics are scra
 
 --real: both daemons on this machine's /dev/kvm. On x86 the generic path: the plan (negotiate_generic) checks
 the architecture and the register list (KVM-listed registers + the MSRs as ONE_REG ids), the registers are
-restored as they are, and read-back differences KVM is known to produce (apply.READBACK_MAY_DIFFER, e.g. the
+restored as they are, and read-back differences KVM is known to produce (readback.READBACK_MAY_DIFFER, e.g. the
 TSC keeps counting) are reported, not hidden.
 """
 from __future__ import annotations

@@ -33,74 +33,14 @@ from ..protocol import kvmabi as abi
 from ..protocol import regid
 from ..protocol.catalog import catalog
 from ..protocol.program import ID_LIKE_CLASSES, Action, ApplyProgram
-from ..protocol.schemas import Plan, Verdict
 from .kvm.backend import Backend, Vcpu, VcpuInit, Vm, create_vcpus
 from .kvm.errors import KvmError
+from .readback import Mismatch, adjusted, read_vm, verify
 
 # classes applied VM-wide, before any other register (and before any vCPU could run)
 VM_WIDE_CLASSES = ID_LIKE_CLASSES
 
 
-# KVM's reset_unknown() fills registers the architecture leaves UNKNOWN at reset with this pattern
-# (arch/arm64/kvm/sys_regs.h); the real 6.12 kernels in protocol/data/profiles show it for PIR_EL1/PIRE0_EL1.
-KVM_RESET_UNKNOWN = 0x1DE7EC7EDBADC0DE
-
-
-@dataclass(frozen=True, slots=True)
-class ReadbackRule:
-    """A register KVM is known to adjust on write: its read-back may differ from the value written.
-
-    kind: "advances" = a counter KVM keeps running: read-back - written must lie in [-behind, ahead];
-          "zero-ok"  = KVM may ignore the write and read 0 (the written value, or 0, is accepted);
-          "ignore-bits" = bits in `bits` are computed by KVM (read-only status): compared without them.
-    A difference inside the rule is not hidden: apply_vm records it as an ApplyEvent "readback-adjusted"
-    (register, written, read, why). A difference outside the rule is a Mismatch like any other."""
-    name: str
-    kind: str
-    why: str
-    behind: int = 0
-    ahead: int = 0
-    bits: int = 0
-
-    def accepts(self, written: int, got: int) -> bool:
-        if self.kind == "ignore-bits":
-            return (written ^ got) & ~self.bits == 0
-        if self.kind == "advances":
-            return -self.behind <= got - written <= self.ahead
-        if self.kind == "zero-ok":
-            return got == 0
-        return False
-
-
-# x86 (Linux arch/x86/kvm/x86.c, observed on this project's 6.18 host). Bounds for the TSC: behind by up to
-# 2^32 ticks (KVM's kvm_synchronize_tsc() gives vCPUs written within one second a common offset, so vCPU N may
-# read the TSC of vCPU 0's write plus the time since: >= 1 s at <= 4.29 GHz), ahead by up to 2^40 ticks (the
-# time between the write and the read-back: minutes at any real TSC rate, far above the apply timeout).
-_ARM64_TIMER_CNT, _ARM64_PTIMER_CNT = regid.sysreg(3, 3, 14, 3, 2), regid.sysreg(3, 3, 14, 0, 1)
-_ARM64_TIMER_CTL, _ARM64_PTIMER_CTL = regid.sysreg(3, 3, 14, 3, 1), regid.sysreg(3, 3, 14, 2, 1)
-READBACK_MAY_DIFFER: dict[int, ReadbackRule] = {
-    regid.x86_msr(0x10): ReadbackRule(
-        "IA32_TSC", "advances", "a host write sets the vCPU's TSC offset so the TSC equals the written value at that "
-        "instant (or, within KVM's 1 s TSC-sync window, matches the other vCPUs' offset); the TSC keeps counting",
-        behind=1 << 32, ahead=1 << 40),
-    # arm64 (seen on the real 6.12 / 7.3 kernels in the lab: tests/lab/test_cross_kernel.py). The counters keep
-    # running: a write sets the offset so the counter equals the value at that instant (2^40 ticks: hours at
-    # the 1-100 MHz generic-timer rates). CTL bit 2 (ISTATUS) is the timer condition KVM computes from CVAL
-    # and the counter (7.x reports it only while the timer is enabled).
-    _ARM64_TIMER_CNT: ReadbackRule(
-        "KVM_REG_ARM_TIMER_CNT", "advances", "the virtual counter keeps counting after the write (and is VM-wide on newer kernels)",
-        behind=1 << 32, ahead=1 << 40),
-    _ARM64_PTIMER_CNT: ReadbackRule(
-        "KVM_REG_ARM_PTIMER_CNT", "advances", "the physical counter keeps counting after the write (and is VM-wide on newer kernels)",
-        behind=1 << 32, ahead=1 << 40),
-    _ARM64_TIMER_CTL: ReadbackRule(
-        "KVM_REG_ARM_TIMER_CTL", "ignore-bits", "ISTATUS (bit 2) is computed by KVM, read-only", bits=0x4),
-    _ARM64_PTIMER_CTL: ReadbackRule(
-        "KVM_REG_ARM_PTIMER_CTL", "ignore-bits", "ISTATUS (bit 2) is computed by KVM, read-only", bits=0x4),
-    regid.x86_msr(0x6E0): ReadbackRule(
-        "IA32_TSC_DEADLINE", "zero-ok", "without an in-kernel local APIC KVM ignores the write and reads 0; with "
-        "one, a deadline already in the past has fired and reads 0"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,20 +57,6 @@ class ApplyEvent:
     def as_dict(self) -> dict:
         return {"vcpu": self.vcpu, "register": self.register, "id": f"{self.reg_id:#018x}", "errno": self.errno,
                 "action": self.action, "fields": list(self.fields), "detail": self.detail}
-
-
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    vcpu: int
-    register: str
-    reg_id: int
-    intended: int
-    actual: int | None          # None: the read-back itself failed
-    errno: str = ""
-
-    def __str__(self) -> str:
-        got = f"{self.actual:#x}" if self.actual is not None else f"unreadable ({self.errno})"
-        return f"vCPU {self.vcpu} {self.register} ({self.reg_id:#018x}): wrote {self.intended:#x}, reads {got}"
 
 
 class ApplyError(Exception):
@@ -349,6 +275,12 @@ def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit
     return create_vcpus(vm, backend.arch, indices, init, vls)
 
 
+def readback_events(notes) -> list[ApplyEvent]:
+    """Read-back differences within KVM's known rules (readback.adjusted) as "readback-adjusted" events: reported
+    (logs, the migration result), not hidden and not counted as failed writes."""
+    return [ApplyEvent(m.vcpu, m.register, m.reg_id, "-", "readback-adjusted", (), why) for m, why in notes]
+
+
 class _Run:
     """One attempt of apply_vm: setup, then the phases, then the read-back. Each step is synchronous; the
     per-vCPU steps (phase_vcpu, verify_vcpu) touch one vCPU only, so apply_vm_async runs them in threads."""
@@ -380,6 +312,14 @@ class _Run:
             raise ApplyError(e.reg_name, e.reg_id, e.errno_name, e.op, e.hint or str(e), phase="setup",
                              events=ap.events, detail=e.detail) from e
 
+    def prepare(self) -> None:
+        """setup, then the VM-wide phase vCPU after vCPU (one thread: ordered before anything else)."""
+        self.setup()
+        self.ap.phase = "vm-wide"
+        for i in self.indices:
+            self.phase_vcpu(i, True)
+        self.ap.phase = "state"
+
     def _wide_ids(self, ids: tuple[int, ...]) -> frozenset:
         """The VM-wide registers of a register list (computed once per distinct list: every vCPU repeats it)."""
         w = self._split.get(ids)
@@ -405,11 +345,12 @@ class _Run:
         self.dropped[i] += d
 
     def verify_vcpu(self, i: int) -> list[Mismatch]:
-        return _verify({i: self.vcpus[i]}, {i: self.written[i]})
+        return verify({i: self.vcpus[i]}, {i: self.written[i]})
 
     def result(self, mismatches: list[Mismatch], replays: int) -> ApplyResult:
         if mismatches:
-            mismatches = _adjusted(mismatches, self.ap.events)
+            mismatches, notes = adjusted(mismatches)
+            self.ap.events += readback_events(notes)
         return ApplyResult(self.vm, self.vcpus, self.written, self.dropped, self.ap.events, mismatches, replays)
 
 
@@ -432,6 +373,30 @@ def _replay_error(rp: "_Replay", phase: str, events: list[ApplyEvent]) -> ApplyE
                       vcpu=rp.vcpu, phase=phase, events=events)
 
 
+def _steps(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], program: ApplyProgram,
+           init: VcpuInit | None, features: Sequence[int] | None, vm_type: int, verify: bool):
+    """The one apply, as steps its driver carries out: yields ("serial", fn) - fn() in one thread - or ("each", fn,
+    indices) - fn(i) for every vCPU, answered with {i: result}; a step's failure is thrown back in. Two attempts:
+    an EBUSY replay recreates the VM and starts over once. Returns the ApplyResult (apply_vm runs the steps in
+    this thread, apply_vm_async spreads the "each" steps over worker threads)."""
+    events: list[ApplyEvent] = []
+    replays = 0
+    for attempt in (0, 1):
+        run = _Run(backend, regsets, program, events, init, features, vm_type)
+        try:
+            yield "serial", run.prepare
+            yield "each", (lambda i: run.phase_vcpu(i, False)), run.indices
+            mismatches: list[Mismatch] = []
+            if verify:
+                per = yield "each", run.verify_vcpu, run.indices
+                for i in run.indices:
+                    mismatches += per[i]
+            return run.result(mismatches, replays)
+        except BaseException as e:
+            replays += _failed_attempt(run, e, attempt, events)
+    raise AssertionError("unreachable")
+
+
 def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], program: ApplyProgram,
              *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
              verify: bool = True) -> ApplyResult:
@@ -441,21 +406,19 @@ def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]],
     (default: PSCI 0.2) when `init` is None. Other architectures need no init. One thread, vCPU after vCPU
     (apply_vm_async: the same steps with the per-vCPU work in worker threads).
     """
-    events: list[ApplyEvent] = []
-    replays = 0
-    for attempt in (0, 1):
-        run = _Run(backend, regsets, program, events, init, features, vm_type)
+    steps = _steps(backend, regsets, program, init, features, vm_type, verify)
+    reply: object = None
+    error: BaseException | None = None
+    while True:
         try:
-            run.setup()
-            for phase, want in (("vm-wide", True), ("state", False)):
-                run.ap.phase = phase
-                for i in run.indices:
-                    run.phase_vcpu(i, want)
-            mismatches = _verify(run.vcpus, run.written) if verify else []
-            return run.result(mismatches, replays)
-        except BaseException as e:
-            replays += _failed_attempt(run, e, attempt, events)
-    raise AssertionError("unreachable")
+            step = steps.throw(error) if error is not None else steps.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply, error = None, None
+        try:
+            reply = step[1]() if step[0] == "serial" else {i: step[1](i) for i in step[2]}
+        except BaseException as e:         # noqa: BLE001 - thrown into the steps: the attempt decides
+            error = e
 
 
 def threaded(backend: Backend) -> bool:
@@ -533,95 +496,21 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
             lambda: apply_vm(backend, regsets, program, init=init, features=features, vm_type=vm_type,
                              verify=verify))
     limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
-    events: list[ApplyEvent] = []
-    replays = 0
-
-    for attempt in (0, 1):
-        run = _Run(backend, regsets, program, events, init, features, vm_type)
+    steps = _steps(backend, regsets, program, init, features, vm_type, verify)
+    reply: object = None
+    error: BaseException | None = None
+    while True:
         try:
-            def serial_part() -> None:
-                run.setup()
-                run.ap.phase = "vm-wide"
-                for i in run.indices:
-                    run.phase_vcpu(i, True)
-                run.ap.phase = "state"
-            await trio.to_thread.run_sync(serial_part, limiter=limiter)
-            await _each(lambda i: run.phase_vcpu(i, False), run.indices, limiter)
-            mismatches: list[Mismatch] = []
-            if verify:
-                per = await _each(run.verify_vcpu, run.indices, limiter)
-                for i in run.indices:
-                    mismatches += per[i]
-            return run.result(mismatches, replays)
-        except BaseException as e:
-            replays += _failed_attempt(run, e, attempt, events)
-    raise AssertionError("unreachable")
+            step = steps.throw(error) if error is not None else steps.send(reply)
+        except StopIteration as done:
+            return done.value
+        reply, error = None, None
+        try:
+            if step[0] == "serial":
+                reply = await trio.to_thread.run_sync(step[1], limiter=limiter)
+            else:
+                reply = await _each(step[1], step[2], limiter)
+        except BaseException as e:         # noqa: BLE001 - thrown into the steps: the attempt decides
+            error = e
 
 
-def _verify(vcpus: Mapping[int, Vcpu], written: Mapping[int, Mapping[int, int]]) -> list[Mismatch]:
-    cat = catalog()
-    out: list[Mismatch] = []
-    for i, regs in written.items():
-        ids = list(regs)
-        if not ids:
-            continue
-        vals, errs = vcpus[i].get_regs(ids)
-        for r, got, e in zip(ids, vals, errs):
-            if e:
-                out.append(Mismatch(i, cat.name(r), r, regs[r], None, abi.errno_name(e)))
-            elif got != regs[r]:
-                out.append(Mismatch(i, cat.name(r), r, regs[r], got))
-    return out
-
-
-def _adjusted(mismatches: list[Mismatch], events: list[ApplyEvent]) -> list[Mismatch]:
-    """Read-back differences KVM is known to produce (READBACK_MAY_DIFFER) and within their rule become
-    "readback-adjusted" events (reported: logs, migration result); everything else stays a Mismatch."""
-    out = []
-    for m in mismatches:
-        rule = READBACK_MAY_DIFFER.get(m.reg_id)
-        if rule is None or m.actual is None or not rule.accepts(m.intended, m.actual):
-            out.append(m)
-            continue
-        delta = m.actual - m.intended
-        events.append(ApplyEvent(m.vcpu, m.register, m.reg_id, "-", "readback-adjusted", (),
-                                 f"{rule.name}: wrote {m.intended:#x}, reads {m.actual:#x} ({delta:+d}); "
-                                 f"{rule.why}"))
-    return out
-
-
-def read_vm(vcpus: Mapping[int, Vcpu], ids: Sequence[int] | None = None) -> dict[int, list[tuple[int, int]]]:
-    """Read every listed register of each vCPU (source side). Raises KvmError on the first unreadable one."""
-    out: dict[int, list[tuple[int, int]]] = {}
-    for i, vcpu in sorted(vcpus.items()):
-        rl = list(ids) if ids is not None else vcpu.reg_list()
-        vals, errs = vcpu.get_regs(rl)
-        for r, e in zip(rl, errs):
-            if e:
-                raise KvmError("KVM_GET_ONE_REG", e, r, f"vCPU {i}")
-        out[i] = list(zip(rl, vals))
-    return out
-
-
-# --- judged against the plan ----------------------------------------------------------------------------------
-def plan_deviations(plan: Plan, written: Mapping[int, int], dropped: Iterable[int] = (), *,
-                    vcpu: int | None = None) -> list[str]:
-    """Where an apply ended differently from the plan: a planned register holding another value than the
-    plan's, a dropped register the plan keeps, a kept register the plan drops. Registers not applied are
-    not judged here (the caller decides what must be present)."""
-    dropped = set(dropped)
-    where = f"vCPU {vcpu} " if vcpu is not None else ""
-    out = []
-    for e in plan.entries:
-        if e.field or not e.reg_id or e.verdict is Verdict.REFUSE:
-            continue
-        if e.verdict is Verdict.DROP:
-            if e.reg_id in written:
-                out.append(f"{where}{e.register}: the plan drops it, the kernel took {written[e.reg_id]:#x}")
-        elif e.reg_id in dropped:
-            out.append(f"{where}{e.register}: dropped (ENOENT) but the plan keeps it at {e.planned:#x} "
-                       f"({e.verdict.value})")
-        elif e.reg_id in written and written[e.reg_id] != e.planned:
-            out.append(f"{where}{e.register}: the plan says {e.planned:#x} ({e.verdict.value}), applied "
-                       f"{written[e.reg_id]:#x}")
-    return out

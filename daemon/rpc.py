@@ -34,7 +34,7 @@ from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
 from . import peer as peer_mod
 from . import tls
-from .apply import read_vm
+from .readback import read_vm
 from .config import Config, PeerEntry
 from .kvm.backend import VcpuInit
 from .kvm.errors import KvmError

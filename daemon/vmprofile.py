@@ -10,7 +10,8 @@ from ..protocol import kernelver, kvmabi as abi
 from ..protocol import schemas as S
 from ..protocol.catalog import catalog
 from ..protocol.policy import Policy
-from .apply import read_vm, vm_wide
+from .apply import vm_wide
+from .readback import read_vm
 from .kvm.backend import Backend, Vcpu
 
 

@@ -20,7 +20,8 @@ from ..protocol import schemas as S
 from ..protocol.program import compile_plan
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
-from .apply import ApplyError, apply_vm, plan_deviations, read_vm
+from .apply import ApplyError, apply_vm
+from .readback import plan_deviations, read_vm
 from .kvm.backend import VcpuInit, create_vcpus
 from .vmprofile import host_capabilities, vm_profile
 from .probe import probe

@@ -102,3 +102,7 @@ def ioctl_name(request: int) -> str:
         if v == request:
             return k
     return f"ioctl {request:#x}"
+
+# KVM's reset_unknown() fills registers the architecture leaves UNKNOWN at reset with this pattern
+# (arch/arm64/kvm/sys_regs.h); the real 6.12 kernels in protocol/data/profiles show it for PIR_EL1/PIRE0_EL1.
+KVM_RESET_UNKNOWN = 0x1DE7EC7EDBADC0DE

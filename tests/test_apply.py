@@ -6,7 +6,8 @@ import errno as E
 import pytest
 
 from fixtures import real_kvm, synthetic_doc
-from invariantd.daemon.apply import ApplyError, apply_vm, read_vm
+from invariantd.daemon.apply import ApplyError, apply_vm
+from invariantd.daemon.readback import read_vm
 from invariantd.protocol.program import ApplyProgram
 from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.sim.host import SimHost, eras

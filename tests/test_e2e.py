@@ -13,7 +13,7 @@ import trio
 from fixtures import Passthrough
 
 from invariantd.daemon import tls
-from invariantd.daemon.apply import read_vm
+from invariantd.daemon.readback import read_vm
 from invariantd.daemon.peer import PeerError, migrate_out
 from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vms import VmState

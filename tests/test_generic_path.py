@@ -12,8 +12,8 @@ from invariantd.daemon.pki import make_pki
 
 from fixtures import real_kvm, synthetic_doc
 from invariantd.daemon import tls
-from invariantd.daemon.apply import (READBACK_MAY_DIFFER, ApplyError, Mismatch, ReadbackRule,
-                                     _adjusted, apply_vm)
+from invariantd.daemon.apply import ApplyError, apply_vm, readback_events
+from invariantd.daemon.readback import READBACK_MAY_DIFFER, Mismatch, ReadbackRule, adjusted
 from invariantd.daemon.metrics import Metrics
 from invariantd.protocol.program import ApplyProgram
 from invariantd.daemon.peer import (CAPS_ONLY, PeerConfig, apply_report, handle_incoming, host_capabilities,
@@ -106,18 +106,18 @@ def test_readback_table_rules():
 
 
 def test_adjusted_readbacks_are_reported_not_hidden():
-    events: list = []
     ms = [Mismatch(0, "MSR_0x10", TSC, 1000, 5000),                       # inside the rule: an event
           Mismatch(1, "MSR_0x10", TSC, 1 << 40, 0),                        # outside: stays a mismatch
           Mismatch(0, "MSR_0x8b", UCODE, 1, 2),                            # not in the table: mismatch
           Mismatch(0, "MSR_0x6e0", TSC_DEADLINE, 7, None, "EINVAL")]       # unreadable: mismatch
-    left = _adjusted(ms, events)
+    left, notes = adjusted(ms)
+    events = readback_events(notes)
     assert left == ms[1:]
     [ev] = events
     assert (ev.vcpu, ev.reg_id, ev.action) == (0, TSC, "readback-adjusted")
     assert "wrote 0x3e8, reads 0x1388 (+4000)" in ev.detail and "TSC" in ev.detail
-    counted, adjusted = apply_report(events)
-    assert counted == [] and adjusted == events           # not a SET_ONE_REG failure in metrics
+    counted, reported = apply_report(events)
+    assert counted == [] and reported == events           # not a SET_ONE_REG failure in metrics
 
 
 # --- caps-only (sim hosts, real TLS) --------------------------------------------------------------------------

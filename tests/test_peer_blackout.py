@@ -8,7 +8,7 @@ import trio
 
 from fixtures import Passthrough
 
-from invariantd.daemon.apply import read_vm
+from invariantd.daemon.readback import read_vm
 from invariantd.daemon.peer import profile_changes, profile_regsets, profile_view, vm_profile
 from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vms import VmRegistry, VmState

@@ -1,6 +1,6 @@
 """protocol/program.py: the plan compiled into an apply program (one rule per verdict), its wire form (the fixed
 layout an in-process VMM agent reads), the one errno -> action interpretation, and the daemon's apply engine
-running it; apply.plan_deviations: an apply judged against the plan."""
+running it; readback.plan_deviations: an apply judged against the plan."""
 from __future__ import annotations
 
 import errno as E
@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invariantd.daemon.apply import KVM_RESET_UNKNOWN, apply_vm, plan_deviations, read_vm
+from invariantd.daemon.apply import apply_vm
+from invariantd.daemon.readback import plan_deviations, read_vm
+from invariantd.protocol.kvmabi import KVM_RESET_UNKNOWN
 from invariantd.daemon.probe import probe
 from invariantd.daemon.sim.host import SimHost
 from invariantd.protocol import kvmabi

@@ -13,7 +13,7 @@ from fixtures import FakeQemu
 from invariantd.client.cli import main
 from invariantd.daemon.pki import make_pki
 from invariantd.daemon.rpcclient import Client, client_ssl
-from invariantd.daemon.apply import read_vm
+from invariantd.daemon.readback import read_vm
 from invariantd.daemon.config import AgentSection, BackendConfig, Config, MetricsSection, PeerEntry, PeerSection, \
     RpcSection, Timeouts
 from invariantd.daemon.server import make_backend, run

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import trio
 
 from fixtures import FakeQemu
-from invariantd.daemon.apply import read_vm
+from invariantd.daemon.readback import read_vm
 from invariantd.daemon.probe import probe
 from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vmm.hub import AgentHub, VmmRecord

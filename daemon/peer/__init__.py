@@ -21,7 +21,7 @@ the source's Plan and its digest (negotiate.plan_digest); the destination recomp
 VmProfile and its own capabilities and policy, refuses when it is refused or when the digests differ (naming
 the first differing entry), and echoes the digest in PlanAccept. The plan becomes the apply engine's
 an ApplyProgram through program.compile_plan; pre-flight and the final apply are judged against the plan's
-values (apply.plan_deviations).
+values (readback.plan_deviations).
 
 The package, one module per part: link.py (one connection: Conn, errors, settings, the capabilities fetch and the
 inquiry), chunks.py (vCPU state as the stream carries it), source.py (migrate_out), destination.py (handle_incoming,

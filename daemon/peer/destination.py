@@ -14,7 +14,8 @@ from ...protocol.negotiate import negotiate
 from ...protocol.policy import Policy, default_policy
 from ...protocol.program import compile_plan
 from .. import failpoints
-from ..apply import (ApplyError, apply_vm, apply_vm_async, plan_deviations)
+from ..apply import ApplyError, apply_vm, apply_vm_async
+from ..readback import plan_deviations
 from ..kvm.backend import Backend
 from ..kvm.errors import KvmError
 from ..logs import kv

@@ -13,7 +13,7 @@ from ...protocol import session as ps
 from ...protocol.errors import ProtocolError, RemoteProtocolError
 from ...protocol.framing import Limits
 from .. import failpoints
-from ..apply import (ApplyError)
+from ..apply import ApplyError
 from ..metrics import Metrics
 
 

@@ -14,7 +14,7 @@ from ...protocol import session as ps
 from ...protocol.negotiate import negotiate
 from ...protocol.policy import Policy, default_policy
 from .. import failpoints
-from ..apply import (read_vm_async)
+from ..apply import read_vm_async
 from ..kvm.errors import KvmError
 from ..logs import kv
 from ..metrics import Metrics

@@ -36,7 +36,8 @@ from ...protocol import agentwire as W
 from ...protocol import schemas as S
 from ...protocol.negotiate import negotiate
 from ...protocol.program import ProgramError, compile_plan
-from ..apply import ApplyError, apply_vm, plan_deviations
+from ..apply import ApplyError, apply_vm
+from ..readback import plan_deviations
 from ..journal import Journal, MigrationRecord
 from ..kvm.backend import VcpuInit
 from ..logs import kv
