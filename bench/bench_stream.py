@@ -203,12 +203,13 @@ def src_proc(files, n: int, runs: int, port: int, conn, prof: bool, backend: str
             m = Metrics()
             stream = await tls.connect("127.0.0.1", port, tls.client_context(files["node-a"], None, files["ca"]),
                                        server_hostname="localhost")
+            nregs = len(mvm.vcpus[0].reg_list())          # before: a released VM's vCPUs are freed on the ack
             t0 = time.perf_counter()
             res = await migrate_out(stream, reg, f"vm-{i}", cfg=CFG, metrics=m)
             t_end = time.perf_counter()
             await stream.aclose()
             assert res.result == "committed"
-            out.append({"payload": payload, "regs_per_vcpu": len(mvm.vcpus[0].reg_list()),
+            out.append({"payload": payload, "regs_per_vcpu": nregs,
                         "blackout": t_release[0] - t_pause[0], "total": t_end - t0,
                         "before_pause": t_pause[0] - t0, "phases": _phases(m),
                         "first_write": _marks.pop("first_write"),
