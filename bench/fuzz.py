@@ -1,4 +1,4 @@
-"""Fuzz every entry point for bytes and documents with 1,000,000 mutated inputs (tests/fuzzing.py: the targets,
+"""Fuzz every entry point for bytes and documents with 1,000,000 mutated inputs (tests/support/fuzzing.py: the targets,
 their typed errors and the mutation engine; CI runs 1,500 per target in tests/test_fuzz.py).
 
     .venv/bin/python bench/fuzz.py [--inputs 1000000] [--seed N] [--json]
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fuzzing import run_target, targets  # noqa: E402
+from support.fuzzing import run_target, targets  # noqa: E402
 
 
 def main(argv=None) -> int:

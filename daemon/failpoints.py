@@ -1,5 +1,5 @@
 """Failpoints (after etcd's gofail): named points in the migration code where this process fails on purpose, so
-that the fault-injection suite (tests/test_faults.py) and an operator reproducing a report can stop or kill a
+that the fault-injection suite (tests/daemon/test_faults.py) and an operator reproducing a report can stop or kill a
 daemon at an exact step of a migration. Off unless the environment says otherwise:
 
     INVARIANTD_FAILPOINTS="source.released=kill,destination.applied=stop"

@@ -1,10 +1,10 @@
-"""Bounded fuzzing in CI (tests/fuzzing.py): every entry point for bytes or documents, 1,500 mutated inputs each
+"""Bounded fuzzing in CI (tests/support/fuzzing.py): every entry point for bytes or documents, 1,500 mutated inputs each
 from valid seeds, fixed seed: each ends in its typed error or a valid result. bench/fuzz.py runs 1,000,000."""
 from __future__ import annotations
 
 import pytest
 
-from fuzzing import run_target, targets
+from support.fuzzing import run_target, targets
 
 TARGETS = targets()
 

@@ -46,7 +46,7 @@ struct Preflight {
 }
 
 # VcpuChunk has a hand-written codec for the stream's hot path (protocol/session/chunkwire.py): a field added
-# here must be added there too (CARRIED; tests/test_session_chunks.py fails until it is).
+# here must be added there too (CARRIED; tests/protocol/test_session_chunks.py fails until it is).
 struct VcpuChunk {
   vmId @0 :Text;
   vcpu @1 :UInt32;                # the (first) vCPU this chunk carries

@@ -1,7 +1,7 @@
 """VcpuChunk's wire form written and read without the Cap'n Proto library (the stream's hot path).
 
 A hand-written codec of one struct of protocol/schemas/peer.capnp: CARRIED names every VcpuChunk field it writes
-and reads, and tests/test_session_chunks.py fails when peer.capnp's VcpuChunk has a field not in it."""
+and reads, and tests/protocol/test_session_chunks.py fails when peer.capnp's VcpuChunk has a field not in it."""
 from __future__ import annotations
 
 import struct
@@ -16,12 +16,12 @@ from .events import _KIND_TAG, CHECKSUMS, VcpuChunk, _received
 # and out of the message on the way in, with per-field Python overhead; these two functions write and read that
 # one message shape directly: a single-segment frame, Message (1 data word, 1 pointer; union tag 5 = vcpuChunk)
 # -> VcpuChunk (2 data words, 5 pointers) -> vmId, regIdsLe, checksum, values. The bytes are standard Cap'n
-# Proto: any reader decodes them (tests/test_session_chunks.py checks against the library, both ways). A frame
+# Proto: any reader decodes them (tests/protocol/test_session_chunks.py checks against the library, both ways). A frame
 # of any other shape (several segments, far pointers, the older regIds list, other struct sizes, anything out of
 # bounds or odd) goes to the library's reader, which decides as before.
 # Every field of peer.capnp's VcpuChunk this codec writes and reads (regIds: written empty, a frame holding it goes
 # to the library). A field added to VcpuChunk must be added here and to both functions, or the fast path would
-# drop it silently: tests/test_session_chunks.py compares this with the schema (fields, struct size, union tag).
+# drop it silently: tests/protocol/test_session_chunks.py compares this with the schema (fields, struct size, union tag).
 CARRIED = ("vmId", "vcpu", "chunk", "regIds", "values", "checksumKind", "checksum", "regIdsLe", "vcpuCount")
 _MSG_VCPU_CHUNK = 5                       # Message union tag of vcpuChunk (peer.capnp)
 _VC_DATA_WORDS, _VC_PTRS = 2, 5           # VcpuChunk's struct size; fields: see _chunk_head

@@ -12,6 +12,7 @@ from invariantd.protocol import session as ps
 from invariantd.protocol.errors import LocalProtocolError, RemoteProtocolError
 from invariantd.protocol.session import (NEED_DATA, Capabilities, Commit, Hello, PlanAccept, PlanProposal, Preflight,
                                          Session, VcpuChunk)
+from support.peers import pair_at_ready
 
 X0 = 0x6030000000100000
 V0 = 0x6040000000100054
@@ -19,21 +20,6 @@ MIDR = 0x603000000013c000
 S, D = ps.SOURCE, ps.DESTINATION
 
 
-def pair_at_ready(src_versions=(1, 2), dst_versions=(1, 2), vcpus=4):
-    s, d = Session(S, versions=src_versions), Session(D, versions=dst_versions)
-
-    def xfer(a, b, ev):
-        b.receive_data(a.send(ev))
-        got = b.next_event()
-        assert got == ev
-    xfer(s, d, Hello(src_versions, S, "a"))
-    xfer(d, s, Hello(dst_versions, D, "b"))
-    xfer(d, s, Capabilities("x", b""))
-    prop = PlanProposal("m", "vm", vcpus, "f", b"p")
-    xfer(s, d, prop)
-    xfer(d, s, PlanAccept("m", prop.digest))
-    xfer(d, s, Preflight(True))
-    return s, d
 
 
 def deliver(s, d, ev):

@@ -9,7 +9,7 @@ import pytest
 
 from invariantd.client import plan_cmd
 from invariantd.client.exits import CliError
-from test_negotiate import A72_R0P4, N1_R4P1, make_doc
+from support.hostdocs import A72_R0P4, N1_R4P1, field_put, make_doc
 
 
 def run(argv, capsys):
@@ -89,7 +89,6 @@ def test_bad_policy_and_missing_file(files, capsys):
 
 
 def test_baseline_conflict_exit_3(files, capsys):
-    from test_baseline import field_put
     reg = "ID_AA64ISAR0_EL1"
     a = files("a.json", make_doc("6.1", {reg: field_put(reg, "AES", 2)}, masks=None))
     b = files("b.json", make_doc("6.1", {reg: field_put(reg, "AES", 1)}, masks=None))

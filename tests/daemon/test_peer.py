@@ -8,7 +8,7 @@ import struct
 import pytest
 import trio
 
-from fixtures import Passthrough, synthetic_doc
+from support.fixtures import Passthrough, synthetic_doc
 from invariantd.daemon import tls
 from invariantd.daemon.pki import make_pki
 from invariantd.daemon.metrics import Metrics
@@ -19,50 +19,18 @@ from invariantd.daemon.vms import VmRegistry, VmState
 from invariantd.protocol import session as ps
 from invariantd.protocol.catalog import catalog
 from invariantd.protocol.schemas import Verdict
+from support.peers import CFG, CutAfter, Node, pair_at_ready, sim, source
 
 
 MIDR = catalog().id_of("MIDR_EL1")
-CFG = PeerConfig(chunk_registers=32, handshake_timeout=5, phase_timeout=5, apply_timeout=5, commit_timeout=5)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """The cluster CA (node-a, node-b: peers; operator: an orchestrator) and another CA (rogue: a peer of it)."""
-    files = make_pki(tmp_path_factory.mktemp("pki"))
-    other = make_pki(tmp_path_factory.mktemp("other-pki"), nodes=("rogue",))
-    return {**files, "other-ca": other["ca"], "rogue": other["rogue"]}
 
 
-class Node:
-    def __init__(self, host: SimHost, pki, name="node-b", ca="ca", cfg=CFG):
-        self.host, self.registry, self.metrics, self.cfg = host, VmRegistry(host), Metrics(), cfg
-        self.server_ctx = tls.server_context(pki[name], None, pki[ca])
-        self.client_ctx = tls.client_context(pki[name], None, pki[ca])
-        self.results: list = []
-        self.done = trio.Event()
-        self.caps = probe(host)
-
-    async def handler(self, stream, peer):
-        try:
-            self.results.append(await handle_incoming(stream, peer, backend=self.host, registry=self.registry,
-                                                      caps_doc=self.caps, cfg=self.cfg, metrics=self.metrics))
-        finally:
-            self.done.set()
-
-    async def listen(self, nursery, **kw) -> tuple[tls.PeerListener, int]:
-        lst = tls.PeerListener(self.handler, self.server_ctx, "127.0.0.1", 0, handshake_timeout=5, **kw)
-        port = await nursery.start(lst.run)
-        return lst, port
 
 
-def sim(kernel="6.12", era=None, **kw) -> SimHost:
-    return SimHost(doc=synthetic_doc(kernel, **kw), era=eras()[era] if era else None)
 
 
-def source(pki, host=None, vcpus=2) -> Node:
-    n = Node(host or sim(), pki, "node-a")
-    n.registry.create("vm-1", vcpus)
-    return n
 
 
 async def test_identical_hosts_commit(nursery, pki):
@@ -138,19 +106,6 @@ async def test_preflight_refusal_resumes_source(nursery, pki):
     assert a.registry.get("vm-1").state is VmState.RUNNING and b.registry.vms == {} and b.results == [None]
 
 
-class CutAfter(Passthrough, trio.abc.Stream):
-    """Passes messages through; the n-th send is cut in the middle of its frame and the connection dropped."""
-
-    def __init__(self, inner, n):
-        self.inner, self.n, self.sends = inner, n, 0
-
-    async def send_all(self, data):
-        self.sends += 1
-        if self.sends == self.n:
-            await self.inner.send_all(data[: len(data) // 2])
-            await trio.aclose_forcefully(self.inner)
-            raise trio.BrokenResourceError("cut by test")
-        await self.inner.send_all(data)
 
 
 async def test_cut_mid_stream_source_resumes_destination_discards(nursery, pki):
@@ -263,7 +218,6 @@ async def test_prepared_stream_is_written_in_whole_tls_records():
     """The stream goes out in record-aligned writes (no short TLS record mid-stream), the first one smaller;
     the bytes are exactly the events' encodings back to back; a receiver decodes every event."""
     from invariantd.daemon.peer import TLS_RECORD, Conn
-    from test_session_v2 import pair_at_ready
     s, d = pair_at_ready((3,), (3,), vcpus=4)
     z = [0x6080000000150000 + k for k in range(40)]                 # U2048 ids: 10 KiB per vCPU
     chunks = [ps.VcpuChunk.build_multi("vm", 0, i, z, [[i * k << 2000 for k in range(40)]] * 4, "xxh3")

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import trio
 
-from fixtures import real_kvm
+from support.fixtures import real_kvm
 from invariantd.daemon.vmm import agent_library
 from invariantd.daemon.vmm.hub import AgentHub
 from invariantd.daemon.vmm.wrapper import command, vm_name

@@ -9,7 +9,7 @@ from invariantd.protocol.catalog import catalog
 from invariantd.protocol.negotiate import negotiate
 from invariantd.protocol.policy import default_policy
 from invariantd.protocol.schemas import Verdict
-from test_negotiate import entry, sim_apply
+from support.hostdocs import entry, sim_apply
 
 
 def probe_doc(spec: str) -> dict:

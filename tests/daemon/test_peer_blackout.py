@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from fixtures import Passthrough
+from support.fixtures import Passthrough
 
 from invariantd.daemon.readback import read_vm
 from invariantd.daemon.peer import profile_changes, profile_regsets, profile_view, vm_profile
@@ -16,8 +16,7 @@ from invariantd.protocol.catalog import catalog
 from invariantd.protocol.policy import default_policy
 from invariantd.daemon import tls
 from invariantd.daemon.peer import PeerError, migrate_out
-from test_e2e import Recording
-from test_peer import CFG, Node, pki  # noqa: F401  (module-scoped PKI fixture)
+from support.peers import CFG, Node, Recording
 
 CAT = catalog()
 ISAR0, TCR2 = CAT.id_of("ID_AA64ISAR0_EL1"), CAT.id_of("TCR2_EL1")

@@ -15,9 +15,9 @@ from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vms import VmRegistry
 from invariantd.protocol import kvmabi as abi
 from invariantd.protocol import regid
-from fixtures import real_kvm, synthetic_doc
-from test_apply import A72_R0P3, A72_R0P4, CAT, FaultBackend, ISAR0, MIDR, SCTLR, actions, host, patch, \
-    source_regs
+from support.fixtures import real_kvm, synthetic_doc
+from support.faultkvm import FaultBackend, ISAR0, MIDR, SCTLR, actions, host, patch, source_regs
+from support.hostdocs import A72_R0P3, A72_R0P4, CAT
 
 
 def run(coro_fn, *a, **kw):

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from invariantd.daemon.apply import ApplyEvent
 from invariantd.daemon.metrics import Metrics, serve_metrics
+from support.cluster import by_name, scrape
 
 FAMILIES = {"invariantd_set_one_reg_failures", "invariantd_invariant_overrides", "invariantd_plan_verdicts",
             "invariantd_migrations", "invariantd_migration_phase_seconds", "invariantd_stream_bytes",
@@ -36,23 +37,8 @@ def filled() -> Metrics:
     return m
 
 
-async def scrape(port: int, path: str = "/metrics", accept: str | None = None) -> tuple[str, dict, bytes]:
-    s = await trio.open_tcp_stream("127.0.0.1", port)
-    req = f"GET {path} HTTP/1.1\r\nHost: x\r\n" + (f"Accept: {accept}\r\n" if accept else "") + "\r\n"
-    await s.send_all(req.encode())
-    data = b""
-    with trio.fail_after(5):
-        while chunk := await s.receive_some(65536):
-            data += chunk
-    await s.aclose()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return lines[0], headers, body
 
 
-def by_name(text: str) -> dict:
-    return {f.name: f for f in text_string_to_metric_families(text)}
 
 
 async def test_scrape_and_parse(nursery):

@@ -9,7 +9,7 @@ from functools import partial
 
 import trio
 
-from fixtures import FakeQemu
+from support.fixtures import FakeQemu
 from invariantd.client.cli import main
 from invariantd.daemon.pki import make_pki
 from invariantd.daemon.rpcclient import Client, client_ssl

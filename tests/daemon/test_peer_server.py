@@ -9,15 +9,15 @@ from functools import partial
 import pytest
 import trio
 
-from fixtures import synthetic_doc
+from support.fixtures import synthetic_doc
 from invariantd.daemon import tls
 from invariantd.daemon.config import ConfigError, parse
 from invariantd.daemon.peer import migrate_out
 from invariantd.daemon.server import run
 from invariantd.daemon.sim.host import SimHost
 from invariantd.daemon.vms import VmRegistry, VmState
-from test_metrics import scrape, by_name
-from test_peer import CFG, pki  # noqa: F401  (module-scoped PKI fixture)
+from support.cluster import by_name, scrape
+from support.peers import CFG
 
 
 def config(pki, **peer):

@@ -10,7 +10,7 @@ import pytest
 import trio
 from invariantd.daemon.pki import make_pki
 
-from fixtures import real_kvm, synthetic_doc
+from support.fixtures import real_kvm, synthetic_doc
 from invariantd.daemon import tls
 from invariantd.daemon.apply import ApplyError, apply_vm, readback_events
 from invariantd.daemon.readback import READBACK_MAY_DIFFER, Mismatch, ReadbackRule, adjusted
@@ -120,10 +120,6 @@ def test_adjusted_readbacks_are_reported_not_hidden():
     assert counted == [] and reported == events           # not a SET_ONE_REG failure in metrics
 
 
-# --- caps-only (sim hosts, real TLS) --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class Dest:

@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from fixtures import real_kvm
+from support.fixtures import real_kvm
 from invariantd.protocol import regid
 
 pytestmark = pytest.mark.kvm

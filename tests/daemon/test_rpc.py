@@ -18,44 +18,17 @@ from invariantd.daemon import tls
 from invariantd.daemon.config import (BackendConfig, Config, ConfigError, MetricsSection, PeerEntry, PeerSection,
                                       RpcSection, Timeouts, parse)
 from invariantd.daemon.server import make_backend, run
+from support.cluster import call, cfg, start_cluster
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("rpc-pki"))
 
 
-def cfg(node, pki, profile, peers=(), rpc_tls=True, handshake=5.0, unix=""):
-    return Config(node=node, log_level="warning", backend=BackendConfig(kind="sim", sim_profile=profile),
-                  peer=PeerSection(port=0, cert=pki[node], ca=pki["ca"]), metrics=MetricsSection(port=0),
-                  timeouts=Timeouts(handshake=handshake, phase=5, apply=5, commit=5, drain=2),
-                  rpc=RpcSection(listen="127.0.0.1" if rpc_tls else "", port=0, tls=rpc_tls, unix=unix), peers=tuple(peers))
 
 
-class Cluster:
-    """node-a (source) and node-b (destination) daemons; a's peers: b, plus extra entries."""
-
-    def __init__(self, pki, ports_a, ports_b):
-        self.pki, self.a, self.b = pki, ports_a, ports_b
-
-    def client(self, which="a", **kw) -> Client:
-        port = (self.a if which == "a" else self.b)["rpc"]
-        return Client(f"127.0.0.1:{port}", client_ssl(self.pki["operator"], None, self.pki["ca"]),
-                      server_hostname="localhost", **kw)
 
 
-async def start_cluster(nursery, pki, dst=DST_PROFILE, extra_peers=(), handshake=5.0, b_rpc=True):
-    cb = cfg("node-b", pki, dst)
-    pb = await nursery.start(partial(run, cb, backend=make_backend(cb)))
-    peers = (PeerEntry("node-b", "127.0.0.1", pb["peer"], rpc=f"127.0.0.1:{pb['rpc']}" if b_rpc else "",
-                       server_name="localhost"), *extra_peers)
-    ca = cfg("node-a", pki, SRC_PROFILE, peers, handshake=handshake)
-    pa = await nursery.start(partial(run, ca, backend=make_backend(ca)))
-    return Cluster(pki, pa, pb)
 
 
-def call(fn, *a):
-    return trio.to_thread.run_sync(lambda: fn(*a))
 
 
 async def test_stock_capnp_client_round_trip(nursery, pki):

@@ -1,6 +1,6 @@
 """End to end on loopback with the shipped host profiles (measured on real kernels): two daemons' peer code
 over mutual TLS, both running the negotiation engine, agreeing on the plan digest, pre-flight, stream,
-apply with the errno-aware retry, commit. TLS refusals and malformed / oversized frames: tests/test_peer.py.
+apply with the errno-aware retry, commit. TLS refusals and malformed / oversized frames: tests/daemon/test_peer.py.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import trio
 
-from fixtures import Passthrough
+from support.fixtures import Passthrough
 
 from invariantd.daemon import tls
 from invariantd.daemon.readback import read_vm
@@ -23,8 +23,8 @@ from invariantd.protocol.framing import FrameDecoder
 from invariantd.protocol.negotiate import plan_digest
 from invariantd.protocol.policy import loads
 from invariantd.protocol.schemas import Verdict
-from test_apply import FaultBackend
-from test_peer import CFG, CutAfter, Node, pki  # noqa: F401  (module-scoped PKI fixture)
+from support.faultkvm import FaultBackend
+from support.peers import CFG, CutAfter, Node, Recording
 
 CAT = catalog()
 MIDR, ISAR0, SCTLR, TCR2 = (CAT.id_of(n) for n in ("MIDR_EL1", "ID_AA64ISAR0_EL1", "SCTLR_EL1", "TCR2_EL1"))
@@ -32,17 +32,6 @@ R0P3, R0P4 = 0x410FD083, 0x410FD084
 UNKNOWN_FILL = 0x1DE7EC7EDBADC0DE
 
 
-class Recording(Passthrough, trio.abc.Stream):
-    """Passes everything through and decodes what the source sends (to prove what did / did not move)."""
-
-    def __init__(self, inner):
-        self.inner, self.dec, self.sent = inner, FrameDecoder(), []
-
-    async def send_all(self, data):
-        self.dec.feed(data)
-        while (f := self.dec.next_frame()) is not None:
-            self.sent.append(type(ps.decode(f)).__name__)
-        await self.inner.send_all(data)
 
 
 def snapshot(node, vm_id="vm-1"):

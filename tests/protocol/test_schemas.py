@@ -7,7 +7,7 @@ import pytest
 from invariantd.protocol import schemas as S
 from invariantd.protocol.negotiate import negotiate
 from invariantd.protocol.schemas import Implementation, Verdict
-from test_negotiate import A72_R0P4, host, make_doc
+from support.hostdocs import A72_R0P4, host, make_doc
 
 OLDER = """@0xb1f5e0a7c3d2e401;
 # HostCapabilities as version 1 daemons before masks and per-CPU MIDRs sent it (ordinals 0..6 only).

@@ -26,9 +26,6 @@ COMMIT = 3                 # s: the commit timeout (a stopped peer is waited for
 DAEMON = "import sys; from invariantd.daemon.server import main; sys.exit(main(sys.argv[1:]))"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("faults-pki"))
 
 
 def free_port() -> int:

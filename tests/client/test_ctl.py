@@ -6,14 +6,9 @@ import json
 import trio
 
 from invariantd.client.cli import build_parser, main
-from test_rpc import pki, start_cluster  # noqa: F401  (module-scoped PKI fixture)
+from support.cluster import ctl, start_cluster
 
 
-def ctl(cl, *argv, daemon="a"):
-    port = (cl.a if daemon == "a" else cl.b)["rpc"]
-    args = [*argv, "--daemon", f"127.0.0.1:{port}", "--ca", cl.pki["ca"], "--cert", cl.pki["operator"],
-            "--server-name", "localhost"]
-    return trio.to_thread.run_sync(main, args)
 
 
 async def test_ctl_flow_and_exit_codes(nursery, pki, capsys):

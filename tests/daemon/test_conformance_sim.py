@@ -6,10 +6,11 @@ tests/lab/.
 """
 import pytest
 
-from fixtures import synthetic_doc
+from support.fixtures import synthetic_doc
 from invariantd.daemon.conformance import generate, run_suite
 from invariantd.daemon.sim.host import SimHost, era_for, list_profiles
 from invariantd.protocol.catalog import catalog
+from support.hostdocs import AA32_ID
 
 SYNTHETIC = ["6.1", "6.1-patched", "6.12", "7.3"]
 
@@ -20,11 +21,6 @@ def _host(spec):
     return SimHost(spec)
 
 
-# KVM's AA32_ID_SANITISED / AA32_ID_WRITABLE registers (arch/arm64/kvm/sys_regs.c; ID_AFR0/ID_DFR1 are hidden)
-AA32_ID = {"ID_PFR0_EL1", "ID_PFR1_EL1", "ID_DFR0_EL1", "ID_MMFR0_EL1", "ID_MMFR1_EL1", "ID_MMFR2_EL1",
-           "ID_MMFR3_EL1", "ID_ISAR0_EL1", "ID_ISAR1_EL1", "ID_ISAR2_EL1", "ID_ISAR3_EL1", "ID_ISAR4_EL1",
-           "ID_ISAR5_EL1", "ID_MMFR4_EL1", "ID_ISAR6_EL1", "MVFR0_EL1", "MVFR1_EL1", "MVFR2_EL1", "ID_PFR2_EL1",
-           "ID_MMFR5_EL1"}
 PFR0 = "0x603000000013c020"          # ID_AA64PFR0_EL1 (3,0,0,4,0)
 
 

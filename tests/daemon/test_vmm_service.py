@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import trio
 
-from fixtures import FakeQemu
+from support.fixtures import FakeQemu
 from invariantd.daemon.readback import read_vm
 from invariantd.daemon.probe import probe
 from invariantd.daemon.sim.host import SimHost

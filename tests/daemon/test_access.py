@@ -16,13 +16,9 @@ from invariantd.daemon import tls
 from invariantd.daemon.peer import PeerConfig, PeerError, inquire
 from invariantd.daemon.pki import make_pki
 from invariantd.daemon.server import make_backend, run
-from test_rpc import call, cfg
+from support.cluster import call, cfg
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("access-pki"), nodes=("node-a", "node-b", "operator", "nobody"),
-                    roleless=("nobody",))
 
 
 async def daemon(nursery, pki, **rpc):

@@ -5,7 +5,7 @@ import errno as E
 
 import pytest
 
-from fixtures import real_kvm, synthetic_doc
+from support.fixtures import real_kvm, synthetic_doc
 from invariantd.daemon.apply import ApplyError, apply_vm
 from invariantd.daemon.readback import read_vm
 from invariantd.protocol.program import ApplyProgram
@@ -13,103 +13,26 @@ from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.sim.host import SimHost, eras
 from invariantd.protocol import regid
 from invariantd.protocol.catalog import catalog
+from support.faultkvm import FaultBackend, ISAR0, MIDR, SCTLR, TCR2, UNNAMED_ID, actions, host, patch, source_regs
 
 CAT = catalog()
-MIDR = CAT.id_of("MIDR_EL1")
-ISAR0 = CAT.id_of("ID_AA64ISAR0_EL1")
-TCR2 = CAT.id_of("TCR2_EL1")
-SCTLR = CAT.id_of("SCTLR_EL1")
-UNNAMED_ID = regid.sysreg(3, 0, 0, 7, 7)
 A72_R0P3, A72_R0P4 = 0x410FD083, 0x410FD084
 
 
-def host(kernel: str, era: str | None = None, **kw) -> SimHost:
-    return SimHost(doc=synthetic_doc(kernel, **kw), era=eras()[era] if era else None)
 
 
-def source_regs(kernel: str = "6.12", n: int = 2, era: str | None = None, **kw) -> dict[int, list[tuple[int, int]]]:
-    h = host(kernel, era, **kw)
-    vm = h.create_vm()
-    vcpus = {}
-    for i in range(n):
-        v = vm.create_vcpu(i)
-        v.init(h.init)
-        vcpus[i] = v
-    return read_vm(vcpus)
 
 
-def patch(regsets, reg_id, value):
-    return {i: [(r, value if r == reg_id else v) for r, v in regs] for i, regs in regsets.items()}
 
 
-def actions(events):
-    return [(e.register, e.errno, e.action) for e in events]
 
 
-# --- fault-injecting wrappers (injected, never monkeypatched) -------------------------------------
-class Proxy:
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
 
-class FaultVcpu(Proxy):
-    """set_reg/set_regs return queued errnos for chosen registers; get_regs may fold bits; calls are logged."""
-
-    def __init__(self, inner, faults, fold, log):
-        super().__init__(inner)
-        self.index, self.faults, self.fold, self.log = inner.index, faults, fold, log
-
-    def set_reg(self, r, v):
-        q = self.faults.get(r)
-        if q:
-            raise KvmError("KVM_SET_ONE_REG", q.pop(0), r)
-        self.log.append(("set", self.index, r))
-        return self._inner.set_reg(r, v)
-
-    def set_regs(self, ids, values):
-        out = []
-        for r, v in zip(ids, values):
-            try:
-                self.set_reg(r, v)
-                out.append(0)
-            except KvmError as e:
-                out.append(e.errno_value)
-        return out
-
-    def get_regs(self, ids):
-        vals, errs = self._inner.get_regs(ids)
-        return [v & ~self.fold.get(r, 0) for r, v in zip(ids, vals)], errs
 
 
-class FaultVm(Proxy):
-    def __init__(self, inner, backend):
-        super().__init__(inner)
-        self.backend, self.closed = backend, False
-
-    def create_vcpu(self, i):
-        return FaultVcpu(self._inner.create_vcpu(i), self.backend.faults, self.backend.fold, self.backend.log)
-
-    def close(self):
-        self.closed = True
-        self._inner.close()
 
 
-class FaultBackend(Proxy):
-    def __init__(self, inner, faults=None, fold=None, ran=0):
-        super().__init__(inner)
-        self.kind, self.arch = inner.kind, inner.arch
-        self.faults, self.fold, self.ran, self.log, self.vms = faults or {}, fold or {}, ran, [], []
-
-    def create_vm(self, vm_type=0):
-        inner = self._inner.create_vm(vm_type)
-        if len(self.vms) < self.ran:
-            inner.has_ran = True            # "something ran a vCPU": ID registers are frozen on this VM
-        vm = FaultVm(inner, self)
-        self.vms.append(vm)
-        return vm
 
 
 # --- the clean path ---------------------------------------------------------------------------------

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from invariantd.daemon.vms import VmState, resolution
-from test_ctl import ctl
-from test_rpc import call, pki, start_cluster  # noqa: F401  (module-scoped PKI fixture)
+from support.cluster import ctl, start_cluster
 
 IN_DOUBT, RELEASED, RUNNING = VmState.IN_DOUBT, VmState.RELEASED, VmState.RUNNING
 
@@ -60,3 +59,28 @@ async def test_a_released_vm_the_destination_ran_is_never_resumed_here(nursery, 
     capsys.readouterr()
     assert await ctl(cl, "resolve", "vm-2", "--peer", "node-b", "--resume", "--json") == 2
     assert "nothing to resume here: the destination node-b acknowledged: it runs the VM" in capsys.readouterr().err
+
+
+async def test_an_unanswered_peer_is_asked_again_with_backoff(autojump_clock):
+    """A peer that cannot be asked: the VM waits, says for what, and the resolver asks again after 1, 2, 4, 8, 16
+    and then every 30 s (trio's MockClock: 100 s of the resolver's time pass at once; nothing here does I/O)."""
+    import trio
+
+    from invariantd.daemon.resolve import ResolveError, Resolver
+    asked = []
+
+    class Unanswered(Resolver):
+        def unresolved(self):
+            return [(None, "destination", "m-1", "vm-x", "ghost")]
+
+        async def ask(self, peer, migration_id, vm_id):
+            asked.append(trio.current_time())
+            raise ResolveError("no answer")
+    r = Unanswered(registry=None, peers=(), client_ctx=None)
+    async with trio.open_nursery() as n:
+        await n.start(r.run)
+        t0 = trio.current_time()
+        await trio.sleep(100)
+        n.cancel_scope.cancel()
+    assert [round(t - t0, 6) for t in asked] == [0, 1, 3, 7, 15, 31, 61, 91]
+    assert r.waiting["vm-x"] == "waits for ghost to answer about migration m-1: no answer"

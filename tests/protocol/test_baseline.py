@@ -7,14 +7,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from invariantd.protocol.baseline import baseline
 from invariantd.protocol.catalog import catalog
 from invariantd.protocol.negotiate import negotiate
-from test_negotiate import A72_R0P3, A72_R0P4, A72_R1P0, BASE, host, make_doc, sim_apply
+from support.hostdocs import A72_R0P3, A72_R0P4, A72_R1P0, field_put, host, make_doc, sim_apply
 
 CAT = catalog()
 
 
-def field_put(reg, fname, raw, base=None):
-    f = next(x for x in CAT.fields_of(reg) if x.name == fname)
-    return f.put(BASE.get(reg, 0) if base is None else base, raw)
 
 
 def assert_accepted_everywhere(b, docs):
