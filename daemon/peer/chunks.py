@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 from ...protocol import schemas as S
 from ...protocol import session as ps
+from ...protocol.regset import RegisterSet
 
 
 def stream_estimate(vm: S.VmProfile, vcpus: int, version: int) -> int:
@@ -25,13 +26,13 @@ def stream_estimate(vm: S.VmProfile, vcpus: int, version: int) -> int:
     return vcpus * (values + 64) + chunks * ids
 
 
-def _regsets(chunks: Sequence[ps.VcpuChunk]) -> dict[int, list[tuple[int, int]]]:
-    """Received chunks -> each vCPU's (id, value) list: values are decoded here, at apply time."""
-    out: dict[int, list[tuple[int, int]]] = {}
+def _regsets(chunks: Sequence[ps.VcpuChunk]) -> dict[int, RegisterSet]:
+    """Received chunks -> each vCPU's RegisterSet (the received bytes; a vCPU split over chunks joined)."""
+    parts: dict[int, list[RegisterSet]] = {}
     for c in chunks:
         for vcpu, regs in c.per_vcpu().items():
-            out.setdefault(vcpu, []).extend(regs)
-    return out
+            parts.setdefault(vcpu, []).append(regs)
+    return {vcpu: RegisterSet.concat(p) for vcpu, p in parts.items()}
 
 
 def _later(make: Callable[[], object]):

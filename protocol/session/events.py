@@ -6,12 +6,12 @@ import hashlib
 import struct
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Sequence, Union
 
 import xxhash
 
 from .. import regid
+from ..regset import RegisterSet, layout, layout_le, pack
 from ..errors import LocalProtocolError
 
 
@@ -160,50 +160,9 @@ def _checksum(kind: str, parts: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
-_SIZE_FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """What a register-id list implies, computed once per distinct list (every vCPU of a VM repeats it)."""
-    ids: tuple[int, ...]
-    ids_le: bytes                 # the ids as packed u64 LE (the wire form and the checksum input)
-    total: int                    # value bytes the ids need
-    fmt: str                      # struct format of the values ('Q' ... or 'Ns' for registers wider than 8)
-    wide: tuple[int, ...]         # positions of the registers wider than 8 bytes
-    sizes: tuple[int, ...]
-
-
-@lru_cache(maxsize=64)          # bounded: a hostile peer's distinct id lists cannot grow it
-def _layout_le(ids_le: bytes) -> _Layout:
-    if len(ids_le) % 8:
-        raise LocalProtocolError(f"register id list of {len(ids_le)} bytes is not a list of u64", "bad-chunk")
-    ids = struct.unpack(f"<{len(ids_le) // 8}Q", ids_le)
-    sizes, fmt, wide = [], ["<"], []
-    for i, r in enumerate(ids):
-        size_code = (r & regid.KVM_REG_SIZE_MASK) >> regid.KVM_REG_SIZE_SHIFT
-        _need(size_code <= regid.SIZE_U2048, f"register {r:#018x}: size code {size_code} above U2048",
-              "bad-register")
-        n = regid.size_bytes(r)
-        sizes.append(n)
-        if n in _SIZE_FMT:
-            fmt.append(_SIZE_FMT[n])
-        else:
-            fmt.append(f"{n}s")
-            wide.append(i)
-    return _Layout(ids, ids_le, sum(sizes), "".join(fmt), tuple(wide), tuple(sizes))
-
-
 def register_size(reg_id: int) -> int:
     """Value bytes of a register on the wire (KVM_REG_SIZE)."""
     return regid.size_bytes(reg_id)
-
-
-@lru_cache(maxsize=64)
-def _layout_ids(ids: tuple[int, ...]) -> _Layout:
-    for r in ids:
-        _need(isinstance(r, int) and 0 <= r < 1 << 64, f"register id {r!r} is not a u64")
-    return _layout_le(struct.pack(f"<{len(ids)}Q", *ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,11 +198,11 @@ class VcpuChunk:
                                           and values.format == "B")):
             _need(False, "VcpuChunk.values must be bytes (or a read-only byte memoryview)")
         if self.reg_ids or not self.ids_le:
-            lay = _layout_ids(tuple(self.reg_ids))
+            lay = layout(tuple(self.reg_ids))
             if self.ids_le and self.ids_le != lay.ids_le:
                 _need(False, "VcpuChunk: regIds and regIdsLe differ", "bad-chunk")
         else:
-            lay = _layout_le(self.ids_le)
+            lay = layout_le(self.ids_le)
         object.__setattr__(self, "reg_ids", lay.ids)
         object.__setattr__(self, "ids_le", lay.ids_le)
         want_len = lay.total * (count or 1)
@@ -271,46 +230,37 @@ class VcpuChunk:
         return b"".join(self._parts())
 
     @classmethod
-    def build(cls, vm_id: str, vcpu: int, chunk: int, regs: Sequence[tuple[int, int]],
+    def build(cls, vm_id: str, vcpu: int, chunk: int, regs: RegisterSet | Sequence[tuple[int, int]],
               checksum_kind: str = "crc32") -> "VcpuChunk":
-        ids = tuple(r for r, _ in regs)
-        lay = _layout_ids(ids)
-        return cls(vm_id, vcpu, chunk, (), _pack(lay, [v for _, v in regs]), checksum_kind, ids_le=lay.ids_le)
+        """One vCPU's registers (a RegisterSet's bytes go as they are)."""
+        rs = RegisterSet.from_pairs(regs)
+        return cls(vm_id, vcpu, chunk, (), bytes(rs.data), checksum_kind, ids_le=rs.ids_le)
 
     @classmethod
     def build_multi(cls, vm_id: str, first_vcpu: int, chunk: int, reg_ids: Sequence[int],
-                    values: Sequence[Sequence[int]], checksum_kind: str = "crc32") -> "VcpuChunk":
-        """Protocol 2: vCPUs first_vcpu.. (one value list each, all for reg_ids) in one chunk."""
-        lay = _layout_ids(tuple(reg_ids))
+                    values: Sequence[RegisterSet | Sequence[int]], checksum_kind: str = "crc32") -> "VcpuChunk":
+        """Protocol 2: vCPUs first_vcpu.. (a RegisterSet or a value list each, all for reg_ids) in one chunk."""
+        lay = layout(tuple(reg_ids))
         _need(len(values) >= 1, "VcpuChunk.build_multi: no vCPU")
-        data = b"".join(_pack(lay, vals) for vals in values)
-        return cls(vm_id, first_vcpu, chunk, (), data, checksum_kind, ids_le=lay.ids_le, count=len(values))
+        parts = []
+        for vals in values:
+            if isinstance(vals, RegisterSet):
+                _need(vals.ids_le == lay.ids_le, "VcpuChunk.build_multi: a vCPU with another register list")
+                parts.append(bytes(vals.data))
+            else:
+                parts.append(pack(lay, vals))
+        return cls(vm_id, first_vcpu, chunk, (), b"".join(parts), checksum_kind, ids_le=lay.ids_le,
+                   count=len(values))
 
-    def registers(self) -> list[tuple[int, int]]:
-        """(id, value) of a single-vCPU chunk (the first vCPU's of a multi-vCPU one: use per_vcpu)."""
+    def registers(self) -> RegisterSet:
+        """The registers of a single-vCPU chunk (the first vCPU's of a multi-vCPU one: use per_vcpu)."""
         return self.per_vcpu()[self.vcpu]
 
-    def per_vcpu(self) -> dict[int, list[tuple[int, int]]]:
-        lay = _layout_le(self.ids_le)
-        out = {}
-        for i, vals in zip(self.vcpus, struct.iter_unpack(lay.fmt, self.values) if lay.total else
-                           ((),) * max(1, self.count)):
-            if lay.wide:
-                vals = list(vals)
-                for k in lay.wide:
-                    vals[k] = int.from_bytes(vals[k], "little")
-            out[i] = list(zip(lay.ids, vals))
-        return out
-
-
-def _pack(lay: _Layout, vals: Sequence[int]) -> bytes:
-    vals = list(vals)
-    try:
-        for i in lay.wide:
-            vals[i] = int(vals[i]).to_bytes(lay.sizes[i], "little")
-        return struct.pack(lay.fmt, *vals)
-    except (OverflowError, struct.error) as e:
-        raise LocalProtocolError(f"register value does not fit its size: {e}", "bad-chunk") from None
+    def per_vcpu(self) -> dict[int, RegisterSet]:
+        """Each vCPU's registers: slices of the received bytes, decoded to integers only when read."""
+        lay = layout_le(self.ids_le)
+        step = lay.total
+        return {i: RegisterSet(lay, self.values[k * step:(k + 1) * step]) for k, i in enumerate(self.vcpus)}
 
 
 @dataclass(frozen=True, slots=True)
