@@ -35,6 +35,7 @@ from ..protocol.catalog import catalog
 from ..protocol.program import ID_LIKE_CLASSES, Action, ApplyProgram
 from .kvm.backend import Backend, Vcpu, VcpuInit, Vm, create_vcpus
 from .kvm.errors import KvmError
+from ..protocol.regset import RegisterSet
 from .readback import Mismatch, adjusted, read_vm, verify
 
 # classes applied VM-wide, before any other register (and before any vCPU could run)
@@ -136,6 +137,17 @@ def _changed_fields(reg_id: int, a: int, b: int) -> tuple[str, ...]:
     return tuple(f.name for f in catalog().fields_of(reg_id) if f.raw(a) != f.raw(b))
 
 
+def _set_regs(vcpu: Vcpu, ids: list[int], vals: list[int]) -> list[int]:
+    """One batch write. A value that does not fit its register is refused as KVM refuses it (EINVAL), without
+    a write; the others go as one RegisterSet."""
+    bad = [k for k, (r, v) in enumerate(zip(ids, vals)) if v < 0 or v >> (8 * regid.size_bytes(r))]
+    if not bad:
+        return vcpu.set_regs(RegisterSet.from_values(ids, vals))
+    keep = [k for k in range(len(ids)) if k not in set(bad)]
+    errs = dict(zip(keep, vcpu.set_regs(RegisterSet.from_values([ids[k] for k in keep], [vals[k] for k in keep]))))
+    return [errs.get(k, E.EINVAL) for k in range(len(ids))]
+
+
 class _Applier:
     """Carries out one program's decisions for the registers a batch write refused."""
 
@@ -162,7 +174,7 @@ class _Applier:
         prog = self.program
         ids = [r for r, _ in regs]
         vals = [prog.value_to_write(r, v) for r, v in regs]
-        errs = vcpu.set_regs(ids, vals)
+        errs = _set_regs(vcpu, ids, vals)
         for (r, given), v, e in zip(regs, vals, errs):
             if v != given and not (e and prog.decide(r, v, e) is Action.DROP):
                 op = prog.op(r)

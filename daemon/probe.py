@@ -50,7 +50,8 @@ def probe(backend: Backend, profile: str | None = None) -> dict:
         doc["vcpu_init"] = {"target": pref.target, "base_features": list(BASE_FEATURES)}
         ids = vcpu.reg_list()
         doc["reg_list"] = [f"{r:#x}" for r in ids]
-        vals, errs = vcpu.get_regs(ids)
+        regs, errs = vcpu.get_regs(ids)
+        vals = regs.values()
         doc["values"] = {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs) if not e}
         for r, e in zip(ids, errs):
             if e:
@@ -93,7 +94,8 @@ def ssbs_hidden_view(backend: Backend, doc: dict) -> dict[str, str]:
         vcpu.init(VcpuInit(vm.preferred_target().target, tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES)))
         vcpu.set_reg(pfr1, ssbs.put(cur, 0))
         ids = [r for r in vcpu.reg_list() if regid.decode(r).group == "fw"]
-        vals, errs = vcpu.get_regs(ids)
+        regs, errs = vcpu.get_regs(ids)
+        vals = regs.values()
         return {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
                 if not e and doc["values"].get(f"{r:#x}") != f"{v:#x}"}
     except KvmError as e:
@@ -115,7 +117,8 @@ def feature_view(backend: Backend, feature: str, base_values: dict[str, str], be
                            tuple(abi.VCPU_FEATURES[f] for f in BASE_FEATURES) + (abi.VCPU_FEATURES[feature],)))
         first = before(vcpu) if before is not None else None
         ids = [r for r in vcpu.reg_list() if cat.reg_class(r) in ("id", "imp_id", "cache")]
-        vals, errs = vcpu.get_regs(ids)
+        regs, errs = vcpu.get_regs(ids)
+        vals = regs.values()
         return first, {f"{r:#x}": f"{v:#x}" for r, v, e in zip(ids, vals, errs)
                        if not e and base_values.get(f"{r:#x}") != f"{v:#x}"}
     finally:

@@ -206,7 +206,8 @@ class Orchestrator:
                 ids = v0.reg_list()
                 d["register_count"] = len(ids)
                 if self.backend.arch == "aarch64":
-                    vals, errs = v0.get_regs(ids)
+                    regs, errs = v0.get_regs(ids)
+                    vals = regs.values()
                     for r in describe(ids, {i: x for i, x, e in zip(ids, vals, errs) if not e}, None):
                         d["id_registers"].append({"name": r["name"], "id": int(r["id"], 16),
                                                   "value": int(r["value"], 16),

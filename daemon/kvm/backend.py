@@ -1,7 +1,8 @@
 """The one interface both KVM backends implement: the real /dev/kvm binding and the simulated arm64 host.
 
-Register values are Python ints holding KVM_REG_SIZE(id) little-endian bytes. Every failure raises
-KvmError(op, errno, reg_id). Batch calls never raise per register: they return one errno per register.
+Single registers are Python ints holding KVM_REG_SIZE(id) little-endian bytes; a vCPU's batch of registers is a
+RegisterSet (protocol/regset.py: KVM's own bytes, end to end). Every failure raises KvmError(op, errno, reg_id).
+Batch calls never raise per register: they return one errno per register.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Iterable, Mapping, Protocol, Sequence
 
 from ...protocol import kvmabi as abi
 from ...protocol import regid
+from ...protocol.regset import RegisterSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +50,8 @@ class Vcpu(Protocol):
     def set_reg(self, reg_id: int, value: int) -> None: ...
     def get_reg_list(self, capacity: int) -> list[int]: ...   # one ioctl; E2BIG with .required
     def reg_list(self) -> list[int]: ...                       # the E2BIG sizing handshake
-    def get_regs(self, ids: Sequence[int]) -> tuple[list[int], list[int]]: ...     # (values, errnos)
-    def set_regs(self, ids: Sequence[int], values: Sequence[int]) -> list[int]: ...  # errnos
+    def get_regs(self, ids: Sequence[int]) -> tuple[RegisterSet, list[int]]: ...  # (values; 0 where errno), errnos
+    def set_regs(self, regs: RegisterSet) -> list[int]: ...                      # one errno per register
     def run_once(self) -> str: ...
     def close(self) -> None: ...
 

@@ -18,6 +18,7 @@ import cffi
 
 from ...protocol import kvmabi as abi
 from ...protocol import regid
+from ...protocol.regset import RegisterSet, layout
 from .backend import VcpuInit, reg_list_handshake
 from .errors import KvmError
 
@@ -74,18 +75,15 @@ class RegBuffers:
     """ids, offsets and one data buffer for a fixed list of registers: built once, reused per vCPU."""
 
     def __init__(self, ids: Sequence[int]) -> None:
-        self.ids_list = list(ids)
+        self.layout = layout(tuple(ids))          # a RegisterSet's layout: values end to end, KVM_REG_SIZE each
+        self.ids_list = list(self.layout.ids)
         n = len(self.ids_list)
         self.n = n
         self.ids = ffi.new("uint64_t[]", self.ids_list)
-        self.sizes = [regid.size_bytes(i) for i in self.ids_list]
-        offs, o = [], 0
-        for s in self.sizes:
-            offs.append(o)
-            o += max(s, 8)
-        self.offs = ffi.new("uint64_t[]", offs)
-        self.offsets = offs
-        self.data = ffi.new("uint8_t[]", max(o, 1))
+        self.sizes = list(self.layout.sizes)
+        self.offsets = list(self.layout.offsets)
+        self.offs = ffi.new("uint64_t[]", self.offsets)
+        self.data = ffi.new("uint8_t[]", max(self.layout.total, 1))
         self.errs = ffi.new("int[]", max(n, 1))
 
     def pack(self, values: Sequence[int]) -> None:
@@ -110,6 +108,7 @@ class RealVcpu:
         self._one = ffi.new("uint8_t[256]")
         self._reg = ffi.new("uint64_t[2]")
         self._run_map: mmap.mmap | None = None
+        self._bufs: dict[bytes, RegBuffers] = {}
 
     def init(self, init: VcpuInit) -> None:
         buf = ffi.new("uint32_t[8]", [init.target] + init.words())
@@ -162,16 +161,31 @@ class RealVcpu:
     def set_regs_from(self, bufs: RegBuffers) -> int:
         return lib().ivd_set_regs(self.fd, bufs.ids, bufs.data, bufs.offs, bufs.n, bufs.errs)
 
-    def get_regs(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        bufs = RegBuffers(ids)
-        self.get_regs_into(bufs)
-        errs = bufs.errnos()
-        vals = bufs.unpack()
-        return [0 if e else v for v, e in zip(vals, errs)], errs
+    def _buffers(self, lay) -> RegBuffers:
+        """One set of C buffers per register list, reused (a vCPU is worked on by one thread at a time)."""
+        bufs = self._bufs.get(lay.ids_le)
+        if bufs is None:
+            if len(self._bufs) >= 8:
+                self._bufs.clear()
+            bufs = self._bufs[lay.ids_le] = RegBuffers(lay.ids)
+        return bufs
 
-    def set_regs(self, ids: Sequence[int], values: Sequence[int]) -> list[int]:
-        bufs = RegBuffers(ids)
-        bufs.pack(values)
+    def get_regs(self, ids: Sequence[int]) -> tuple[RegisterSet, list[int]]:
+        bufs = self._buffers(layout(tuple(ids)))
+        self.get_regs_into(bufs)
+        lay, errs = bufs.layout, bufs.errnos()
+        data = bytes(ffi.buffer(bufs.data, lay.total))
+        if any(errs):                               # a register that could not be read holds 0
+            fixed = bytearray(data)
+            for k, e in enumerate(errs):
+                if e:
+                    fixed[lay.offsets[k]:lay.offsets[k] + lay.sizes[k]] = bytes(lay.sizes[k])
+            data = bytes(fixed)
+        return RegisterSet(lay, data), errs
+
+    def set_regs(self, regs: RegisterSet) -> list[int]:
+        bufs = self._buffers(regs.layout)
+        bufs.pack_bytes(bytes(regs.data))
         self.set_regs_from(bufs)
         return bufs.errnos()
 

@@ -44,29 +44,27 @@ def _chunks(vm_id: str, regsets, n: int, checksum: str, version: int = 1, chunk_
     """The chunks of a VM's register sets. Protocol 1: one vCPU per chunk, at most n registers each.
     Protocol 2: consecutive vCPUs with the same register list (every vCPU of a VM, normally) share chunks of
     about chunk_bytes; a vCPU with more than n registers is split into single-vCPU chunks as in protocol 1."""
-    items = sorted(regsets.items())
+    items = [(vcpu, RegisterSet.from_pairs(regs)) for vcpu, regs in sorted(regsets.items())]
     if version < 2:
         for vcpu, regs in items:
             for k in range(max(1, math.ceil(len(regs) / n))):
-                yield ps.VcpuChunk.build(vm_id, vcpu, k, regs[k * n:(k + 1) * n], checksum)
+                yield ps.VcpuChunk.build(vm_id, vcpu, k, regs.slice(k * n, (k + 1) * n), checksum)
         return
     i = 0
     while i < len(items):
         vcpu, regs = items[i]
         if len(regs) > n:
             for k in range(math.ceil(len(regs) / n)):
-                yield ps.VcpuChunk.build(vm_id, vcpu, k, regs[k * n:(k + 1) * n], checksum)
+                yield ps.VcpuChunk.build(vm_id, vcpu, k, regs.slice(k * n, (k + 1) * n), checksum)
             i += 1
             continue
-        ids = [r for r, _ in regs]
-        per = 8 * len(ids) + sum(ps.register_size(r) for r in ids)
-        group = [[v for _, v in regs]]
+        per = 8 * len(regs) + regs.layout.total
+        group = [regs]
         j = i + 1
         while j < len(items) and items[j][0] == vcpu + (j - i) and (j - i + 1) * per <= max(chunk_bytes, per):
-            nregs = items[j][1]
-            if len(nregs) != len(ids) or any(a != r for (a, _), r in zip(nregs, ids)):
+            if items[j][1].ids_le != regs.ids_le:
                 break
-            group.append([v for _, v in nregs])
+            group.append(items[j][1])
             j += 1
-        yield ps.VcpuChunk.build_multi(vm_id, vcpu, 0, ids, group, checksum)
+        yield ps.VcpuChunk.build_multi(vm_id, vcpu, 0, regs.ids, group, checksum)
         i = j

@@ -18,6 +18,7 @@ from typing import Sequence
 from ...protocol import kvmabi as abi
 from ...protocol import kernelver, regid
 from ...protocol.catalog import Catalog, catalog, mask_index, sve_vls_problem
+from ...protocol.regset import RegisterSet
 from ..kvm.backend import VcpuInit, reg_list_handshake
 from ..kvm.errors import KvmError
 
@@ -365,7 +366,7 @@ class SimVcpu:
     def reg_list(self) -> list[int]:
         return reg_list_handshake(self)
 
-    def get_regs(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def get_regs(self, ids: Sequence[int]) -> tuple[RegisterSet, list[int]]:
         vals, errs = [], []
         for r in ids:
             try:
@@ -374,11 +375,11 @@ class SimVcpu:
             except KvmError as e:
                 vals.append(0)
                 errs.append(e.errno_value)
-        return vals, errs
+        return RegisterSet.from_values(ids, vals), errs
 
-    def set_regs(self, ids: Sequence[int], values: Sequence[int]) -> list[int]:
+    def set_regs(self, regs: RegisterSet) -> list[int]:
         errs = []
-        for r, v in zip(ids, values):
+        for r, v in regs:
             try:
                 self.set_reg(r, v)
                 errs.append(0)

@@ -130,7 +130,7 @@ def test_cap239_makes_midr_writable():
 def test_enoent_drift_registers_dropped_at_reset_value():
     src = source_regs("6.12")                                  # lists TCR2/PIR/PIRE0, the 7.0 profile does not
     assert any(r == TCR2 for r, _ in src[0])
-    src = {i: regs + [(UNNAMED_ID, 0)] for i, regs in src.items()}
+    src = {i: list(regs) + [(UNNAMED_ID, 0)] for i, regs in src.items()}
     res = apply_vm(host("7.0"), src, ApplyProgram())
     dropped = sorted({e.register for e in res.events if e.action == "drop-reset"})
     assert dropped == ["PIRE0_EL1", "PIR_EL1", "S3_0_C0_C7_7", "TCR2_EL1"]
@@ -146,7 +146,7 @@ def test_enoent_with_guest_state_aborts():
 
 
 def test_enoent_unknown_register_aborts():
-    src = {i: regs + [(regid.sysreg(3, 0, 15, 15, 7), 0)] for i, regs in source_regs("6.12").items()}
+    src = {i: list(regs) + [(regid.sysreg(3, 0, 15, 15, 7), 0)] for i, regs in source_regs("6.12").items()}
     with pytest.raises(ApplyError) as ei:
         apply_vm(host("6.12"), src, ApplyProgram())
     assert "not a known drift register" in ei.value.hint

@@ -39,7 +39,7 @@ async def test_identical_hosts_commit(nursery, pki):
     stream = await tls.connect("127.0.0.1", port, a.client_ctx, server_hostname="localhost")
     src = a.registry.get("vm-1").vcpus[1]
     ids = src.reg_list()
-    src_regs = dict(zip(ids, src.get_regs(ids)[0]))
+    src_regs = src.get_regs(ids)[0].as_dict()
     res = await migrate_out(stream, a.registry, "vm-1", cfg=CFG, metrics=a.metrics)
     await stream.aclose()
     with trio.fail_after(5):

@@ -32,10 +32,12 @@ UCODE, ARCH_CAPS, MISC = regid.x86_msr(0x8B), regid.x86_msr(0x10A), regid.x86_ms
 VMM = textwrap.dedent("""
     import json, sys
     from invariantd.daemon.kvm.real import RealKvm
+    from invariantd.protocol.regset import RegisterSet
     writes = [(int(r, 16), int(v, 16)) for r, v in json.loads(sys.argv[1])]
     k = RealKvm(); vm = k.create_vm(); vcpu = vm.create_vcpu(0)
-    errs = vcpu.set_regs([r for r, _ in writes], [v for _, v in writes])
+    errs = vcpu.set_regs(RegisterSet.from_pairs(writes))
     vals, gerrs = vcpu.get_regs([r for r, _ in writes])
+    vals = vals.values()
     print(json.dumps({"errs": errs, "vals": [hex(v) for v in vals]}))
 """)
 

@@ -7,6 +7,7 @@ from invariantd.daemon.readback import read_vm
 from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.sim.host import SimHost, eras
 from invariantd.protocol import regid
+from invariantd.protocol.regset import RegisterSet
 from support.hostdocs import CAT
 
 
@@ -71,9 +72,9 @@ class FaultVcpu(Proxy):
         self.log.append(("set", self.index, r))
         return self._inner.set_reg(r, v)
 
-    def set_regs(self, ids, values):
+    def set_regs(self, regs):
         out = []
-        for r, v in zip(ids, values):
+        for r, v in regs:
             try:
                 self.set_reg(r, v)
                 out.append(0)
@@ -82,8 +83,8 @@ class FaultVcpu(Proxy):
         return out
 
     def get_regs(self, ids):
-        vals, errs = self._inner.get_regs(ids)
-        return [v & ~self.fold.get(r, 0) for r, v in zip(ids, vals)], errs
+        regs, errs = self._inner.get_regs(ids)
+        return RegisterSet.from_values(ids, [v & ~self.fold.get(r, 0) for r, v in regs]), errs
 
 
 class FaultVm(Proxy):
