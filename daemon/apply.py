@@ -172,9 +172,15 @@ class _Applier:
         if not regs:
             return written, dropped
         prog = self.program
-        ids = [r for r, _ in regs]
-        vals = [prog.value_to_write(r, v) for r, v in regs]
-        errs = _set_regs(vcpu, ids, vals)
+        if isinstance(regs, RegisterSet) and not prog.touches(regs.ids):
+            vals = regs.values()                           # nothing planned here: written as the source read it
+            errs = vcpu.set_regs(regs)
+            if not any(errs):                              # the common case: every register taken as given
+                written.update(zip(regs.ids, vals))
+                return written, dropped
+        else:
+            vals = [prog.value_to_write(r, v) for r, v in regs]
+            errs = _set_regs(vcpu, [r for r, _ in regs], vals)
         for (r, given), v, e in zip(regs, vals, errs):
             if v != given and not (e and prog.decide(r, v, e) is Action.DROP):
                 op = prog.op(r)
@@ -339,8 +345,12 @@ class _Run:
             w = self._split[ids] = frozenset(r for r in ids if vm_wide(r))
         return w
 
-    def regs_for(self, i: int, want: bool) -> list[tuple[int, int]]:
+    def regs_for(self, i: int, want: bool) -> Sequence[tuple[int, int]]:
         regs = self.regsets[i]
+        if not want and isinstance(regs, RegisterSet):     # the state phase: the source's bytes as they came
+            lay = regs.layout
+            wide = self._wide_ids(lay.ids)
+            return regs.pick([k for k, r in enumerate(lay.ids) if r not in wide and r not in self.skip])
         wide = self._wide_ids(tuple(r for r, _ in regs))
         skip = self.skip
         out = [(r, v) for r, v in regs if (r in wide) == want and r not in skip]

@@ -33,7 +33,7 @@ import enum
 import errno as E
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from . import kvmabi, regid
 from .catalog import catalog
@@ -143,6 +143,11 @@ class ApplyProgram:
     # --- lookups ----------------------------------------------------------------------------------------------
     def op(self, reg_id: int) -> RegOp | None:
         return self._by_id.get(reg_id)     # type: ignore[attr-defined]
+
+    def touches(self, ids: Sequence[int]) -> bool:
+        """Whether the program has a value of its own for any of these registers (else they go as given)."""
+        by_id = self._by_id                # type: ignore[attr-defined]
+        return any(r in by_id and by_id[r].write is not None for r in ids)
 
     def value_to_write(self, reg_id: int, given: int) -> int:
         o = self._by_id.get(reg_id)        # type: ignore[attr-defined]

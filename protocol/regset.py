@@ -163,6 +163,12 @@ class RegisterSet(Sequence):
         hi = lay.offsets[stop] if stop < len(lay.ids) else lay.total
         return RegisterSet(layout(ids), self.data[lo:hi])
 
+    def pick(self, positions: Sequence[int]) -> "RegisterSet":
+        """The registers at `positions` (in that order) as a set, their bytes copied as they are."""
+        lay, data = self.layout, self.data
+        return RegisterSet(layout(tuple(lay.ids[k] for k in positions)),
+                           b"".join(data[lay.offsets[k]:lay.offsets[k] + lay.sizes[k]] for k in positions))
+
     def as_dict(self) -> dict[int, int]:
         return dict(zip(self.layout.ids, self.values()))
 

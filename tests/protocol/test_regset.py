@@ -40,3 +40,9 @@ def test_replace_slice_concat_keep_the_bytes():
     assert list(a) == [(X0, 1), (CCSIDR0, 2)] and list(b) == [(V0, 3)]
     assert RegisterSet.concat([a, b]) == rs and rs == [(X0, 1), (CCSIDR0, 2), (V0, 3)]
     assert rs != RegisterSet.from_pairs([(X0, 1), (CCSIDR0, 2), (V0, 4)])
+
+
+def test_pick_keeps_order_and_bytes():
+    rs = RegisterSet.from_pairs([(X0, 1), (CCSIDR0, 2), (V0, 3), (Z0, 4)])
+    got = rs.pick([3, 0])
+    assert list(got) == [(Z0, 4), (X0, 1)] and got.data == rs.data[28:] + rs.data[:8]
