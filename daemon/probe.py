@@ -11,10 +11,11 @@ import errno as E
 from ..protocol import kvmabi as abi
 from ..protocol.catalog import catalog, mask_index
 from ..protocol import kernelver, regid
+from ..protocol import schemas as S
 from .kvm.backend import Backend, VcpuInit
 from .kvm.errors import KvmError
 
-FORMAT = "invariantd/host-capabilities@1"
+FORMAT = S.HOST_FORMAT
 BASE_FEATURES = ("PSCI_0_2",)
 
 

@@ -7,13 +7,11 @@ simulator and the negotiation engine apply exactly one rule.
 """
 from __future__ import annotations
 
-import csv
 import enum
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 
-from . import kernelver, regid
+from . import kernelver, regid, tables
 
 
 class CatalogError(ValueError):
@@ -197,17 +195,11 @@ def mask_index(enc: tuple[int, int, int, int, int]) -> int | None:
     return (o << 6) | ((crm & 7) << 3) | op2
 
 
-def _rows(name: str):
-    text = resources.files(__package__).joinpath("data", name).read_text()
-    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
-    return list(csv.DictReader(lines, delimiter="\t"))
-
-
 class Catalog:
     def __init__(self) -> None:
         self.sysregs: dict[str, SysReg] = {}
         self.by_id: dict[int, SysReg] = {}
-        for r in _rows("sysregs.tsv"):
+        for r in tables.rows("sysregs.tsv"):
             enc = tuple(int(r[k]) for k in ("op0", "op1", "crn", "crm", "op2"))
             rid = regid.sysreg(*enc)
             if r["name"] in self.sysregs or rid in self.by_id:
@@ -220,7 +212,7 @@ class Catalog:
             self.sysregs[reg.name] = reg
             self.by_id[rid] = reg
         self.imp_masks: dict[str, int] = {}             # imp_id.tsv: writable bits with cap 239
-        for r in _rows("imp_id.tsv"):
+        for r in tables.rows("imp_id.tsv"):
             if self.sysregs.get(r["register"]) is None or self.sysregs[r["register"]].cls != "imp_id":
                 raise CatalogError(f"imp_id.tsv: {r['register']} is no imp_id register of sysregs.tsv")
             self.imp_masks[r["register"]] = int(r["mask"], 0)
@@ -228,7 +220,7 @@ class Catalog:
         if missing:
             raise CatalogError(f"imp_id.tsv: no row for {', '.join(missing)}")
         self.fwregs: dict[int, FwReg] = {}
-        for r in _rows("fwregs.tsv"):
+        for r in tables.rows("fwregs.tsv"):
             rid = (regid.fw if r["group"] == "fw" else regid.fw_bmap)(int(r["index"]))
             vals, fold = (), ()
             if r["values"] != "-" and r["kind"] == "psci":
@@ -239,7 +231,7 @@ class Catalog:
             self.fwregs[rid] = FwReg(r["name"], rid, r["kind"], r["reset"], kernelver.data(r["since"]), int(r["accepts"], 0),
                                      vals, fold)
         self.drift: dict[int, Drift] = {}
-        for r in _rows("drift.tsv"):
+        for r in tables.rows("drift.tsv"):
             rid = self.id_of(r["register"])
             feat = None
             if r["feature"] != "-":
@@ -251,10 +243,10 @@ class Catalog:
                                        f"REGISTER:shift:width:FEAT_NAME ({e})") from None
             self.drift[rid] = Drift(r["register"], rid, tuple(int(x, 0) for x in r["resets"].split(";")),
                                     kernelver.data(r["since"]), r["why"], feat)
-        overrides = {(r["register"], r["field"]): r for r in _rows("kvm_overrides.tsv")}
+        overrides = {(r["register"], r["field"]): r for r in tables.rows("kvm_overrides.tsv")}
         self.fields: dict[str, tuple[Field, ...]] = {}
         acc: dict[str, list[Field]] = {}
-        for r in _rows("id_fields.tsv"):
+        for r in tables.rows("id_fields.tsv"):
             reg = r["register"]
             if reg not in self.sysregs:
                 raise CatalogError(f"id_fields.tsv: field {r['field']} names unknown register {reg}")
@@ -270,7 +262,7 @@ class Catalog:
             self._validate(reg, fields)
             self.fields[reg] = tuple(fields)
         self.prechecks: dict[str, tuple[Precheck, ...]] = {}
-        for r in _rows("prechecks.tsv"):
+        for r in tables.rows("prechecks.tsv"):
             f = next((x for x in self.fields_of(r["register"]) if x.name == r["field"]), None)
             if f is None:
                 raise CatalogError(f"prechecks.tsv: {r['register']}.{r['field']}: no such field in id_fields.tsv")
@@ -280,14 +272,14 @@ class Catalog:
                           kernelver.data(r["since"]), r["why"])
             self.prechecks[pc.register] = self.prechecks.get(pc.register, ()) + (pc,)
         self.legacy: dict[str, tuple[tuple[Field, tuple[int, ...], tuple[int, ...], str], ...]] = {}
-        for r in _rows("legacy_writable.tsv"):
+        for r in tables.rows("legacy_writable.tsv"):
             f = next((x for x in self.fields_of(r["register"]) if x.name == r["field"]), None)
             if f is None:
                 raise CatalogError(f"legacy_writable.tsv: {r['register']}.{r['field']}: no such field")
             self.legacy[r["register"]] = self.legacy.get(r["register"], ()) + (
                 (f, kernelver.data(r["since"]), kernelver.data(r["until"]), r["why"]),)
         self.setters: dict[str, tuple[SetterCheck, ...]] = {}
-        for r in _rows("setters.tsv"):
+        for r in tables.rows("setters.tsv"):
             if r["check"] not in ("res0", "idc", "linesize"):
                 raise CatalogError(f"setters.tsv: {r['register']}: unknown check {r['check']!r} (res0 | idc | linesize)")
             if r["check"] == "linesize" and not {"IminLine", "DminLine"} <= {f.name for f in self.fields_of(r["arg"])}:

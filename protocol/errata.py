@@ -7,12 +7,11 @@ a workaround none of those triggered leaves the guest exposed: the plan refuses 
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Iterable
 
+from . import tables
 from .catalog import CatalogError
 
 
@@ -41,10 +40,8 @@ class Erratum:
 
 @lru_cache(maxsize=1)
 def table() -> tuple[Erratum, ...]:
-    text = resources.files(__package__).joinpath("data", "errata.tsv").read_text()
-    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
     out = []
-    for n, r in enumerate(csv.DictReader(lines, delimiter="\t"), start=1):
+    for n, r in enumerate(tables.rows("errata.tsv"), start=1):
         try:
             lo = (int(r["var_min"]), int(r["rev_min"]))
             hi = (int(r["var_max"]), int(r["rev_max"]))

@@ -4,12 +4,10 @@ ioctl numbers follow the asm-generic _IOC layout: nr 7:0, type 15:8 (KVMIO=0xAE)
 """
 from __future__ import annotations
 
-import csv
 import errno as _errno
 import os
-from importlib import resources
 
-from . import kernelver
+from . import kernelver, tables
 
 KVMIO = 0xAE
 _NONE, _W, _R, _RW = 0, 1, 2, 3
@@ -60,8 +58,7 @@ CAP_NAMES = {v: k for k, v in CAPS.items()}
 
 def _vcpu_features() -> list[dict[str, str]]:
     """data/vcpu_features.tsv: one row per KVM_ARM_VCPU_INIT feature bit (name, bit, gating capability)."""
-    text = resources.files(__package__).joinpath("data", "vcpu_features.tsv").read_text()
-    rows = list(csv.DictReader([ln for ln in text.splitlines() if ln and not ln.startswith("#")], delimiter="\t"))
+    rows = tables.rows("vcpu_features.tsv")
     for r in rows:
         if r["capability"] not in ("always", "unchecked") and r["capability"] not in CAPS:
             raise ValueError(f"vcpu_features.tsv: {r['name']}: unknown capability {r['capability']!r}")

@@ -19,6 +19,7 @@ from .catalog import catalog
 HOST_FORMAT = "invariantd/host-capabilities@1"
 VM_FORMAT = "invariantd/vm-profile@1"
 PLAN_FORMAT = "invariantd/plan@1"
+HOST_CAPNP_FORMAT = HOST_FORMAT + "+capnp"     # the same document as invariantd.capnp HostCapabilities
 
 # Decoding limits: a HostCapabilities with ~1000 registers is ~3000 words; 1 Mi words leaves room while
 # bounding the work a hostile peer can ask for.

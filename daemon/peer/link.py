@@ -20,10 +20,10 @@ from ..metrics import Metrics
 log = logging.getLogger("invariantd.peer")
 
 
-PLAN_FORMAT = "invariantd/plan@1"                       # invariantd.capnp Plan; digest = negotiate.plan_digest
+PLAN_FORMAT = S.PLAN_FORMAT                             # invariantd.capnp Plan; digest = negotiate.plan_digest
 
 
-CAPS_FORMAT = "invariantd/host-capabilities@1+capnp"    # invariantd.capnp HostCapabilities
+CAPS_FORMAT = S.HOST_CAPNP_FORMAT                       # invariantd.capnp HostCapabilities
 
 
 RECEIVE_BYTES = 256 * 1024

@@ -7,7 +7,6 @@ same code the negotiation engine uses.
 """
 from __future__ import annotations
 
-import csv
 import errno as E
 import json
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from importlib import resources
 from typing import Sequence
 
 from ...protocol import kvmabi as abi
-from ...protocol import kernelver, regid
+from ...protocol import kernelver, regid, tables
 from ...protocol.catalog import Catalog, catalog, mask_index, sve_vls_problem
 from ...protocol.regset import RegisterSet
 from ..kvm.backend import VcpuInit, reg_list_handshake
@@ -25,11 +24,6 @@ from ..kvm.errors import KvmError
 
 class ProfileError(ValueError):
     """A --sim profile name or file that cannot be used; the message lists what exists."""
-
-
-def _tsv(name: str) -> list[dict]:
-    text = resources.files(__package__).joinpath(name).read_text()
-    return list(csv.DictReader([ln for ln in text.splitlines() if ln and not ln.startswith("#")], delimiter="\t"))
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ def _errno(name: str) -> int:
 @lru_cache(maxsize=1)
 def eras() -> dict[str, Era]:
     out = {}
-    for r in _tsv("eras.tsv"):
+    for r in tables.rows("eras.tsv", __package__, ""):
         out[r["era"]] = Era(r["era"], None if r["from"] == "-" else kernelver.parse(r["from"]),
                             None if r["to"] == "-" else kernelver.parse(r["to"]), r["id_write"], _errno(r["frozen_errno"]),
                             r["imp_id"], _errno(r["invariant_errno"]),
