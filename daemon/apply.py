@@ -25,6 +25,7 @@ On any abort the VM is closed: a half-applied VM is never handed out.
 """
 from __future__ import annotations
 
+import enum
 import errno as E
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -44,6 +45,22 @@ VM_WIDE_CLASSES = ID_LIKE_CLASSES
 
 
 
+class EventAction(enum.StrEnum):
+    """What the engine did about one register (an ApplyEvent's action; metrics and logs print the value)."""
+    OVERRIDE_PLAN = "override-plan"                  # the program's value written instead of the source's
+    OVERRIDE_DESTINATION = "override-destination"    # the destination's own value kept
+    DROP_RESET = "drop-reset"                        # absent here, and the guest cannot reach it / it holds a reset value
+    RETRY_TRANSIENT = "retry-transient"
+    REPLAY = "replay"                                # EBUSY: the VM recreated, everything replayed once
+    KEEP_EQUAL = "keep-equal"                        # refused, but the destination already holds the value
+    ABORT = "abort"
+    READBACK_ADJUSTED = "readback-adjusted"          # a read-back difference within KVM's known rules (reported)
+
+
+#: the actions that change what the guest sees (metrics: invariantd_invariant_overrides)
+OVERRIDES = frozenset({EventAction.OVERRIDE_DESTINATION, EventAction.OVERRIDE_PLAN, EventAction.DROP_RESET})
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyEvent:
     """One retry / override / drop / replay / abort: what metrics count and logs print."""
@@ -51,7 +68,7 @@ class ApplyEvent:
     register: str
     reg_id: int
     errno: str                  # errno name (EINVARIANT, EINVAL, ...)
-    action: str                 # override-destination | override-plan | retry-transient | drop-reset | replay | abort
+    action: EventAction
     fields: tuple[str, ...] = ()
     detail: str = ""
 
@@ -162,7 +179,7 @@ class _Applier:
                                       action, fields, detail))
 
     def _abort(self, vcpu: int, reg_id: int, err: int, action: str, hint: str, detail: str = "") -> ApplyError:
-        self._event(vcpu, reg_id, err, "abort", detail=f"after {action}" + (f": {detail}" if detail else ""))
+        self._event(vcpu, reg_id, err, EventAction.ABORT, detail=f"after {action}" + (f": {detail}" if detail else ""))
         return ApplyError(self.cat.name(reg_id), reg_id, abi.errno_name(err), action, hint, vcpu=vcpu,
                           phase=self.phase, events=self.events, detail=detail)
 
@@ -184,7 +201,7 @@ class _Applier:
         for (r, given), v, e in zip(regs, vals, errs):
             if v != given and not (e and prog.decide(r, v, e) is Action.DROP):
                 op = prog.op(r)
-                self._event(vcpu.index, r, None, "override-plan", _changed_fields(r, given, v),
+                self._event(vcpu.index, r, None, EventAction.OVERRIDE_PLAN, _changed_fields(r, given, v),
                             f"{given:#x} -> {v:#x} (plan: {op.verdict.name.lower() if op else '?'})")
             if not e:
                 written[r] = v
@@ -211,7 +228,7 @@ class _Applier:
         act = prog.decide(r, v, err)
         if act is Action.RETRY:
             for i in range(prog.transient_retries):
-                self._event(idx, r, err, "retry-transient", detail=f"attempt {i + 2}")
+                self._event(idx, r, err, EventAction.RETRY_TRANSIENT, detail=f"attempt {i + 2}")
                 try:
                     vcpu.set_reg(r, v)
                     return v
@@ -222,13 +239,13 @@ class _Applier:
             raise self._abort(idx, r, err, f"retry-transient x{prog.transient_retries}",
                               "the kernel kept returning a transient error; retry the migration later")
         if act is Action.REPLAY:
-            self._event(idx, r, err, "replay", detail="ID registers frozen: recreate the VM and replay in order")
+            self._event(idx, r, err, EventAction.REPLAY, detail="ID registers frozen: recreate the VM and replay in order")
             raise _Replay(idx, r)
         if act is Action.DROP:
             op = prog.op(r)
             why = "the plan drops it (the guest cannot reach it)" if op is not None and not op.resets \
                 else f"value {v:#x} is a reset value"
-            self._event(idx, r, err, "drop-reset", detail=f"absent here; {why}")
+            self._event(idx, r, err, EventAction.DROP_RESET, detail=f"absent here; {why}")
             return None
         if act in (Action.ACCEPT_DESTINATION, Action.WRITE_FALLBACK):
             dest = self._destination(vcpu, r, err)
@@ -238,7 +255,7 @@ class _Applier:
                                   "mismatch; check the vCPU features and kernel log")
             op = prog.op(r)
             target = dest if act is Action.ACCEPT_DESTINATION else op.fallback
-            action = "override-destination" if act is Action.ACCEPT_DESTINATION else "override-plan"
+            action = EventAction.OVERRIDE_DESTINATION if act is Action.ACCEPT_DESTINATION else EventAction.OVERRIDE_PLAN
             try:
                 vcpu.set_reg(r, target)
             except KvmError as e:
@@ -254,7 +271,7 @@ class _Applier:
             # the state is there (e.g. a PV MSR whose write needs an in-kernel LAPIC, written 0 = disabled)
             dest = self._destination(vcpu, r, err)
             if dest == v:
-                self._event(idx, r, err, "keep-equal", detail=f"write refused; the destination already holds {v:#x}")
+                self._event(idx, r, err, EventAction.KEEP_EQUAL, detail=f"write refused; the destination already holds {v:#x}")
                 return v
             raise self._abort(idx, r, err, "confirm difference",
                               f"the kernel refused the source value {v:#x}; the destination holds {dest:#x} "
@@ -296,7 +313,7 @@ def _init_vcpus(backend: Backend, vm: Vm, indices: Iterable[int], init: VcpuInit
 def readback_events(notes) -> list[ApplyEvent]:
     """Read-back differences within KVM's known rules (readback.adjusted) as "readback-adjusted" events: reported
     (logs, the migration result), not hidden and not counted as failed writes."""
-    return [ApplyEvent(m.vcpu, m.register, m.reg_id, "-", "readback-adjusted", (), why) for m, why in notes]
+    return [ApplyEvent(m.vcpu, m.register, m.reg_id, "-", EventAction.READBACK_ADJUSTED, (), why) for m, why in notes]
 
 
 class _Run:

@@ -20,7 +20,8 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
-OVERRIDE_ACTIONS = frozenset({"override-destination", "override-plan", "drop-reset"})
+from .apply import OVERRIDES, EventAction
+
 RESULTS = ("committed", "aborted", "cancelled", "in-doubt")      # every migrations_total label, 0 from the start
 PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -54,11 +55,11 @@ class Metrics:
     def record_apply_events(self, events: Iterable) -> None:
         """ApplyEvents (daemon/apply.py): failures by errno, overrides/drops by action."""
         for ev in events:
-            if ev.action == "abort":
+            if ev.action == EventAction.ABORT:
                 continue           # the failure that led to the abort was already counted with its first refusal
             if ev.errno != "-":    # "-": a planned override written directly, no failed write
                 self.set_one_reg_failures.labels(ev.register, ev.errno).inc()
-            if ev.action in OVERRIDE_ACTIONS:
+            if ev.action in OVERRIDES:
                 self.invariant_overrides.labels(ev.register, ev.action).inc()
 
     def record_verdicts(self, verdicts: Iterable[str]) -> None:

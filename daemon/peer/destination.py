@@ -14,7 +14,7 @@ from ...protocol.negotiate import negotiate
 from ...protocol.policy import Policy, default_policy
 from ...protocol.program import compile_plan
 from .. import failpoints
-from ..apply import ApplyError, apply_vm, apply_vm_async
+from ..apply import ApplyError, EventAction, apply_vm, apply_vm_async
 from ..readback import plan_deviations
 from ..kvm.backend import Backend
 from ..kvm.errors import KvmError
@@ -39,8 +39,8 @@ def _features(vm: S.VmProfile) -> tuple[int, ...] | None:
 def apply_report(events) -> tuple[list, list]:
     """(events metrics count, read-back adjustments): "readback-adjusted" events are no SET_ONE_REG failure;
     they are logged and returned with the migration result instead."""
-    counted = [e for e in events if e.action != "readback-adjusted"]
-    adjusted = [e for e in events if e.action == "readback-adjusted"]
+    counted = [e for e in events if e.action != EventAction.READBACK_ADJUSTED]
+    adjusted = [e for e in events if e.action == EventAction.READBACK_ADJUSTED]
     return counted, adjusted
 
 

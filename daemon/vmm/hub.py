@@ -24,6 +24,7 @@ from ...protocol import agentwire as W
 from ...protocol.catalog import catalog
 from ...protocol.kvmabi import errno_name
 from ...protocol.program import Action, ApplyProgram, Verdict8
+from ..apply import EventAction
 
 log = logging.getLogger("invariantd.vmm")
 
@@ -252,7 +253,7 @@ class AgentHub:
             log.info("VMM pid %d vCPU %d %s: planned value %#x written instead of %#x (%s)", rec.pid, e.vcpu, name,
                      e.final, e.given, Verdict8(e.verdict).name.lower())
             if self.metrics is not None:
-                self.metrics.invariant_overrides.labels(name, "override-plan").inc()
+                self.metrics.invariant_overrides.labels(name, EventAction.OVERRIDE_PLAN).inc()
         elif e.kind is W.Kind.DECISION:
             act = Action(e.action).name.lower().replace("_", "-")
             err = errno_name(e.errno)
