@@ -10,9 +10,11 @@ implementations are published as target implementations so the guest enables eve
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
-from .catalog import Field, Safety, catalog, mask_index
+from .catalog import Field, catalog, mask_index
 from . import kernelver, regid
 from .negotiate import CAP239
 from .policy import Policy
@@ -48,16 +50,9 @@ def _mask(h: HostCapabilities, rid: int) -> int:
 
 
 def _combine(f: Field, vals: list[int]) -> int:
-    t = f.kvm_safety
-    if t is Safety.LOWER:
-        return min(vals)
-    if t is Safety.HIGHER:
-        return max(vals)
-    if t is Safety.HIGHER_OR_ZERO:
-        return 0 if 0 in vals else max(vals)
-    if t is Safety.EXACT:
-        return f.get(f.put(0, f.safe))
-    return vals[0]
+    """The field value every host's value is safe against: Field.safe_value (the one safety switch) folded over
+    the hosts."""
+    return functools.reduce(lambda acc, v: f.safe_value(v, acc), vals[1:], vals[0])
 
 
 def baseline(hosts: list[HostCapabilities], name: str = "baseline", revision: int = 1,

@@ -449,12 +449,11 @@ def _mask(c: _Ctx, rid: int) -> int:
 
 
 def _direction(f: Field, fs: int, fd: int) -> str:
-    t = f.kvm_safety
-    if t is Safety.LOWER:
-        return "gain" if fd > fs else "loss"
-    if t is Safety.HIGHER:
-        return "gain" if fd < fs else "loss"
-    return "exact"
+    """gain: the destination offers more than the guest saw (the source's value is the safe one of the two, by
+    Field.safe_value); loss: less; exact: the field has no safe direction."""
+    if f.kvm_safety not in (Safety.LOWER, Safety.HIGHER):
+        return "exact"
+    return "gain" if f.safe_value(fs, fd) == fs else "loss"
 
 
 def _ccsidr(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
