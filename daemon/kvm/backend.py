@@ -7,11 +7,13 @@ Batch calls never raise per register: they return one errno per register.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol, Sequence
+import errno
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 from ...protocol import kvmabi as abi
 from ...protocol import regid
 from ...protocol.regset import RegisterSet
+from .errors import KvmError
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,19 +28,23 @@ class VcpuInit:
         return w
 
 
-def reg_list_handshake(vcpu: "Vcpu") -> list[int]:
-    """KVM_GET_REG_LIST the way KVM wants it: ask with n=0, learn the count from E2BIG, ask again."""
-    import errno
-    from .errors import KvmError
+def sizing_handshake(op: str, ask: Callable[[int], list[int]]) -> list[int]:
+    """A KVM list ioctl the way KVM wants it (KVM_GET_REG_LIST, KVM_GET_MSR_INDEX_LIST): ask(capacity) with room
+    for 0, learn the count from E2BIG (KvmError.required), ask again - a few times, if the list keeps growing."""
     capacity = 0
     for _ in range(4):
         try:
-            return vcpu.get_reg_list(capacity)
+            return ask(capacity)
         except KvmError as e:
             if e.errno_value != errno.E2BIG or e.required is None or e.required <= capacity:
                 raise
             capacity = e.required
-    raise KvmError("KVM_GET_REG_LIST", errno.E2BIG, detail="the register count kept growing")
+    raise KvmError(op, errno.E2BIG, detail="the count kept growing")
+
+
+def reg_list_handshake(vcpu: "Vcpu") -> list[int]:
+    """KVM_GET_REG_LIST: the sizing handshake over the vCPU's one-ioctl get_reg_list."""
+    return sizing_handshake("KVM_GET_REG_LIST", vcpu.get_reg_list)
 
 
 class Vcpu(Protocol):

@@ -19,7 +19,7 @@ import cffi
 from ...protocol import kvmabi as abi
 from ...protocol import regid
 from ...protocol.regset import RegisterSet, layout
-from .backend import VcpuInit, reg_list_handshake
+from .backend import VcpuInit, reg_list_handshake, sizing_handshake
 from .errors import KvmError
 
 _CDEF = """
@@ -297,19 +297,16 @@ class RealKvm:
 
     def msr_index_list(self) -> list[int]:
         """x86 KVM_GET_MSR_INDEX_LIST on the system fd (the MSRs KVM saves/restores plus those it emulates),
-        with the E2BIG sizing handshake: ask with nmsrs=0, KVM writes the count it needs, ask again."""
-        capacity = 0
-        for _ in range(4):
+        with the sizing handshake (backend.sizing_handshake): KVM writes the count it needs into nmsrs."""
+        def ask(capacity: int) -> list[int]:
             buf = ffi.new("uint32_t[]", 1 + capacity)
             buf[0] = capacity
             r = lib().ivd_ioctl(self.fd, KVM_GET_MSR_INDEX_LIST, _addr(buf))
-            if r == -_errno.E2BIG and buf[0] > capacity:
-                capacity = buf[0]
-                continue
             if r < 0:
-                raise KvmError("KVM_GET_MSR_INDEX_LIST", -r, detail=f"room for {capacity}")
+                raise KvmError("KVM_GET_MSR_INDEX_LIST", -r, required=buf[0] if r == -_errno.E2BIG else None,
+                               detail=f"room for {capacity}")
             return [buf[1 + i] for i in range(buf[0])]
-        raise KvmError("KVM_GET_MSR_INDEX_LIST", _errno.E2BIG, detail="the MSR count kept growing")
+        return sizing_handshake("KVM_GET_MSR_INDEX_LIST", ask)
 
     def msr_reg_ids(self) -> tuple[int, ...]:
         """The x86 MSRs a vCPU migrates, as ONE_REG ids (regid.x86_msr): KVM_GET_MSR_INDEX_LIST filtered to
