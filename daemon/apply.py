@@ -436,6 +436,23 @@ def _steps(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], p
     raise AssertionError("unreachable")
 
 
+class _Drive:
+    """Feeds _steps: next() gives the next step (None once the apply ended: `result`); the driver sets `reply`
+    (the step's result) or `error` (its failure, thrown back into the steps) before asking again."""
+
+    def __init__(self, steps) -> None:
+        self.steps, self.reply, self.error, self.result = steps, None, None, None
+
+    def next(self):
+        try:
+            step = self.steps.throw(self.error) if self.error is not None else self.steps.send(self.reply)
+        except StopIteration as done:
+            self.result = done.value
+            return None
+        self.reply = self.error = None
+        return step
+
+
 def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]], program: ApplyProgram,
              *, init: VcpuInit | None = None, features: Sequence[int] | None = None, vm_type: int = 0,
              verify: bool = True) -> ApplyResult:
@@ -445,19 +462,13 @@ def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]],
     (default: PSCI 0.2) when `init` is None. Other architectures need no init. One thread, vCPU after vCPU
     (apply_vm_async: the same steps with the per-vCPU work in worker threads).
     """
-    steps = _steps(backend, regsets, program, init, features, vm_type, verify)
-    reply: object = None
-    error: BaseException | None = None
-    while True:
+    drive = _Drive(_steps(backend, regsets, program, init, features, vm_type, verify))
+    while (step := drive.next()) is not None:
         try:
-            step = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as done:
-            return done.value
-        reply, error = None, None
-        try:
-            reply = step[1]() if step[0] == "serial" else {i: step[1](i) for i in step[2]}
+            drive.reply = step[1]() if step[0] == "serial" else {i: step[1](i) for i in step[2]}
         except BaseException as e:         # noqa: BLE001 - thrown into the steps: the attempt decides
-            error = e
+            drive.error = e
+    return drive.result
 
 
 def threaded(backend: Backend) -> bool:
@@ -535,21 +546,15 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
             lambda: apply_vm(backend, regsets, program, init=init, features=features, vm_type=vm_type,
                              verify=verify))
     limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
-    steps = _steps(backend, regsets, program, init, features, vm_type, verify)
-    reply: object = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as done:
-            return done.value
-        reply, error = None, None
+    drive = _Drive(_steps(backend, regsets, program, init, features, vm_type, verify))
+    while (step := drive.next()) is not None:
         try:
             if step[0] == "serial":
-                reply = await trio.to_thread.run_sync(step[1], limiter=limiter)
+                drive.reply = await trio.to_thread.run_sync(step[1], limiter=limiter)
             else:
-                reply = await _each(step[1], step[2], limiter)
+                drive.reply = await _each(step[1], step[2], limiter)
         except BaseException as e:         # noqa: BLE001 - thrown into the steps: the attempt decides
-            error = e
+            drive.error = e
+    return drive.result
 
 
