@@ -314,7 +314,7 @@ class Orchestrator:
             if host is None:
                 raise RpcFailure("refused", f"peer {p.name} is {doc.get('arch')}: an arm64 VM cannot move there")
         else:
-            # generic plan (negotiate.negotiate_generic): it needs the destination's register list, which
+            # generic plan (protocol/generic.py): it needs the destination's register list, which
             # the peer link's HostCapabilities carries (the daemon lists a fresh vCPU's registers there)
             _, host = await self._caps_over_peer_link(p)
             if host is None:

@@ -140,7 +140,7 @@ def stream_deviations(vm: S.VmProfile, regsets: Mapping[int, Sequence[tuple[int,
 
 def host_capabilities(caps_doc: dict, backend: Backend, policy: Policy) -> S.HostCapabilities:
     """This host as the negotiation sees it. arm64: the capability document (probe.py). Other architectures
-    (the generic plan, negotiate.negotiate_generic): the document's arch / kernel / caps plus the register
+    (the generic plan, generic.negotiate_generic): the document's arch / kernel / caps plus the register
     list of a fresh vCPU on a scratch VM (x86: KVM-listed registers + the MSRs GET_ONE_REG accepts), which
     the plan checks the source's list against; no values (nothing is negotiated per value there)."""
     if caps_doc.get("arch") == "aarch64":

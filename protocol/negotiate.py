@@ -15,18 +15,17 @@ cap 239 decides MIDR/REVIDR/AIDR (7.x reports a MIDR writable mask without the c
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import replace
 from functools import lru_cache
 
 from . import errata
+from .generic import negotiate_generic, vm_arch
+from .plandigest import frag, plan_digest
 from .catalog import Field, Safety, catalog, mask_index, sve_vls_problem, sve_vqs
 from . import kvmabi, regid
 from .policy import Policy, default_policy
 from .schemas import HostCapabilities, Plan, PlanEntry, Verdict, VmProfile
 
-DIGEST_TAG = b"invariantd/plan-digest@1\n"
 CAP239 = "KVM_CAP_ARM_WRITABLE_IMP_ID_REGS"
 _MIDR_SAME_PART = ("Implementer", "Architecture", "PartNum")
 
@@ -37,12 +36,6 @@ def _meta(rid: int) -> tuple[str, str, int | None]:
     cat = catalog()
     d = regid.decode(rid)
     return cat.name(rid), cat.reg_class(rid), (mask_index(d.encoding) if d.encoding else None)
-
-
-def _frag(e: PlanEntry) -> bytes:
-    """One entry's canonical encoding (part of the digest input)."""
-    return json.dumps([e.register, e.reg_id, e.field, e.source, e.destination, e.planned, e.verdict.value,
-                       e.reason, e.guest_sees], separators=(",", ":"), ensure_ascii=True).encode()
 
 
 # Per-register results are a pure function of (register, values, destination rule inputs, policy digest):
@@ -97,7 +90,7 @@ class _Ctx:
     def add(self, name, rid, fld, s, d, planned, verdict, reason, sees="") -> None:
         e = PlanEntry(name, rid, fld, s, d, planned, verdict, reason, sees)
         self.entries.append(e)
-        self.frags.append(_frag(e))
+        self.frags.append(frag(e))
 
 
 def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = None) -> Plan:
@@ -251,78 +244,10 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
     return replace(plan, digest=plan_digest(plan, c.frags))
 
 
-_ARCH_BYTE = {regid.KVM_REG_ARM64 >> 56: "aarch64", regid.KVM_REG_X86 >> 56: "x86_64"}
-
-
-_LAST_ARCH: list = [None, ""]
-
-
-def vm_arch(vm: VmProfile) -> str:
-    """The architecture a VM profile's registers belong to (ONE_REG ids carry it in bits 63:56): "aarch64",
-    "x86_64", "" when the profile lists no register, "mixed" when they disagree. Remembered for the last
-    profile, which is planned against many hosts in a row."""
-    if _LAST_ARCH[0] is not vm:
-        _LAST_ARCH[0], _LAST_ARCH[1] = vm, _vm_arch(vm)
-    return _LAST_ARCH[1]
-
-
-def _vm_arch(vm: VmProfile) -> str:
-    arches = {r >> 56 for r in vm.reg_list} | {r >> 56 for r, _ in vm.values}
-    if not arches:
-        return ""
-    if len(arches) > 1:
-        return "mixed"
-    a = arches.pop()
-    return _ARCH_BYTE.get(a, f"arch {a:#x}")
-
-
-def negotiate_generic(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = None) -> Plan:
-    """Architectures without ID-register negotiation (x86): the registers are restored as they are.
-
-    The rule: the VM's architecture (from its register ids) must be the destination's; every register the
-    source lists must be listed on the destination (else ENOENT at apply time, and with no reset-value rule
-    for these registers dropping one could lose guest state). One summary entry (reg_id 0: no value is
-    planned, every register keeps the source's) says what will happen; refusals name the register. The
-    digest is the usual plan digest: both daemons compute it from the same VmProfile and HostCapabilities."""
-    pol = policy or default_policy()
-    arch = vm_arch(vm)
-    entries: list[PlanEntry] = []
-    notes: list[str] = []
-    if arch != dest.arch:
-        entries.append(PlanEntry("arch", 0, "", 0, 0, 0, Verdict.REFUSE,
-                                 f"the VM's registers are {arch or 'none'}, the destination is {dest.arch}: "
-                                 f"vCPU state moves only between hosts of the same architecture"))
-    else:
-        listed = frozenset(dest.reg_list)
-        cat = catalog()
-        missing = [r for r in vm.reg_list if r not in listed]
-        for rid in missing:
-            entries.append(PlanEntry(cat.name(rid), rid, "", 0, 0, 0, Verdict.REFUSE,
-                                     f"not listed on the destination kernel {dest.kernel_version} (would fail "
-                                     f"with ENOENT); on {arch} invariantd has no reset-value rule to drop it"))
-        groups: dict[str, int] = {}
-        for rid in vm.reg_list:
-            g = regid.decode(rid).group
-            groups[g] = groups.get(g, 0) + 1
-        kinds = ", ".join(f"{n} {g}" for g, n in sorted(groups.items())) or "none"
-        entries.append(PlanEntry("registers", 0, "", len(vm.reg_list), len(dest.reg_list), len(vm.reg_list),
-                                 Verdict.REFUSE if missing else Verdict.SET,
-                                 f"{arch}: no ID-register negotiation on this architecture; {len(vm.reg_list)} "
-                                 f"registers ({kinds}) restored as they are, then read back"))
-        notes.append(f"generic plan ({arch} -> {dest.arch}): same architecture required; KVM may adjust some "
-                     f"registers on write (e.g. the TSC keeps counting): such read-back differences are "
-                     f"reported per register, never hidden")
-    migratable = all(e.verdict is not Verdict.REFUSE for e in entries)
-    plan = Plan(vm_name=vm.name, destination=dest.name, policy=pol.label, migratable=migratable,
-                enable_cap239=False, target_impls=(), big_little=False, assumed_cluster=0, cluster_cpus=(),
-                entries=tuple(entries), guest_visible=(), notes=tuple(notes))
-    return replace(plan, digest=plan_digest(plan))
-
-
 @lru_cache(maxsize=1 << 14)
 def _identical(name: str, rid: int, s: int) -> tuple[PlanEntry, bytes]:
     e = PlanEntry(name, rid, "", s, s, s, Verdict.IDENTICAL, "same value")
-    return e, _frag(e)
+    return e, frag(e)
 
 
 def _visible(entries):
@@ -332,26 +257,6 @@ def _visible(entries):
     for e in entries:
         if e.guest_sees and (not e.field or e.register not in reg_level):
             yield f"{e.register}{'.' + e.field if e.field else ''}: {e.guest_sees}"
-
-
-def _header(plan: Plan) -> bytes:
-    return json.dumps([plan.vm_name, plan.destination, plan.policy, plan.migratable, plan.enable_cap239,
-                       [[i.midr, i.revidr, i.aidr] for i in plan.target_impls], plan.big_little,
-                       plan.assumed_cluster, list(plan.cluster_cpus), list(plan.guest_visible), list(plan.notes)],
-                      separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def canonical_bytes(plan: Plan, frags: list[bytes] | None = None) -> bytes:
-    """The digest input: tag, a fixed-order JSON array of the plan's header fields, then one JSON array per
-    entry (integers as JSON numbers, verdicts by value), newline-separated. Independent of Cap'n Proto and
-    of dict ordering; a peer recomputes it from the decoded plan."""
-    if frags is None:
-        frags = [_frag(e) for e in plan.entries]
-    return DIGEST_TAG + _header(plan) + b"\n" + b"\n".join(frags)
-
-
-def plan_digest(plan: Plan, frags: list[bytes] | None = None) -> bytes:
-    return hashlib.sha256(canonical_bytes(plan, frags)).digest()
 
 
 # --- per register class --------------------------------------------------------------------------------

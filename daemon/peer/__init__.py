@@ -17,7 +17,7 @@ Plans: both daemons run the negotiation engine (protocol/negotiate.py). The dest
 HostCapabilities (Cap'n Proto); the source builds the VmProfile of its VM (ID / imp-ID / cache / FW register
 values and vCPU features, plus the drift registers) and computes the Plan. A refused plan aborts here, with
 the plan's reasons in the Abort, before anything moves. Otherwise the PlanProposal carries the VmProfile,
-the source's Plan and its digest (negotiate.plan_digest); the destination recomputes the plan from the same
+the source's Plan and its digest (plandigest.plan_digest); the destination recomputes the plan from the same
 VmProfile and its own capabilities and policy, refuses when it is refused or when the digests differ (naming
 the first differing entry), and echoes the digest in PlanAccept. The plan becomes the apply engine's
 an ApplyProgram through program.compile_plan; pre-flight and the final apply are judged against the plan's

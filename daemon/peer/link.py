@@ -20,7 +20,7 @@ from ..metrics import Metrics
 log = logging.getLogger("invariantd.peer")
 
 
-PLAN_FORMAT = S.PLAN_FORMAT                             # invariantd.capnp Plan; digest = negotiate.plan_digest
+PLAN_FORMAT = S.PLAN_FORMAT                             # invariantd.capnp Plan; digest = plandigest.plan_digest
 
 
 CAPS_FORMAT = S.HOST_CAPNP_FORMAT                       # invariantd.capnp HostCapabilities

@@ -20,7 +20,7 @@ from invariantd.daemon.vms import VmState
 from invariantd.protocol import session as ps
 from invariantd.protocol.catalog import catalog
 from invariantd.protocol.framing import FrameDecoder
-from invariantd.protocol.negotiate import plan_digest
+from invariantd.protocol.plandigest import plan_digest
 from invariantd.protocol.policy import loads
 from invariantd.protocol.schemas import Verdict
 from support.faultkvm import FaultBackend

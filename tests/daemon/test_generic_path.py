@@ -24,7 +24,8 @@ from invariantd.daemon.vms import VmRegistry, VmState
 from invariantd.protocol import regid
 from invariantd.protocol import schemas as S
 from invariantd.protocol import session as ps
-from invariantd.protocol.negotiate import negotiate, negotiate_generic, vm_arch
+from invariantd.protocol.generic import negotiate_generic, vm_arch
+from invariantd.protocol.negotiate import negotiate
 from invariantd.protocol.policy import default_policy
 
 TSC, TSC_DEADLINE, MISC, UCODE, ASYNC_PF_INT = (regid.x86_msr(i) for i in (0x10, 0x6E0, 0x1A0, 0x8B, 0x4B564D06))

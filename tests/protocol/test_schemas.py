@@ -79,7 +79,7 @@ def test_vm_and_plan_round_trip():
     plan = negotiate(vm, host(make_doc("7.3", {"MIDR_EL1": A72_R0P4})))
     back = S.plan_from_bytes(S.plan_to_bytes(plan))
     assert back == plan
-    from invariantd.protocol.negotiate import plan_digest
+    from invariantd.protocol.plandigest import plan_digest
     assert plan_digest(back) == plan.digest
 
 
