@@ -12,17 +12,9 @@ from support.hostdocs import CAT
 
 
 MIDR = CAT.id_of("MIDR_EL1")
-
-
 ISAR0 = CAT.id_of("ID_AA64ISAR0_EL1")
-
-
 TCR2 = CAT.id_of("TCR2_EL1")
-
-
 SCTLR = CAT.id_of("SCTLR_EL1")
-
-
 UNNAMED_ID = regid.sysreg(3, 0, 0, 7, 7)
 
 

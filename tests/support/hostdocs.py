@@ -3,6 +3,7 @@ make_doc() to vary it, host() / plan_between() / entry() to plan, sim_apply() to
 from __future__ import annotations
 
 import copy
+
 from invariantd.protocol import kvmabi, schemas as S
 from invariantd.protocol.catalog import catalog
 from invariantd.protocol.negotiate import negotiate
@@ -10,14 +11,8 @@ from invariantd.protocol.policy import default_policy
 
 
 CAT = catalog()
-
-
 A72_R0P3, A72_R0P4, A72_R1P0 = 0x410FD083, 0x410FD084, 0x411FD080
-
-
 N1_R4P1, A53_R0P4 = 0x414FD0C1, 0x410FD034
-
-
 BASE = {  # a Cortex-A72 as real 6.12 kernels report it (arm64-observed-values.md)
     "MIDR_EL1": A72_R0P3, "REVIDR_EL1": 0, "AIDR_EL1": 0, "CTR_EL0": 0x8444C004, "CLIDR_EL1": 0x09200003,
     "ID_AA64PFR0_EL1": 0x1000000001000222, "ID_AA64PFR1_EL1": 0, "ID_AA64DFR0_EL1": 0x10305006,

@@ -16,8 +16,6 @@ from invariantd.protocol.session import (Capabilities, Hello, PlanAccept, PlanPr
                                          Session)
 
 S, D = ps.SOURCE, ps.DESTINATION
-
-
 CFG = PeerConfig(chunk_registers=32, handshake_timeout=5, phase_timeout=5, apply_timeout=5, commit_timeout=5)
 
 
