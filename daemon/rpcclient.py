@@ -24,6 +24,7 @@ from typing import Any
 
 from ..protocol import schemas as S
 from .capnploop import CapnpLoop
+from .rpcmarshal import migration_status, vm_info
 from .tls import client_context
 
 DEFAULT_RPC_PORT = 7444
@@ -92,24 +93,6 @@ def _err(r) -> None:
     kind = str(e.kind)
     if kind != "ok":
         raise RpcError(kind, e.message)
-
-
-def vm_info(r) -> dict:
-    return {"name": r.name, "state": r.state, "vcpus": r.nVcpus, "features": list(r.features), "arch": r.arch,
-            "origin": r.origin, "history": list(r.history),
-            "id_registers": [{"name": x.name, "id": f"{x.id:#x}", "value": f"{x.value:#018x}", "fields": x.fields}
-                             for x in r.idRegisters],
-            "register_count": r.registerCount, "migration": r.migration, "peer": r.peer, "waiting": r.waiting}
-
-
-def migration_status(r) -> dict:
-    e = r.error
-    return {"id": r.id, "vm": r.vm, "to": r.toHost, "state": str(r.state), "phase": r.phase,
-            "bytes_sent": r.bytesSent, "bytes_received": r.bytesReceived, "vcpus_done": r.vcpusDone,
-            "vcpus_total": r.vcpusTotal, "registers_sent": r.registersSent, "started_unix_ms": r.startedUnixMs,
-            "elapsed_ms": r.elapsedMs, "result": r.result, "plan_digest": bytes(r.planDigest).hex(),
-            "detail": json.loads(bytes(r.detail)) if len(r.detail) else {},
-            "error": None if str(e.kind) == "ok" else {"kind": str(e.kind), "message": e.message}}
 
 
 # --- asyncio client (inside a running capnp.kj_loop) ------------------------------------------------------------

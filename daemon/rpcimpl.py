@@ -1,6 +1,7 @@
 """The orchestrator RPC's Cap'n Proto side: one Impl per connection (rpc.capnp's Orchestrator.Server), bound to its
 Caller; every call is checked against rpcaccess.METHOD_ROLES, run in trio through the Bridge (daemon/rpcserve.py),
-and its plain-data answer written into the results. Only this module touches Cap'n Proto builders of rpc.capnp."""
+and its plain-data answer written into the results. The records themselves are marshalled in
+rpcmarshal.py, both ways."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from ..protocol import schemas as S
 from .rpc import Orchestrator, RpcFailure
 from .rpcaccess import BY_CALLER, Caller
 from .rpcclient import rpc_schema
+from .rpcmarshal import fill_status, fill_vm, jsonable
 
 log = logging.getLogger("invariantd.rpc")
 
@@ -18,34 +20,6 @@ log = logging.getLogger("invariantd.rpc")
 def _set_error(results, kind: str, message: str) -> None:
     results.error.kind = kind
     results.error.message = message[:8000]
-
-
-def _fill_vm(b, d: dict) -> None:
-    b.name, b.state, b.nVcpus, b.arch, b.origin = d["name"], d["state"], d["vcpus"], d["arch"], d["origin"]
-    b.registerCount = d["register_count"]
-    b.migration, b.peer, b.waiting = d.get("migration", ""), d.get("peer", ""), d.get("waiting", "")
-    fl = b.init("features", len(d["features"]))
-    for i, f in enumerate(d["features"]):
-        fl[i] = f
-    hl = b.init("history", len(d["history"]))
-    for i, h in enumerate(d["history"]):
-        hl[i] = h
-    rl = b.init("idRegisters", len(d["id_registers"]))
-    for i, r in enumerate(d["id_registers"]):
-        rl[i].name, rl[i].id, rl[i].value, rl[i].fields = r["name"], r["id"], r["value"], r["fields"]
-
-
-def _fill_status(b, d: dict) -> None:
-    b.id, b.vm, b.toHost, b.state, b.phase = d["id"], d["vm"], d["to"], d["state"], d["phase"]
-    b.bytesSent, b.bytesReceived, b.vcpusDone, b.vcpusTotal = (d["bytes_sent"], d["bytes_received"],
-                                                               d["vcpus_done"], d["vcpus_total"])
-    b.registersSent, b.startedUnixMs, b.elapsedMs, b.result = (d["registers_sent"], d["started_unix_ms"],
-                                                               d["elapsed_ms"], d["result"])
-    b.planDigest = d["plan_digest"]
-    if d.get("detail"):
-        b.detail = json.dumps(d["detail"], default=_jsonable).encode()
-    if d["error"]:
-        b.error.kind, b.error.message = d["error"][0], d["error"][1][:8000]
 
 
 def impl_class():
@@ -91,15 +65,15 @@ def impl_class():
             def fill(r, vms):
                 lst = r.init("vms", len(vms))
                 for i, d in enumerate(vms):
-                    _fill_vm(lst[i], d)
+                    fill_vm(lst[i], d)
             await self._do(_context.results, self.orch.list_vms, (), fill)
 
         async def createVm(self, name, nVcpus, features, _context, **kw):
             await self._do(_context.results, self.orch.create_vm, (str(name), int(nVcpus), [str(f) for f in features]),
-                           lambda r, d: _fill_vm(r.vm, d))
+                           lambda r, d: fill_vm(r.vm, d))
 
         async def inspectVm(self, name, _context, **kw):
-            await self._do(_context.results, self.orch.inspect_vm, (str(name),), lambda r, d: _fill_vm(r.vm, d))
+            await self._do(_context.results, self.orch.inspect_vm, (str(name),), lambda r, d: fill_vm(r.vm, d))
 
         async def removeVm(self, name, _context, **kw):
             await self._do(_context.results, self.orch.remove_vm, (str(name),), lambda r, d: None)
@@ -107,7 +81,7 @@ def impl_class():
         async def resolveVm(self, name, peer, action, _context, **kw):
             def fill(r, d):
                 if d.get("state") != "removed":
-                    _fill_vm(r.vm, d)
+                    fill_vm(r.vm, d)
             await self._do(_context.results, self.orch.resolve_vm, (str(name), str(peer), str(action)), fill)
 
         async def plan(self, vm, toHost, _context, **kw):
@@ -127,22 +101,22 @@ def impl_class():
 
         async def status(self, migrationId, _context, **kw):
             await self._do(_context.results, self.orch.status, (str(migrationId),),
-                           lambda r, d: _fill_status(r.status, d))
+                           lambda r, d: fill_status(r.status, d))
 
         async def listMigrations(self, _context, **kw):
             def fill(r, ms):
                 lst = r.init("migrations", len(ms))
                 for i, d in enumerate(ms):
-                    _fill_status(lst[i], d)
+                    fill_status(lst[i], d)
             await self._do(_context.results, self.orch.list_migrations, (), fill)
 
         async def cancel(self, migrationId, _context, **kw):
             await self._do(_context.results, self.orch.cancel, (str(migrationId),),
-                           lambda r, d: _fill_status(r.status, d))
+                           lambda r, d: fill_status(r.status, d))
 
         async def wait(self, migrationId, timeoutMs, _context, **kw):
             await self._do(_context.results, self.orch.wait, (str(migrationId), int(timeoutMs)),
-                           lambda r, d: _fill_status(r.status, d))
+                           lambda r, d: fill_status(r.status, d))
 
         async def peers(self, _context, **kw):
             def fill(r, d):
@@ -154,7 +128,7 @@ def impl_class():
 
         async def _json(self, results, fn, args):
             def fill(r, d):
-                r.json = json.dumps(d, indent=1, default=_jsonable).encode()
+                r.json = json.dumps(d, indent=1, default=jsonable).encode()
             await self._do(results, fn, args, fill)
 
         async def listVmms(self, _context, **kw):
@@ -177,9 +151,3 @@ def impl_class():
                                                                      str(destQmp)), fill)
 
     return Impl
-
-
-def _jsonable(x):
-    if isinstance(x, bytes):
-        return x.hex()
-    return str(x)
