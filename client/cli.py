@@ -91,8 +91,10 @@ def cmd_lab(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import exits
+    from ..protocol import version
     p = argparse.ArgumentParser(prog="invariantctl", description="invariantctl: drive invariantd from the command line.",
                                 epilog=exits.table(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"invariantctl {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("probe", help="discover this host's KVM capabilities (or a simulated host's)")
     pr.add_argument("--sim", metavar="PROFILE@KERNEL",
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--kernel", action="append", help="kernel key (6.1, 6.12, 7.x); repeatable; default all")
         q.add_argument("--model", action="append",
                        help="profile name (cortex-a53, cortex-a72-r0p3, ..., cortex-a76, neoverse-n1, a64fx, max)")
-        q.add_argument("--json", action="store_true")
+        q.add_argument("--json", action="store_true", help="one JSON report instead of text")
         if name == "profile":
             from pathlib import Path
             q.add_argument("--out", type=Path, default=None, help="directory (default: the shipped profiles)")

@@ -157,6 +157,13 @@ def _status_line(st: dict) -> str:
             f"{st['vcpus_done']}/{st['vcpus_total']}  {st['bytes_sent']} B sent  {st['elapsed_ms']} ms{err}")
 
 
+def _still_running(mid: str, waited: float) -> int:
+    """--timeout passed before the migration ended: it has not failed, this client only stopped waiting."""
+    print(f"invariantctl: migration {mid} is still running after {waited:g}s (not failed); follow it with "
+          f"`invariantctl status {mid}`", file=sys.stderr)
+    return Exit.RUNNING
+
+
 def _end_code(st: dict) -> int:
     if st["state"] == "committed":
         return Exit.OK
@@ -193,11 +200,7 @@ def cmd_migrate(args) -> int:
         _dump(st)
     else:
         print(_status_line(st))
-    if st["state"] == "running":
-        print(f"invariantctl: still running after {args.timeout}s; follow with `invariantctl status {mid}`",
-              file=sys.stderr)
-        return Exit.FAILED
-    return _end_code(st)
+    return _end_code(st) if st["state"] != "running" else _still_running(mid, args.timeout)
 
 
 @_handled
@@ -247,7 +250,7 @@ def cmd_migrate_vmm(args) -> int:
         _dump(st)
     else:
         print(_status_line(st))
-    return _end_code(st) if st["state"] != "running" else Exit.FAILED
+    return _end_code(st) if st["state"] != "running" else _still_running(mid, args.timeout)
 
 
 @_handled
@@ -295,36 +298,36 @@ def register(sub) -> None:
                                                              "remove-vm are for)")
     p.set_defaults(func=cmd_vms)
     p = sub.add_parser("remove-vm", help="remove a running VM of the daemon's own, or a released one", **kw)
-    p.add_argument("name")
+    p.add_argument("name", help="the VM's name")
     p.set_defaults(func=cmd_remove_vm)
     p = sub.add_parser("resolve", help="resolve an in-doubt or released VM after asking the peer what it holds",
                        **kw)
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM's name")
     p.add_argument("--peer", required=True, metavar="HOST", help="the other host of its migration")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--resume", action="store_true", help="run it here (only if the peer holds no copy that can run)")
     how.add_argument("--discard", action="store_true", help="drop the copy here (only if the peer runs it)")
     p.set_defaults(func=cmd_resolve)
     p = sub.add_parser("create-vm", help="create a VM on the daemon's backend", **kw)
-    p.add_argument("name")
-    p.add_argument("--vcpus", type=int, default=1, metavar="N")
+    p.add_argument("name", help="a name for the VM (letters, digits, . _ -; up to 64)")
+    p.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default: %(default)s)")
     p.add_argument("--feature", action="append", metavar="F", help="arm64 vCPU init feature (repeatable; "
                                                                     "default: the host's base features)")
     p.set_defaults(func=cmd_create_vm)
     p = sub.add_parser("inspect-vm", help="one VM: state, vCPUs, features, ID registers", **kw)
-    p.add_argument("name")
+    p.add_argument("name", help="the VM's name")
     p.set_defaults(func=cmd_inspect_vm)
     p = sub.add_parser("peers", help="the daemon's configured peers", **kw)
     p.set_defaults(func=cmd_peers)
     p = sub.add_parser("plan-vm", help="the plan for migrating a VM the daemon holds to one of its peers "
                                        "(offline planner: `plan --from --to`)", **kw)
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM's name")
     p.add_argument("--to", required=True, metavar="HOST", help="peer name ([peers] in the daemon's config)")
     p.add_argument("--all", action="store_true", help="also list identical registers")
     p.set_defaults(func=cmd_plan_vm)
     p = sub.add_parser("migrate", help="migrate a VM to a peer (progress bar; --json for a document)", **kw)
-    p.add_argument("vm")
-    p.add_argument("--to", required=True, metavar="HOST")
+    p.add_argument("vm", help="the VM's name")
+    p.add_argument("--to", required=True, metavar="HOST", help="peer name ([peers] in the daemon's config)")
     p.add_argument("--no-wait", action="store_true", help="print the migration id and return")
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up waiting after S seconds")
@@ -344,8 +347,8 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up waiting after S seconds")
     p.set_defaults(func=cmd_migrate_vmm)
     p = sub.add_parser("status", help="one migration (or all)", **kw)
-    p.add_argument("migration", nargs="?", default="")
+    p.add_argument("migration", nargs="?", default="", metavar="ID", help="a migration id (default: all of them)")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("cancel", help="cancel a migration before the destination commits", **kw)
-    p.add_argument("migration")
+    p.add_argument("migration", metavar="ID", help="the migration id (`migrate` printed it)")
     p.set_defaults(func=cmd_cancel)

@@ -17,6 +17,7 @@ class Exit(enum.IntEnum):
     LAB = 6
     FAILED = 7
     FORBIDDEN = 8
+    RUNNING = 9
 
 
 MEANING = {
@@ -29,6 +30,7 @@ MEANING = {
     Exit.LAB: "lab unavailable (no Debian archive or qemu)",
     Exit.FAILED: "migration failed, aborted, cancelled or in doubt",
     Exit.FORBIDDEN: "forbidden (the caller's role may not call this)",
+    Exit.RUNNING: "still running: invariantctl stopped waiting, the migration goes on (invariantctl status ID)",
 }
 
 # ErrorKind (rpc.capnp) -> exit code; a kind not listed (a newer daemon's) is INTERNAL

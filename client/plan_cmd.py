@@ -176,9 +176,9 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("baseline", help="a VM profile every listed host accepts",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("caps", nargs="+", metavar="CAPS", help="capability documents (probe --json)")
-    b.add_argument("--name", default="baseline")
-    b.add_argument("--revision", type=int, default=1)
-    b.add_argument("--policy", metavar="FILE")
+    b.add_argument("--name", default="baseline", help="the baseline VM profile's name (default: %(default)s)")
+    b.add_argument("--revision", type=int, default=1, metavar="N", help="its revision number (default: %(default)s)")
+    b.add_argument("--policy", metavar="FILE", help="policy TOML merged over the defaults")
     b.add_argument("--json", action="store_true", help="print the VM profile (with the baseline report) as JSON")
     b.add_argument("-o", "--output", metavar="FILE", help="write the VM profile JSON to FILE")
     b.set_defaults(func=cmd_baseline)

@@ -18,6 +18,7 @@ from functools import partial
 
 import trio
 
+from ..protocol import version
 from . import tls
 from .config import check_files, Config, ConfigError, load
 from .journal import Journal
@@ -191,7 +192,9 @@ def open_journal(cfg: Config) -> Journal:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="invariantd", description="invariantd: arm64 vCPU-state migration daemon")
-    ap.add_argument("--config", "-c", default="/etc/invariantd/invariantd.toml")
+    ap.add_argument("--config", "-c", default="/etc/invariantd/invariantd.toml", metavar="TOML",
+                    help="the daemon's configuration (default: %(default)s)")
+    ap.add_argument("--version", action="version", version=f"invariantd {version()}")
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config)

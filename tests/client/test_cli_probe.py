@@ -32,3 +32,27 @@ def test_probe_shows_sve_vector_lengths(capsys):
     assert "SVE vector lengths: 128, 256, 512 bits" in out and "reads differently: ID_AA64PFR0_EL1" in out
     assert main(["probe", "--sim", "cortex-a76@7.3"]) == 0
     assert "SVE vector lengths" not in capsys.readouterr().out
+
+
+def test_every_command_and_option_has_help_and_a_version_is_printed(capsys):
+    """--help is the manual: every command, option and argument of invariantctl says what it is for."""
+    import argparse
+
+    from invariantd.client.cli import build_parser
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                helps = {ca.dest: ca.help for ca in a._choices_actions}
+                for name, sp in a.choices.items():
+                    if not helps.get(name):
+                        missing.append(" ".join(path + [name]))
+                    walk(sp, path + [name])
+            elif not isinstance(a, (argparse._HelpAction, argparse._VersionAction)) and not a.help:
+                missing.append(f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}")
+    walk(build_parser(), ["invariantctl"])
+    assert missing == []
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out.startswith("invariantctl ")

@@ -67,3 +67,23 @@ async def test_create_vm_with_a_negative_vcpu_count_is_bad_input(nursery, pki, c
     cl = await start_cluster(nursery, pki)
     assert await ctl(cl, "create-vm", "neg", "--vcpus", "-3") == 2
     assert "vCPU count -3" in capsys.readouterr().err
+
+
+async def test_a_client_side_timeout_says_still_running_not_failed(nursery, pki, capsys, monkeypatch):
+    """--timeout passes while the destination is still at work (failpoint: it sleeps 3 s after accepting the plan):
+    exit 9 "still running", not 7 "failed"; the migration then commits."""
+    from invariantd.daemon import failpoints
+    monkeypatch.setattr(failpoints, "ACTIVE", {"destination.accepted": "sleep:3"})
+    cl = await start_cluster(nursery, pki)
+    assert await ctl(cl, "create-vm", "vm-t", "--vcpus", "1") == 0
+    capsys.readouterr()
+    assert await ctl(cl, "migrate", "vm-t", "--to", "node-b", "--timeout", "0.5", "--json") == 9
+    captured = capsys.readouterr()
+    st = json.loads(captured.out)
+    assert st["state"] == "running" and "is still running after 0.5s (not failed)" in captured.err
+    monkeypatch.setattr(failpoints, "ACTIVE", {})
+    assert await ctl(cl, "status", st["id"]) == 0
+    with trio.fail_after(20):
+        while "committed" not in capsys.readouterr().out:
+            await trio.sleep(0.2)
+            await ctl(cl, "status", st["id"])
