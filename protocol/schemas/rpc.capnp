@@ -2,8 +2,10 @@
 #
 # Transport: standard Cap'n Proto two-party RPC (rpc-twoparty.capnp) over TCP (default 127.0.0.1:7444) or a
 # unix socket, optionally inside mutual TLS (the cluster CA of the peer link). The bootstrap capability is an
-# `Orchestrator`. Example with the stock C++ tool:
-#   capnp call ... (or any capnp-rpc client: bootstrap(), cast to Orchestrator, call listVms())
+# `Orchestrator`: bootstrap(), cast to Orchestrator, call listVms(). The `capnp` tool itself encodes and decodes
+# messages but makes no RPC calls; client/examples/list_vms.c++ is a complete C++ orchestrator (stock EzRpcClient,
+# unix socket; how to build it is in the file). Tested with: pycapnp 2.2.4 (the daemon and invariantctl) and
+# Debian 12's Cap'n Proto 0.9.2 C++ library (tests/client/test_cpp_client.py builds and runs the example).
 #
 # Errors: every result carries `error :Error`. `error.kind == ok` (the default, also when the pointer is unset)
 # means success; anything else means the other result fields are unset and `error.message` says what happened
