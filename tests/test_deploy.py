@@ -29,3 +29,18 @@ def test_guest_packages_follow_pyproject():
     from invariantd.daemon.lab.provision import runtime_requirements
     declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
     assert runtime_requirements() == sorted(declared) and any(r.startswith("xxhash") for r in declared)
+
+
+def test_systemd_analyze_verify_passes_on_the_shipped_unit(tmp_path):
+    """systemd's own check of the unit as shipped (the ExecStart binary must exist: /usr/bin/env finds invariantd
+    on PATH)."""
+    import shutil
+    import subprocess
+
+    import pytest
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("no systemd-analyze")
+    unit = tmp_path / "invariantd.service"
+    unit.write_text((DEPLOY / "invariantd.service").read_text())
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "invariantd.service" not in r.stdout + r.stderr, r.stdout + r.stderr
