@@ -61,19 +61,46 @@ def print_plan_doc(doc: dict, verbose: bool = False, out=None) -> None:
 
 
 
+#: the phases a migration goes through, in order (daemon/migrations.py; a QEMU migration's: daemon/vmm/service.py)
+PHASES = ("connecting", "handshake", "plan", "preflight", "agent", "ram", "switchover", "stream", "apply", "commit",
+          "done")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def progress_fields(st: dict) -> dict:
+    """What the bar shows for one status: how far along the phases (the stream phase by vCPUs sent), the bytes and
+    their rate, and the migration's own elapsed time (the daemon's clock, not this client's)."""
+    phase = st["phase"]
+    step = PHASES.index(phase) if phase in PHASES else 0
+    if phase == "stream" and st["vcpus_total"]:
+        step += st["vcpus_done"] / st["vcpus_total"]
+    secs = st["elapsed_ms"] / 1000
+    moved = st["bytes_sent"] + st["bytes_received"]
+    return {"completed": min(step, len(PHASES) - 1), "phase": phase,
+            "vcpus": f"vCPUs {st['vcpus_done']}/{st['vcpus_total']}",
+            "bytes": f"{_size(moved)} at {_size(moved / secs) + '/s' if secs > 0 else '-'}",
+            "elapsed": f"{int(secs // 3600)}:{int(secs // 60) % 60:02d}:{secs % 60:04.1f}"}
+
+
 @contextmanager
 def progress_bar(out=None):
-    """A rich progress bar for a migration; yields (update(status_dict), progress)."""
+    """A rich progress bar for a migration, driven by its phases and bytes; yields (update(status_dict), progress)."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn
     console = Console(file=out or sys.stderr)
-    with Progress(TextColumn("[bold]{task.fields[phase]:<10}"), BarColumn(),
-                  TextColumn("vCPUs {task.completed:.0f}/{task.total:.0f}"),
-                  TextColumn("{task.fields[regs]} regs"), TextColumn("{task.fields[sent]} B sent"),
-                  TimeElapsedColumn(), console=console, transient=False) as prog:
-        task = prog.add_task("migrate", total=1, phase="connecting", regs=0, sent=0)
+    with Progress(TextColumn("[bold]{task.fields[phase]:<10}"), BarColumn(), TextColumn("{task.fields[vcpus]}"),
+                  TextColumn("{task.fields[bytes]}"), TextColumn("{task.fields[elapsed]}"), console=console,
+                  transient=False) as prog:
+        task = prog.add_task("migrate", total=len(PHASES) - 1, completed=0, phase="connecting", vcpus="",
+                             bytes="", elapsed="0:00:00.0")
 
         def update(st: dict) -> None:
-            prog.update(task, total=max(1, st["vcpus_total"]), completed=st["vcpus_done"], phase=st["phase"],
-                        regs=st["registers_sent"], sent=st["bytes_sent"])
+            prog.update(task, **progress_fields(st))
         yield update, prog

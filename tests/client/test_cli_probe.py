@@ -56,3 +56,20 @@ def test_every_command_and_option_has_help_and_a_version_is_printed(capsys):
     with pytest.raises(SystemExit) as ei:
         main(["--version"])
     assert ei.value.code == 0 and capsys.readouterr().out.startswith("invariantctl ")
+
+
+def test_progress_is_phases_bytes_rate_and_the_migrations_own_elapsed_time():
+    import io
+
+    from invariantd.client.render import PHASES, progress_bar, progress_fields
+    st = {"phase": "stream", "vcpus_done": 3, "vcpus_total": 4, "bytes_sent": 3 << 20, "bytes_received": 1 << 20,
+          "elapsed_ms": 2500}
+    f = progress_fields(st)
+    assert f["completed"] == PHASES.index("stream") + 0.75
+    assert f["bytes"] == "4.0 MiB at 1.6 MiB/s" and f["elapsed"] == "0:00:02.5" and f["vcpus"] == "vCPUs 3/4"
+    assert progress_fields({**st, "phase": "apply"})["completed"] == PHASES.index("apply")   # not full before done
+    assert progress_fields({**st, "phase": "done"})["completed"] == len(PHASES) - 1
+    out = io.StringIO()
+    with progress_bar(out) as (update, _):
+        update({**st, "phase": "apply", "elapsed_ms": 61_000})
+    assert "apply" in out.getvalue() and "0:01:01.0" in out.getvalue()
