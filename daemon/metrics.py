@@ -8,6 +8,9 @@ Families (DESIGN.md "Metrics"):
   invariantd_migration_phase_seconds{phase}               histogram: handshake, plan, preflight, read (after the pause), stream, apply, commit
   invariantd_stream_bytes_total{direction}                sent | received (peer protocol bytes)
   invariantd_host_info{kernel,arch,midr,source,...}       constant 1 with the host's identity as labels
+  invariantd_build_info{version,python,pycapnp}           constant 1: what runs
+  process_* (RSS, CPU seconds, open fds, start time), python_info, python_gc_*: prometheus_client's own collectors
+Alert rules and a Grafana dashboard over these: deploy/prometheus/, deploy/grafana/.
 """
 from __future__ import annotations
 
@@ -17,13 +20,26 @@ from functools import partial
 from typing import Iterable, Iterator, Mapping
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Histogram, Info,
+                               PlatformCollector, ProcessCollector)
 from prometheus_client.exposition import choose_encoder
 
 from .apply import OVERRIDES, EventAction
 
 RESULTS = ("committed", "aborted", "cancelled", "in-doubt")      # every migrations_total label, 0 from the start
 PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def build_labels() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    from ..protocol import version
+    try:
+        pycapnp = dist_version("pycapnp")
+    except PackageNotFoundError:
+        pycapnp = "unknown"
+    return {"version": version(), "python": platform.python_version(), "pycapnp": pycapnp}
 
 
 class Metrics:
@@ -50,6 +66,11 @@ class Metrics:
         self.stream_bytes = Counter(
             "invariantd_stream_bytes", "Peer protocol bytes", ["direction"], registry=r)
         self.host = Info("invariantd_host", "This host's kernel and CPU identity", registry=r)
+        self.build = Info("invariantd_build", "The running invariantd", registry=r)
+        self.build.info(build_labels())
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     # --- recording helpers
     def record_apply_events(self, events: Iterable) -> None:
