@@ -26,7 +26,7 @@ import sys
 from ..daemon.rpcclient import Client, RpcError, client_ssl, default_addr
 from . import exits
 from .exits import Exit
-from .render import print_caps_summary, print_plan_doc, progress_bar
+from .render import VERDICTS, print_caps_summary, print_plan_doc, progress_bar
 
 EPILOG = exits.table()
 
@@ -147,7 +147,7 @@ def cmd_plan_vm(args) -> int:
     if args.json:
         _dump(p)
     else:
-        print_plan_doc(p["plan"], verbose=args.all)
+        print_plan_doc(p["plan"], verbose=args.all, verdicts=args.verdict or ())
     return Exit.OK if p["migratable"] else Exit.REFUSED
 
 
@@ -324,6 +324,8 @@ def register(sub) -> None:
     p.add_argument("vm", help="the VM's name")
     p.add_argument("--to", required=True, metavar="HOST", help="peer name ([peers] in the daemon's config)")
     p.add_argument("--all", action="store_true", help="also list identical registers")
+    p.add_argument("--verdict", action="append", metavar="V", choices=VERDICTS,
+                   help=f"list only entries with this verdict in the table (repeatable; one of {', '.join(VERDICTS)})")
     p.set_defaults(func=cmd_plan_vm)
     p = sub.add_parser("migrate", help="migrate a VM to a peer (progress bar; --json for a document)", **kw)
     p.add_argument("vm", help="the VM's name")

@@ -16,6 +16,7 @@ import json
 import sys
 
 from .exits import CliError, Exit
+from .render import VERDICTS, print_plan_doc
 
 
 def _err(message: str, code: int = Exit.USAGE):
@@ -77,40 +78,8 @@ def cmd_plan(args) -> int:
         json.dump(S.plan_to_doc(plan), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print_plan(plan, verbose=args.all)
+        print_plan_doc(S.plan_to_doc(plan), verbose=args.all, verdicts=args.verdict or ())
     return Exit.OK if plan.migratable else Exit.REFUSED
-
-
-def print_plan(plan, verbose: bool = False, out=None) -> None:
-    out = out or sys.stdout
-    w = lambda s="": print(s, file=out)   # noqa: E731
-    w(f"plan: VM {plan.vm_name} -> {plan.destination}   policy {plan.policy}")
-    rows = [e for e in plan.entries if verbose or e.verdict.value != "identical"]
-    hdr = ("register", "field", "source", "destination", "verdict", "reason")
-    w(f"{hdr[0]:<36} {hdr[1]:<14} {hdr[2]:<20} {hdr[3]:<20} {hdr[4]:<9} {hdr[5]}")
-    for e in rows:
-        s = f"{e.source:#x}" if e.field else f"{e.source:#018x}"
-        d = f"{e.destination:#x}" if e.field else f"{e.destination:#018x}"
-        w(f"{e.register:<36} {e.field or '-':<14} {s:<20} {d:<20} {e.verdict.value:<9} {e.reason}")
-    same = sum(1 for e in plan.entries if e.verdict.value == "identical")
-    if not verbose and same:
-        w(f"({same} registers identical on both sides; --all lists them)")
-    if plan.big_little:
-        w(f"big.LITTLE destination: plan assumes cluster MIDR {plan.assumed_cluster:#x} on CPUs "
-          f"{', '.join(map(str, plan.cluster_cpus))}")
-    w("guest-visible changes: " + ("none" if not plan.guest_visible else ""))
-    for g in plan.guest_visible:
-        w(f"  - {g}")
-    for n in plan.notes:
-        w(f"note: {n}")
-    refused = [e for e in plan.entries if e.verdict.value == "refuse" and e.field]
-    refused_regs = {e.register for e in plan.entries if e.verdict.value == "refuse"}
-    w(f"digest: sha256:{plan.digest.hex()}")
-    if plan.migratable:
-        w("result: MIGRATABLE" + (" (enable cap 239 before creating vCPUs)" if plan.enable_cap239 else ""))
-    else:
-        w(f"result: REFUSED ({len(refused_regs)} register(s): {', '.join(sorted(refused_regs))}; "
-          f"{len(refused)} field(s)) - exit 3")
 
 
 def cmd_baseline(args) -> int:
@@ -172,6 +141,8 @@ def register(subparsers) -> None:
     p.add_argument("--policy", metavar="FILE", help="policy TOML merged over the defaults")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--all", action="store_true", help="also list identical registers")
+    p.add_argument("--verdict", action="append", metavar="V", choices=VERDICTS,
+                   help=f"list only entries with this verdict in the table (repeatable; one of {', '.join(VERDICTS)})")
     p.set_defaults(func=cmd_plan)
     b = subparsers.add_parser("baseline", help="a VM profile every listed host accepts",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

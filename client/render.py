@@ -1,8 +1,13 @@
 """What invariantctl prints for people: capability summaries, plan tables, the migration progress bar."""
 from __future__ import annotations
 
+import shutil
 import sys
+import textwrap
 from contextlib import contextmanager
+from typing import Sequence
+
+from ..protocol.schemas import Verdict
 
 
 def print_caps_summary(doc: dict, label: str) -> None:
@@ -30,35 +35,73 @@ def _reg_name(hex_id: str) -> str:
     return catalog().name(int(hex_id, 16))
 
 
-def print_plan_doc(doc: dict, verbose: bool = False, out=None) -> None:
-    """The plan table (same layout as `invariantctl plan`) from a plan document (schemas.plan_to_doc)."""
+VERDICTS = tuple(v.value for v in Verdict)
+
+
+def print_plan_doc(doc: dict, verbose: bool = False, out=None, verdicts: Sequence[str] = (),
+                   width: int | None = None) -> None:
+    """A plan (its document, schemas.plan_to_doc: `invariantctl plan` and `plan-vm` alike) for people: the verdict
+    first, then what was refused and why, what the guest will see change, notes; then the per-register table
+    (`verdicts` keeps only those verdicts, `verbose` adds the identical registers), every line wrapped to `width`
+    (default: the terminal's)."""
     out = out or sys.stdout
+    width = width or max(80, shutil.get_terminal_size((120, 24)).columns)
     w = lambda s="": print(s, file=out)   # noqa: E731
+
+    def wrapped(text: str, indent: str) -> None:
+        w(textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent + "    ",
+                        break_on_hyphens=False, break_long_words=False))
+    entries = doc["entries"]
+    refused = [e for e in entries if e["verdict"] == "refuse"]
     w(f"plan: VM {doc['vm']} -> {doc['destination']}   policy {doc['policy']}")
-    hdr = ("register", "field", "source", "destination", "verdict", "reason")
-    w(f"{hdr[0]:<36} {hdr[1]:<14} {hdr[2]:<20} {hdr[3]:<20} {hdr[4]:<9} {hdr[5]}")
-    same = 0
-    for e in doc["entries"]:
-        if e["verdict"] == "identical" and not verbose:
-            same += 1
-            continue
-        s, d = int(e["source"], 16), int(e["destination"], 16)
-        s, d = (f"{s:#x}", f"{d:#x}") if e["field"] else (f"{s:#018x}", f"{d:#018x}")
-        w(f"{e['register']:<36} {e['field'] or '-':<14} {s:<20} {d:<20} {e['verdict']:<9} {e['reason']}")
-    if same:
-        w(f"({same} registers identical on both sides)")
-    w("guest-visible changes: " + ("none" if not doc["guest_visible"] else ""))
-    for g in doc["guest_visible"]:
-        w(f"  - {g}")
-    for n in doc["notes"]:
-        w(f"note: {n}")
-    w(f"digest: sha256:{doc['digest']}")
     if doc["migratable"]:
         w("result: MIGRATABLE" + (" (enable cap 239 before creating vCPUs)" if doc["enable_cap239"] else ""))
     else:
-        bad = sorted({e["register"] for e in doc["entries"] if e["verdict"] == "refuse"})
-        w(f"result: REFUSED ({len(bad)} register(s): {', '.join(bad)})")
+        regs = sorted({e["register"] for e in refused})
+        wrapped(f"result: REFUSED ({len(regs)} register(s): {', '.join(regs)}; "
+                f"{sum(1 for e in refused if e['field'])} field(s)) - exit 3", "")
+        w("refused:")
+        for e in refused:
+            where = e["register"] + (f".{e['field']}" if e["field"] else "")
+            wrapped(f"{where}: {_hexpair(e)} - {e['reason']}", "  ")
+    w("guest-visible changes: " + ("none" if not doc["guest_visible"] else ""))
+    for g in doc["guest_visible"]:
+        wrapped(g, "  - ")
+    if doc.get("big_little"):
+        wrapped(f"big.LITTLE destination: plan assumes cluster MIDR {doc['assumed_cluster']} on CPUs "
+                f"{', '.join(map(str, doc['cluster_cpus']))}", "")
+    for n in doc["notes"]:
+        wrapped(f"note: {n}", "")
+    rows = [e for e in entries if (verbose or e["verdict"] != "identical") and (not verdicts or e["verdict"] in verdicts)]
+    shown = f" (verdict {', '.join(verdicts)})" if verdicts else ""
+    w(f"\nper register and field{shown}:")
+    cells = []
+    for e in rows:
+        src, dst = int(e["source"], 16), int(e["destination"], 16)
+        cells.append((e["register"], e["field"] or "-", f"{src:#x}", f"{dst:#x}", e["verdict"], e["reason"]))
+    hdr = ("register", "field", "source", "destination", "verdict", "reason")
+    cols = [max([len(hdr[k])] + [len(c[k]) for c in cells]) for k in range(5)]
+    head = "".join(f"{hdr[k]:<{cols[k]}}  " for k in range(5))
+    beside = width - len(head) >= 40           # the reason beside the row, else on the lines below it
+    w(head + hdr[5] if beside else head.rstrip() + "\n    reason")
+    for c in cells:
+        row = "".join(f"{c[k]:<{cols[k]}}  " for k in range(5))
+        if beside:
+            lines = textwrap.wrap(c[5], width - len(head), break_on_hyphens=False, break_long_words=False) or [""]
+            w(row + lines[0])
+            for more in lines[1:]:
+                w(" " * len(head) + more)
+        else:
+            w(row.rstrip())
+            wrapped(c[5], "    ")
+    same = sum(1 for e in entries if e["verdict"] == "identical")
+    if same and not verbose:
+        w(f"({same} registers identical on both sides; --all lists them)")
+    w(f"digest: sha256:{doc['digest']}")
 
+
+def _hexpair(e: dict) -> str:
+    return f"{int(e['source'], 16):#x} -> {int(e['destination'], 16):#x}"
 
 
 #: the phases a migration goes through, in order (daemon/migrations.py; a QEMU migration's: daemon/vmm/service.py)

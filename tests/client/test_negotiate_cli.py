@@ -124,3 +124,19 @@ def test_deeply_nested_json_is_one_line_exit_2(files, capsys):
     code, _, err = run(["plan", "--from", files("a.json", "[" * 100000 + "]" * 100000),
                         "--to", files("b.json", make_doc("7.3"))], capsys)
     assert code == 2 and "nested too deeply" in err
+
+
+def test_the_report_says_the_verdict_first_wraps_and_filters(capsys, monkeypatch):
+    """Summary first (result, what was refused and why, what the guest sees change), then the table; every line fits
+    the terminal (COLUMNS); --verdict keeps only those rows in the table."""
+    from invariantd.client.cli import main as cli_main
+    monkeypatch.setenv("COLUMNS", "100")
+    assert cli_main(["plan", "--from", "cortex-a72-r1p0@6.1", "--to", "cortex-a53@6.1"]) == 3
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("result: REFUSED") and out.index("refused:") < out.index("per register and field:")
+    assert all(len(line) <= 100 for line in out if " " in line.strip()), max(out, key=len)
+    assert cli_main(["plan", "--from", "cortex-a72-r1p0@6.1", "--to", "cortex-a53@6.1", "--verdict", "refuse"]) == 3
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index("per register and field (verdict refuse):") + 2:]
+    rows = [ln for ln in table if ln and not ln.startswith((" ", "(", "digest"))]
+    assert rows and all("refuse" in r.split() for r in rows)
