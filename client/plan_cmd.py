@@ -106,6 +106,13 @@ def cmd_baseline(args) -> int:
                             for c in b.varies],
     }
     text = json.dumps(doc, indent=1) + "\n"
+    if args.firecracker:
+        from ..protocol.fctemplate import template
+        tpl, notes = template(b, hosts)
+        with open(args.firecracker, "w", encoding="utf-8") as f:
+            f.write(json.dumps(tpl, indent=1) + "\n")
+        for n in notes:
+            print(f"firecracker template: {n}", file=sys.stderr)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
@@ -152,4 +159,6 @@ def register(subparsers) -> None:
     b.add_argument("--policy", metavar="FILE", help="policy TOML merged over the defaults")
     b.add_argument("--json", action="store_true", help="print the VM profile (with the baseline report) as JSON")
     b.add_argument("-o", "--output", metavar="FILE", help="write the VM profile JSON to FILE")
+    b.add_argument("--firecracker", metavar="FILE", help="also write the baseline as a Firecracker custom CPU template "
+                                                          "(aarch64 reg_modifiers / vcpu_features) to FILE")
     b.set_defaults(func=cmd_baseline)
