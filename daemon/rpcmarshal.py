@@ -42,6 +42,11 @@ def jsonable(x):
     return str(x)
 
 
+#: MigrationState enumerants (rpc.capnp: camelCase by Cap'n Proto's rules) as people and scripts read them - the
+#: words of the VM states and of invariantd_migrations_total{result} (in-doubt)
+STATE_WORDS = {"inDoubt": "in-doubt"}
+
+
 # --- wire -> client -------------------------------------------------------------------------------------------
 def vm_info(r) -> dict:
     return {"name": r.name, "state": r.state, "vcpus": r.nVcpus, "features": list(r.features), "arch": r.arch,
@@ -53,7 +58,8 @@ def vm_info(r) -> dict:
 
 def migration_status(r) -> dict:
     e = r.error
-    return {"id": r.id, "vm": r.vm, "to": r.toHost, "state": str(r.state), "phase": r.phase,
+    return {"id": r.id, "vm": r.vm, "to": r.toHost, "state": STATE_WORDS.get(str(r.state), str(r.state)),
+            "phase": r.phase,
             "bytes_sent": r.bytesSent, "bytes_received": r.bytesReceived, "vcpus_done": r.vcpusDone,
             "vcpus_total": r.vcpusTotal, "registers_sent": r.registersSent, "started_unix_ms": r.startedUnixMs,
             "elapsed_ms": r.elapsedMs, "result": r.result, "plan_digest": bytes(r.planDigest).hex(),

@@ -32,3 +32,12 @@ def test_status_and_vm_roundtrip_and_every_schema_field_is_carried():
     assert back == {**VM, "id_registers": [{"name": "MIDR_EL1", "id": "0x603000000013c000",
                                             "value": "0x00000000410fd083", "fields": "Revision=0x3"}]}
     assert unset == [], unset
+
+
+def test_state_words_are_the_metrics_and_vm_words():
+    """inDoubt is a Cap'n Proto enumerant; the CLI, its --json and the metrics all say in-doubt."""
+    from invariantd.daemon.metrics import RESULTS
+    from invariantd.daemon.vms import VmState
+    with roundtrip("MigrationStatus", fill_status, {**STATUS, "state": "inDoubt", "error": None}) as r:
+        word = migration_status(r)["state"]
+    assert word == "in-doubt" and word in RESULTS and word in {s.value for s in VmState}
