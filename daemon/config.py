@@ -69,6 +69,16 @@ class JournalSection:
 
 
 @dataclass(frozen=True)
+class NfdSection:
+    """node-feature-discovery (daemon/nfd.py): the local feature file the daemon keeps current, "" = off; the
+    interval it rewrites it at (the file's expiry is 3 intervals, so a dead daemon's labels go away); the baseline VM
+    profiles (`invariantctl baseline -o FILE`) whose acceptance by this host becomes a label each."""
+    path: str = ""
+    interval: float = 60.0
+    baselines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PeerEntry:
     """[peers] name = "host:port" (its peer listener), or name = { address = "host:port", rpc = "host:port",
     server_name = "..." } (rpc: its orchestrator RPC, used to fetch its capabilities for `plan`)."""
@@ -103,6 +113,7 @@ class Config:
     rpc: RpcSection = field(default_factory=RpcSection)
     agent: AgentSection = field(default_factory=AgentSection)
     journal: JournalSection = field(default_factory=JournalSection)
+    nfd: NfdSection = field(default_factory=NfdSection)
     peers: tuple[PeerEntry, ...] = ()
 
     def find_peer(self, name: str) -> PeerEntry | None:

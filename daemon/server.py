@@ -148,6 +148,14 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
             if cfg.metrics.enabled:
                 ports["metrics"] = await root.start(partial(serve_metrics, metrics, cfg.metrics.listen,
                                                             cfg.metrics.port))
+            if cfg.nfd.path:
+                from ..protocol import schemas as S
+                from ..protocol.policy import default_policy
+                from .nfd import publish
+                pol = default_policy()
+                me = S.host_from_doc(caps, frozenset(pol.drift)) if caps.get("arch") == "aarch64" else None
+                await root.start(partial(publish, cfg.nfd.path, cfg.nfd.interval, caps, me, cfg.nfd.baselines, pol))
+                ports["nfd"] = cfg.nfd.path
             wd = watchdog_interval()
             if wd:
                 await root.start(_watchdog, wd)
