@@ -79,6 +79,18 @@ class NfdSection:
 
 
 @dataclass(frozen=True)
+class EtcdSection:
+    """etcd (daemon/etcdpub.py): endpoint "host:port" ("" = off), the key prefix, the lease TTL (the keys vanish this
+    long after the daemon stops refreshing them), and TLS files (ca set: https with this client certificate)."""
+    endpoint: str = ""
+    prefix: str = "/invariantd"
+    ttl: float = 30.0
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class PeerEntry:
     """[peers] name = "host:port" (its peer listener), or name = { address = "host:port", rpc = "host:port",
     server_name = "..." } (rpc: its orchestrator RPC, used to fetch its capabilities for `plan`)."""
@@ -114,6 +126,7 @@ class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     journal: JournalSection = field(default_factory=JournalSection)
     nfd: NfdSection = field(default_factory=NfdSection)
+    etcd: EtcdSection = field(default_factory=EtcdSection)
     peers: tuple[PeerEntry, ...] = ()
 
     def find_peer(self, name: str) -> PeerEntry | None:

@@ -156,6 +156,11 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                 me = S.host_from_doc(caps, frozenset(pol.drift)) if caps.get("arch") == "aarch64" else None
                 await root.start(partial(publish, cfg.nfd.path, cfg.nfd.interval, caps, me, cfg.nfd.baselines, pol))
                 ports["nfd"] = cfg.nfd.path
+            if cfg.etcd.endpoint:
+                from . import etcdpub
+                await root.start(partial(etcdpub.publish, cfg.etcd, cfg.node, caps,
+                                         f"{cfg.peer.listen}:{ports['peer']}"))
+                ports["etcd"] = "/".join(etcdpub.keys(cfg.etcd, cfg.node)[0].split("/")[:-1])
             wd = watchdog_interval()
             if wd:
                 await root.start(_watchdog, wd)
