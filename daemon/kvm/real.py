@@ -86,17 +86,8 @@ class RegBuffers:
         self.data = ffi.new("uint8_t[]", max(self.layout.total, 1))
         self.errs = ffi.new("int[]", max(n, 1))
 
-    def pack(self, values: Sequence[int]) -> None:
-        buf = ffi.buffer(self.data)
-        for off, size, v in zip(self.offsets, self.sizes, values):
-            buf[off:off + size] = int(v).to_bytes(size, "little")
-
     def pack_bytes(self, blob: bytes) -> None:
         ffi.buffer(self.data)[:len(blob)] = blob
-
-    def unpack(self) -> list[int]:
-        buf = ffi.buffer(self.data)
-        return [int.from_bytes(buf[o:o + s], "little") for o, s in zip(self.offsets, self.sizes)]
 
     def errnos(self) -> list[int]:
         return list(self.errs[0:self.n])
