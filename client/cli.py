@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_probe)
     from . import plan_cmd
     plan_cmd.register(sub)
+    from . import fleet_cmd
+    fleet_cmd.register(sub)
     from . import ctl
     ctl.register(sub)
     from . import demo

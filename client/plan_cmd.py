@@ -93,9 +93,18 @@ def cmd_baseline(args) -> int:
         except S.SchemaError as e:
             raise _err(f"{p}: {e}") from None
     b = baseline(hosts, name=args.name, revision=args.revision, policy=pol)
+    return emit_baseline(args, b, hosts, [h.name for h in hosts])
+
+
+def emit_baseline(args, b, hosts, names: list[str], documents: list[str] | None = None) -> int:
+    """Write / print a baseline as `baseline` does (args: json, output, firecracker); `hosts` are the documents it was
+    computed over, `names` the hosts it stands for (a fleet's nodes: several per document, whose addresses
+    `documents` lists in the order of each field's values)."""
+    from ..protocol import schemas as S
     doc = S.vm_to_doc(b.profile)
     doc["baseline"] = {
-        "hosts": [h.name for h in hosts],
+        "hosts": names,
+        **({"documents": documents} if documents is not None else {}),
         "accepted_everywhere": b.accepted_everywhere,
         "lowered": [{"register": c.register, "field": c.field, "values": [f"{v:#x}" for v in c.values],
                      "chosen": f"{c.chosen:#x}", "reason": c.reason} for c in b.lowered],
@@ -119,7 +128,8 @@ def cmd_baseline(args) -> int:
     if args.json:
         sys.stdout.write(text)
     else:
-        print(f"baseline {b.profile.name} revision {b.profile.revision} over {len(hosts)} host(s): "
+        print(f"baseline {b.profile.name} revision {b.profile.revision} over {len(names)} host(s)"
+              f"{f' ({len(hosts)} distinct documents)' if len(hosts) != len(names) else ''}: "
               f"{len(b.profile.values)} registers")
         for c in b.lowered:
             verb = "lowered" if c.chosen < min(c.values) else "raised" if c.chosen > max(c.values) else "chose"

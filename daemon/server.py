@@ -160,7 +160,7 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                 from . import etcdpub
                 await root.start(partial(etcdpub.publish, cfg.etcd, cfg.node, caps,
                                          f"{cfg.peer.listen}:{ports['peer']}"))
-                ports["etcd"] = "/".join(etcdpub.keys(cfg.etcd, cfg.node)[0].split("/")[:-1])
+                ports["etcd"] = etcdpub.keys(cfg.etcd.prefix, cfg.node, caps)[0]
             wd = watchdog_interval()
             if wd:
                 await root.start(_watchdog, wd)
