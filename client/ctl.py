@@ -23,7 +23,8 @@ import json
 import os
 import sys
 
-from ..daemon.rpcclient import Client, RpcError, client_ssl, default_addr
+# the RPC client (trio, TLS) is imported by the commands that use it: `invariantctl plan`, `fleet` or `--help` do
+# not pay for it
 from . import exits
 from .exits import Exit
 from .render import VERDICTS, print_caps_summary, print_plan_doc, progress_bar
@@ -31,7 +32,8 @@ from .render import VERDICTS, print_caps_summary, print_plan_doc, progress_bar
 EPILOG = exits.table()
 
 
-def _client(args) -> Client:
+def _client(args):
+    from ..daemon.rpcclient import Client, RpcError, client_ssl, default_addr
     ca = args.ca or os.environ.get("INVARIANTD_CA")
     cert = args.cert or os.environ.get("INVARIANTD_CERT")
     key = args.key or os.environ.get("INVARIANTD_KEY")
@@ -49,6 +51,7 @@ def _dump(obj) -> None:
 
 def _handled(fn):
     def wrapper(args) -> int:
+        from ..daemon.rpcclient import RpcError
         try:
             return fn(args)
         except RpcError as e:

@@ -30,7 +30,7 @@ from .render import print_fleet_hosts, print_fleet_plan
 def _store(args):
     from ..daemon import fleet
     from ..daemon.config import EtcdSection
-    from ..daemon.etcdpub import client
+    from ..daemon.fleet import client
     from .plan_cmd import _policy
     pol = _policy(args.policy)
     section = EtcdSection(endpoint=args.etcd or os.environ.get("INVARIANTD_ETCD") or "127.0.0.1:2379",
@@ -84,15 +84,23 @@ def cmd_plan(args) -> int:
         raise CliError(f"VM {args.vm}: {e}") from None
     rows = fleet.plan_all(vm, store, pol)
     counts = {k: sum(r.verdict == k for r in rows) for k in fleet.RANKS}
-    doc = {"vm": vm.name, "hosts": len(rows), "documents": len(store.caps), "counts": counts,
-           "rows": [{**_host_doc(r.host), "verdict": r.verdict, "guest_visible": list(r.changes),
-                     "reasons": list(r.reasons), "plan_digest": r.plan.digest.hex() if r.plan else ""}
-                    for r in rows]}
+    plans = {}
+    for r in rows:
+        if r.plan is not None and r.host.digest not in plans:
+            plans[r.host.digest] = {"verdict": r.verdict, "plan_digest": r.plan.digest.hex(),
+                                    "guest_visible": list(r.changes), "reasons": list(r.reasons)}
+    head = {"vm": vm.name, "hosts": len(rows), "documents": len(store.caps), "counts": counts, "plans": plans}
     if args.json:
-        json.dump(doc, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        # one row per line, written by json's C encoder (indent= would use the pure-Python one: 10,000 rows take
+        # a second); a row names its document, whose plan (shared by every host of that shape) is in "plans"
+        out = sys.stdout
+        out.write(json.dumps(head)[:-1] + ', "rows": [\n')
+        out.write(",\n".join(json.dumps({**_host_doc(r.host), "verdict": r.verdict, "changes": len(r.changes),
+                                          "refusals": len(r.reasons) if r.verdict == fleet.REFUSED else 0})
+                              for r in rows))
+        out.write("\n]}\n")
     else:
-        print_fleet_plan(doc, limit=args.limit)
+        print_fleet_plan(head, rows, limit=args.limit)
     return Exit.OK if counts[fleet.MIGRATABLE] + counts[fleet.WITH_CHANGES] else Exit.REFUSED
 
 

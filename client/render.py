@@ -161,24 +161,24 @@ def print_fleet_hosts(hosts: list[dict], documents: int, out=None) -> None:
             print(f"    {h['problem']}", file=out)
 
 
-def print_fleet_plan(doc: dict, limit: int = 0, out=None, width: int | None = None) -> None:
-    """`fleet plan`: the counts first, then every host ranked, one line each: what the guest sees change, or the
-    first refusal (and how many more), cut to the terminal's width."""
+def print_fleet_plan(head: dict, rows: list, limit: int = 0, out=None, width: int | None = None) -> None:
+    """`fleet plan`: the counts first, then every host ranked (daemon/fleet.Row), one line each: what the guest
+    sees change, or the first refusal (and how many more), cut to the terminal's width."""
     out = out or sys.stdout
     width = width or max(80, shutil.get_terminal_size((120, 24)).columns)
-    c = doc["counts"]
+    c = head["counts"]
     movable = c["migratable"] + c["migratable-with-changes"]
-    print(f"fleet plan: VM {doc['vm']} against {doc['hosts']} host(s) ({doc['documents']} distinct document(s)): "
+    print(f"fleet plan: VM {head['vm']} against {head['hosts']} host(s) ({head['documents']} distinct document(s)): "
           f"{movable} migratable ({c['migratable']} with no change the guest sees, {c['migratable-with-changes']} "
           f"with changes), {c['refused']} refused, {c['unknown']} not plannable", file=out)
-    rows = doc["rows"][:limit] if limit else doc["rows"]
+    shown = rows[:limit] if limit else rows
     print(f"{'#':>5}  {'verdict':<23} {'node':<24} {'profile':<26} what", file=out)
-    for i, r in enumerate(rows, 1):
-        if r["verdict"] in ("refused", "unknown"):
-            what = r["reasons"][0] + (f" (+{len(r['reasons']) - 1} more)" if len(r["reasons"]) > 1 else "")
+    for i, r in enumerate(shown, 1):
+        if r.reasons:
+            what = r.reasons[0] + (f" (+{len(r.reasons) - 1} more)" if len(r.reasons) > 1 else "")
         else:
-            what = "; ".join(r["guest_visible"]) or "-"
-        line = f"{i:>5}  {r['verdict']:<23} {r['node']:<24} {r['profile']:<26} {what}"
-        print(line if len(line) <= width else line[:width - 1] + "…", file=out)
-    if limit and len(doc["rows"]) > limit:
-        print(f"  ... {len(doc['rows']) - limit} more (--limit 0 lists every host; --json for all details)", file=out)
+            what = "; ".join(r.changes) or "-"
+        line = f"{i:>5}  {r.verdict:<23} {r.host.node:<24} {r.host.summary.get('profile', ''):<26} {what}"
+        print(line if len(line) <= width else line[:width - 1] + "\u2026", file=out)
+    if limit and len(rows) > limit:
+        print(f"  ... {len(rows) - limit} more (--limit 0 lists every host; --json for all details)", file=out)

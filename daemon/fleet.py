@@ -1,5 +1,15 @@
-"""The fleet as etcd holds it (daemon/etcdpub.py's layout): every host at once, one VM planned against all of them,
-a baseline over all of them.
+"""The fleet as etcd holds it: the keys' layout (one owner: the daemons' publisher, daemon/etcdpub.py, writes
+with `put_host`), and the readers' side - every host at once, one VM planned against all of them, a baseline over
+all of them.
+
+    PREFIX/hosts/NODE    a summary {"node", "profile", "arch", "kernel", "midr", "cap239", "peer", "caps"} as JSON
+    PREFIX/caps/DIGEST   the full capability document (`invariantctl probe --json`'s), DIGEST = `doc_digest` of it
+
+Documents are content-addressed because a fleet is a few host shapes repeated: 10,000 hosts of 30 shapes store 30
+documents of ~34 KB, not 10,000 (etcd's database and every reader's range stay small), and a reader plans once per
+shape. A document is created only if absent (a transaction), under the lease of whichever host created it; every
+refresh re-creates it if that host has gone, so a shared document may be missing for at most a third of the TTL
+after its creator dies (readers report such a host as "document not stored").
 
 Two range reads (the hosts' summaries, then the content-addressed capability documents), each document checked
 against its address and parsed once, and one plan per distinct document fanned out to every host that published it:
@@ -19,7 +29,58 @@ from ..protocol.baseline import Baseline, baseline
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import Policy
 from ..protocol.schemas import Plan, Verdict
-from .etcdpub import caps_prefix, hosts_prefix
+from ..protocol.catalog import catalog
+
+
+def canonical(caps: dict) -> str:
+    """The stored text of a capability document: its JSON with sorted keys, no spaces (what `doc_digest` hashes)."""
+    return json.dumps(caps, sort_keys=True, separators=(",", ":"))
+
+
+def doc_digest(caps: dict) -> str:
+    """A capability document's content address: the first 32 hex digits of the SHA-256 of its canonical text."""
+    return hashlib.sha256(canonical(caps).encode()).hexdigest()[:32]
+
+
+def summary(node: str, caps: dict, peer_address: str) -> dict:
+    vals = caps.get("values") or {}
+    midr = int(vals.get(f"{catalog().id_of('MIDR_EL1'):#x}", "0x0"), 16) if caps.get("arch") == "aarch64" else 0
+    return {"node": node, "profile": caps.get("profile") or "", "arch": caps.get("arch"),
+            "kernel": caps.get("kernel_version"), "midr": f"{midr:#x}",
+            "cap239": bool((caps.get("caps") or {}).get("KVM_CAP_ARM_WRITABLE_IMP_ID_REGS")), "peer": peer_address,
+            "caps": doc_digest(caps)}
+
+
+def client(section):
+    import etcd3gw                     # optional: pip install 'invariantd[fleet]'
+    host, _, port = section.endpoint.rpartition(":")
+    kw = {}
+    if section.ca:
+        kw = {"protocol": "https", "ca_cert": section.ca, "cert_cert": section.cert or None,
+              "cert_key": section.key or None}
+    return etcd3gw.client(host=host or "127.0.0.1", port=int(port or 2379), timeout=max(1.0, section.ttl / 3), **kw)
+
+
+def hosts_prefix(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/hosts/"
+
+
+def caps_prefix(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/caps/"
+
+
+def keys(prefix: str, node: str, caps: dict) -> tuple[str, str]:
+    """(the host's summary key, its capability document's key)."""
+    return hosts_prefix(prefix) + node, caps_prefix(prefix) + doc_digest(caps)
+
+
+def put_host(c, prefix: str, node: str, caps: dict, peer_address: str, lease=None) -> bool:
+    """Store one host (its document if absent, then its summary) with an etcd3gw client; True if this call stored
+    the document. The one writer of the layout above (the daemon's publisher; tests and the fleet bench)."""
+    summary_key, caps_key = keys(prefix, node, caps)
+    created = c.create(caps_key, canonical(caps), lease=lease)
+    c.put(summary_key, json.dumps(summary(node, caps, peer_address)), lease=lease)
+    return created
 
 
 class StoreError(Exception):
@@ -29,7 +90,7 @@ class StoreError(Exception):
 @dataclass(frozen=True, slots=True)
 class Host:
     node: str
-    summary: dict           # as published (etcdpub.summary); {} when unreadable
+    summary: dict           # as published (summary()); {} when unreadable
     digest: str             # its capability document's address ("" when unreadable)
     problem: str = ""       # why this host cannot be planned ("" = its document is stored and parses)
 
@@ -122,22 +183,27 @@ def _refusals(plan: Plan) -> tuple[str, ...]:
 
 def plan_all(vm: S.VmProfile, store: Store, policy: Policy) -> list[Row]:
     """Every host's row, ranked: migratable with nothing the guest sees change, then migratable with the fewest
-    guest-visible changes, then refusals (fewest first), then hosts that could not be planned; by node within."""
-    plans: dict[str, Plan] = {}          # one plan per distinct document
+    guest-visible changes, then refusals (fewest first), then hosts that could not be planned; by node within.
+    One plan per distinct document: hosts of one shape share their Plan and their reasons."""
+    done: dict[str, tuple[str, Plan, tuple[str, ...], int]] = {}
     rows = []
     for h in store.hosts:
         if h.problem:
-            rows.append(Row(h, UNKNOWN, None, (h.problem,)))
+            rows.append((RANKS.index(UNKNOWN), 1, h.node, Row(h, UNKNOWN, None, (h.problem,))))
             continue
-        plan = plans.get(h.digest)
-        if plan is None:
-            plan = plans[h.digest] = negotiate(vm, store.caps[h.digest], policy)
-        if not plan.migratable:
-            rows.append(Row(h, REFUSED, plan, _refusals(plan)))
-        else:
-            rows.append(Row(h, WITH_CHANGES if plan.guest_visible else MIGRATABLE, plan, ()))
-    rows.sort(key=lambda r: (RANKS.index(r.verdict), len(r.reasons) + len(r.changes), r.host.node))
-    return rows
+        got = done.get(h.digest)
+        if got is None:
+            plan = negotiate(vm, store.caps[h.digest], policy)
+            if not plan.migratable:
+                reasons = _refusals(plan)
+                got = (REFUSED, plan, reasons, len(reasons))
+            else:
+                got = (WITH_CHANGES if plan.guest_visible else MIGRATABLE, plan, (), len(plan.guest_visible))
+            done[h.digest] = got
+        verdict, plan, reasons, weight = got
+        rows.append((RANKS.index(verdict), weight, h.node, Row(h, verdict, plan, reasons)))
+    rows.sort(key=lambda r: r[:3])
+    return [r[3] for r in rows]
 
 
 def fleet_baseline(store: Store, name: str, revision: int, policy: Policy) -> Baseline:

@@ -157,10 +157,10 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                 await root.start(partial(publish, cfg.nfd.path, cfg.nfd.interval, caps, me, cfg.nfd.baselines, pol))
                 ports["nfd"] = cfg.nfd.path
             if cfg.etcd.endpoint:
-                from . import etcdpub
+                from . import etcdpub, fleet
                 await root.start(partial(etcdpub.publish, cfg.etcd, cfg.node, caps,
                                          f"{cfg.peer.listen}:{ports['peer']}"))
-                ports["etcd"] = etcdpub.keys(cfg.etcd.prefix, cfg.node, caps)[0]
+                ports["etcd"] = fleet.keys(cfg.etcd.prefix, cfg.node, caps)[0]
             wd = watchdog_interval()
             if wd:
                 await root.start(_watchdog, wd)

@@ -157,6 +157,12 @@ def _bits(rid: int) -> int:
 
 
 @lru_cache(maxsize=1 << 16)
+def _kept_bits(rid: int, extra: frozenset[int]) -> int:
+    """The register's width in bits if a HostCapabilities keeps its value (`_keep`), else 0."""
+    return _bits(rid) if _keep(rid, extra) else 0
+
+
+@lru_cache(maxsize=1 << 16)
 def _reg_key(key: str, what: str) -> int:
     """A register given by hex id or by name; unknown names and malformed ids are errors naming the key."""
     if isinstance(key, str) and key[:2].lower() == "0x":
@@ -178,20 +184,18 @@ def _keep(rid: int, extra: frozenset[int]) -> bool:
 
 
 MAX_DOC_DEPTH = 32
+_CONTAINERS = (dict, list)
 
 
 def _shallow(doc, what: str) -> None:
     """A document nested deeper than MAX_DOC_DEPTH is refused before anything reads (or prints) it."""
-    level = [doc]
+    level = [doc] if type(doc) in _CONTAINERS else []
     for _ in range(MAX_DOC_DEPTH + 1):
-        nxt = []
-        for x in level:
-            if isinstance(x, dict):
-                nxt.extend(x.values())
-            elif isinstance(x, list):
-                nxt.extend(x)
-        if not nxt:
+        if not level:
             return
+        nxt = []
+        for x in level:                  # only containers go down a level (a document is mostly strings)
+            nxt += [v for v in (x.values() if type(x) is dict else x) if type(v) in _CONTAINERS]
         level = nxt
     raise SchemaError(f"{what}: nested deeper than {MAX_DOC_DEPTH} levels")
 
@@ -217,8 +221,13 @@ def host_from_doc(doc: dict, extra_ids: frozenset[int] = frozenset()) -> HostCap
         values = {}
         for k, v in doc["values"].items():
             rid = _reg_key(k, "values")
-            if _keep(rid, extra_ids):
-                values[rid] = _hex(v, f"values[{k}]", _bits(rid))
+            bits = _kept_bits(rid, extra_ids)
+            if bits:
+                try:                     # the common case, hex text that fits; anything else: _hex says what
+                    n = int(v, 16) if v[:2] == "0x" else -1
+                except (TypeError, ValueError):
+                    n = -1
+                values[rid] = n if 0 <= n < 1 << bits else _hex(v, f"values[{k}]", bits)
         masks = doc.get("writable_masks")
         if masks is not None:
             words = [0] * 192

@@ -1,5 +1,5 @@
 """`invariantctl fleet hosts | plan | baseline` against Debian's real etcd on loopback, the store written in the
-daemons' layout (daemon/etcdpub.put_host): ranking, one plan per document, hosts that cannot be planned, exit codes."""
+daemons' layout (daemon/fleet.put_host): ranking, one plan per document, hosts that cannot be planned, exit codes."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from invariantd.client.cli import main
-from invariantd.daemon import etcdpub
+from invariantd.daemon import fleet as layout
 from invariantd.daemon.probe import probe
 from invariantd.daemon.sim import SimHost
 from support.etcd import etcd_server, free_port
@@ -29,15 +29,15 @@ def doc(spec: str) -> dict:
 def fleet(tmp_path_factory):
     with etcd_server(tmp_path_factory.mktemp("etcd")) as (endpoint, c):
         for node, spec in HOSTS.items():
-            etcdpub.put_host(c, "/f", node, doc(spec), f"{node}:7443")
+            layout.put_host(c, "/f", node, doc(spec), f"{node}:7443")
         # n6: its document is not stored; n7: an unreadable summary; n8: a document altered after it was stored
         missing = doc("max@7.3")
-        c.put("/f/hosts/n6", json.dumps(etcdpub.summary("n6", missing, "n6:7443")))
+        c.put("/f/hosts/n6", json.dumps(layout.summary("n6", missing, "n6:7443")))
         c.put("/f/hosts/n7", "{not json")
         altered = doc("neoverse-n1@7.3")
-        etcdpub.put_host(c, "/f", "n8", altered, "n8:7443")
-        _, key = etcdpub.keys("/f", "n8", altered)
-        c.put(key, etcdpub.canonical({**altered, "kernel_version": "9.9"}))
+        layout.put_host(c, "/f", "n8", altered, "n8:7443")
+        _, key = layout.keys("/f", "n8", altered)
+        c.put(key, layout.canonical({**altered, "kernel_version": "9.9"}))
         yield endpoint, c
 
 
@@ -75,12 +75,17 @@ def test_plan_ranks_migratable_then_changes_then_refusals_then_unknown(fleet, ca
     assert {n for n, v in order[5:]} == {"n6", "n7", "n8"} and {v for _, v in order[5:]} == {"unknown"}
     assert got["counts"] == {"migratable": 2, "migratable-with-changes": 1, "refused": 2, "unknown": 3}
     rows = {r["node"]: r for r in got["rows"]}
-    assert rows["n1"]["plan_digest"] == rows["n2"]["plan_digest"]        # one plan per document
-    assert rows["n3"]["guest_visible"][0].startswith("MIDR_EL1: 0x410fd083")
-    assert any(r.startswith("MIDR_EL1") or "ID_AA64" in r for r in rows["n4"]["reasons"])
+    assert rows["n1"]["caps"] == rows["n2"]["caps"] and len(got["plans"]) == 4       # one plan per document
+    plan = lambda n: got["plans"][rows[n]["caps"]]                                  # noqa: E731
+    assert plan("n3")["guest_visible"][0].startswith("MIDR_EL1: 0x410fd083") and rows["n3"]["changes"] == 1
+    assert rows["n4"]["refusals"] == len(plan("n4")["reasons"]) > rows["n5"]["refusals"] > 0
+    assert "problem" in rows["n6"] and rows["n6"]["caps"] not in got["plans"]
     # the same plan as `invariantctl plan` computes host by host
     code, one, _ = run(capsys, "plan", "--from", VM, "--to", HOSTS["n4"], "--json")
-    assert code == 3 and bytes.fromhex(rows["n4"]["plan_digest"]).hex() == json.loads(one)["digest"]
+    one = json.loads(one)
+    assert code == 3 and plan("n4")["plan_digest"] == one["digest"]
+    assert plan("n4")["reasons"] == [f"{e['register']}{'.' + e['field'] if e['field'] else ''}: {e['reason']}"
+                                     for e in one["entries"] if e["verdict"] == "refuse"]
     code, text, _ = run(capsys, "fleet", "plan", VM, "--etcd", endpoint, "--prefix", "/f", "--limit", "3")
     lines = text.splitlines()
     assert lines[0].startswith(f"fleet plan: VM ") and "3 migratable" in lines[0] and "2 refused" in lines[0]

@@ -12,7 +12,7 @@ import trio
 
 from invariantd.daemon.config import EtcdSection
 from invariantd.daemon.server import make_backend, run
-from invariantd.daemon.etcdpub import doc_digest
+from invariantd.daemon.fleet import doc_digest
 from support.cluster import cfg
 from support.etcd import etcd_server, free_port
 
