@@ -1,36 +1,44 @@
-"""Bench: destination apply + read-back of a many-vCPU VM on this machine's real /dev/kvm, serial (apply_vm:
-one thread, vCPU after vCPU) against threaded (apply_vm_async: the VM-wide phase serial and first, then the
-"state" phase and the read-back one vCPU per worker thread, at most os.cpu_count() at a time; the C batch
-calls release the GIL during their ioctl loop). Both measured in this run, same register sets, best of N.
+"""Bench: the whole destination apply of a many-vCPU VM on this machine's real /dev/kvm against a C program doing
+the same ioctls (issue 14 P1).
 
-x86: each vCPU's set is RealVcpu.reg_list() (the ONE_REG-readable MSRs) with the values a fresh vCPU holds
-(read from a source VM of the same size); x86 refuses some MSR writes with EINVAL, which the apply path
-handles (keep-equal) in both variants alike. arm64: the vCPU's KVM_GET_REG_LIST set.
+    .venv/bin/python bench/bench_apply.py [--vcpus 256] [--rounds 9]
 
-Printed: registers per vCPU, vCPUs, regs/s serial and threaded (registers written + read back), the ratio,
-and the CPUs available. Skips (exit 0, with a message) without /dev/kvm or ONE_REG.
-
-    .venv/bin/python bench/bench_apply.py [--vcpus 64] [--runs 5]
+Three variants, same register sets, interleaved and rotated every round (bench/pairing.py), in one process:
+  c         bench/cref.c's cref_apply: KVM_CREATE_VM, n x KVM_CREATE_VCPU, every register SET (a refused one read
+            back and accepted when equal), every register GET and compared, close - what a C VMM's restore does
+  serial    apply_vm: invariantd's apply engine in one thread (create, VM-wide phase, state phase, read-back)
+  threaded  apply_vm_async: the same with the state phase and the read-back spread over worker threads
+x86: each vCPU's set is RealVcpu.reg_list() (the ONE_REG-readable MSRs) with the values a fresh vCPU holds (read
+from a source VM of the same size); arm64: the vCPU's KVM_GET_REG_LIST set. Printed: median [min..max] ms, the
+ratio of C's median to each variant's (>= 0.9 is the target: invariantd at 90% of C's speed or better), the load.
+Skips (exit 0, with a message) without /dev/kvm or ONE_REG.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
+from pathlib import Path
 
 import trio
 
-from invariantd.daemon.apply import apply_vm, apply_vm_async
-from invariantd.daemon.readback import read_vm
-from invariantd.protocol.program import ApplyProgram
-from invariantd.protocol import kvmabi as abi
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cref  # noqa: E402
+from pairing import interleave, load, report  # noqa: E402
+
+from invariantd.daemon.apply import apply_vm, apply_vm_async  # noqa: E402
+from invariantd.daemon.readback import read_vm  # noqa: E402
+from invariantd.protocol.program import ApplyProgram  # noqa: E402
+from invariantd.protocol import kvmabi as abi  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vcpus", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--vcpus", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     if not os.path.exists("/dev/kvm"):
         print("bench_apply: skipped: no /dev/kvm on this machine")
@@ -61,6 +69,16 @@ def main() -> int:
         return 0
     total = sum(len(r) for r in regsets.values())
     program = ApplyProgram()
+    lib = cref.load()
+    arrays = cref.Arrays([regsets[i] for i in sorted(regsets)])
+    bad = ctypes.c_int()
+
+    def c() -> float:
+        ns = lib.cref_apply(kvm.fd, args.vcpus, arrays.ids, arrays.data, arrays.stride, arrays.offs, arrays.n,
+                            ctypes.byref(bad))
+        if ns < 0:
+            raise SystemExit(f"bench_apply: the C reference failed: errno {-ns}")
+        return ns / 1e9
 
     def serial() -> float:
         t = time.perf_counter()
@@ -80,18 +98,19 @@ def main() -> int:
             return dt
         return trio.run(go)
 
-    serial(), threaded()                                  # warm up (library load, caches)
-    s, t = [], []
-    for _ in range(args.runs):                            # interleaved: both see the same machine state
-        s.append(serial())
-        t.append(threaded())
-    rs, rt = total / min(s), total / min(t)
+    variants = {"c": c, "serial": serial, "threaded": threaded}
+    for f in variants.values():                            # warm up (library load, caches)
+        f()
     print(f"VM: {args.vcpus} vCPUs x {nregs} registers ({kvm.arch}, kernel {kvm.kernel_release()}), "
-          f"{os.cpu_count()} CPUs; apply + read-back, best of {args.runs}")
-    print(f"serial    {rs:12,.0f} regs/s  {min(s) * 1e3:8.2f} ms  (apply_vm: one thread)")
-    print(f"threaded  {rt:12,.0f} regs/s  {min(t) * 1e3:8.2f} ms  (apply_vm_async: state phase + read-back in "
-          f"<= {os.cpu_count()} worker threads)")
-    print(f"ratio     {rt / rs:8.2f} x  threaded / serial")
+          f"{os.cpu_count()} CPUs; create + apply + read-back; {load()}")
+    samples = interleave(variants, args.rounds)
+    med = report(samples, "c", unit="ms", scale=1e3)
+    print(f"  C read-back differences: {bad.value} (registers KVM changes by itself, e.g. the TSC)")
+    for name in ("serial", "threaded"):
+        ratio = med["c"] / med[name]
+        print(f"speed vs C  {name:<9} {ratio:5.2f}x  ({total / med[name]:,.0f} regs/s vs {total / med['c']:,.0f})"
+              f"  target >= 0.9: {'OK' if ratio >= 0.9 else 'MISSED'}")
+    print(f"after: {load()}")
     kvm.close()
     return 0
 

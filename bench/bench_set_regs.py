@@ -1,51 +1,34 @@
-"""Registers per second applying a vCPU register set on this machine's real /dev/kvm.
+"""Registers per second setting one vCPU's registers on this machine's real /dev/kvm (issue 14 P1).
 
-(a) one Python call per register (RealVcpu.set_reg), (b) RealVcpu.set_regs(RegisterSet): the call the apply
-engine makes (the C batch, one crossing per vCPU set, its buffers reused per register list),
-(c) a plain C loop of KVM_SET_ONE_REG ioctls, built here with the system compiler, same ids and values.
-Prints the three rates and the ratios against (c), all measured in this run. Target: (b) >= 0.9 x (c).
-x86 hosts use MSR ids through ONE_REG (Linux >= 6.18); only registers whose GET/SET round-trip works here
-are used, repeated to a 256-register set (the size of an arm64 vCPU's list).
+    .venv/bin/python bench/bench_set_regs.py [--regs 256] [--sets 200] [--rounds 15]
+
+Three variants on the same vCPU, same ids and values, interleaved and rotated every round (bench/pairing.py), each
+round doing --sets full register sets:
+  python    one Python call per register (RealVcpu.set_reg)
+  set_regs  RealVcpu.set_regs(RegisterSet): the call the apply engine makes - the set's bytes copied into the
+            thread's reused C buffers, one crossing into bench/../daemon/kvm/batch.c per set
+  c         bench/cref.c's cref_set_loop: a plain C loop of KVM_SET_ONE_REG ioctls (the same fd, in this process)
+Printed: median [min..max] ms per round, regs/s, each variant's speed as a fraction of C's (C's median time / its
+median time; target for set_regs >= 0.9), and the load. x86 hosts use MSR ids through ONE_REG (Linux >= 6.18); only
+registers whose GET/SET round-trip works here are used, repeated to a 256-register set (an arm64 vCPU's list).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
-import subprocess
 import sys
-import tempfile
-import time
+from pathlib import Path
 
-from invariantd.daemon.kvm.real import RealKvm
-from invariantd.protocol.regset import RegisterSet
-from invariantd.protocol import regid
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-C_LOOP = r"""
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/ioctl.h>
-#include <time.h>
-#include <unistd.h>
-struct one { uint64_t id, addr; };
-int main(int argc, char **argv) {
-    int n = atoi(argv[1]), rounds = atoi(argv[2]);
-    uint64_t *ids = calloc(n, 8), *vals = calloc(n, 8);
-    for (int i = 0; i < n; i++) { if (scanf("%lx %lx", &ids[i], &vals[i]) != 2) return 2; }
-    int kvm = open("/dev/kvm", O_RDWR), vm = ioctl(kvm, 0xAE01, 0), vcpu = ioctl(vm, 0xAE41, 0);
-    if (vcpu < 0) { perror("vcpu"); return 1; }
-    struct timespec a, b; long fails = 0;
-    clock_gettime(CLOCK_MONOTONIC, &a);
-    for (int r = 0; r < rounds; r++)
-        for (int i = 0; i < n; i++) { struct one o = { ids[i], (uint64_t)(uintptr_t)&vals[i] };
-            if (ioctl(vcpu, 0x4010AEACUL, &o) < 0) fails++; }
-    clock_gettime(CLOCK_MONOTONIC, &b);
-    double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
-    printf("%.1f %ld\n", (double)n * rounds / s, fails);
-    return 0;
-}
-"""
+import cref  # noqa: E402
+from pairing import interleave, load, report  # noqa: E402
+
+from invariantd.daemon.kvm.real import RealKvm  # noqa: E402
+from invariantd.protocol.regset import RegisterSet  # noqa: E402
+from invariantd.protocol import regid  # noqa: E402
+
 
 CANDIDATES = [0x8B, 0x174, 0x175, 0x176, 0x277, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
               0xC0000100, 0xC0000101, 0xC0000102, 0x1B, 0x10]
@@ -67,7 +50,8 @@ def usable(vcpu) -> list[tuple[int, int]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regs", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=400)
+    ap.add_argument("--sets", type=int, default=200, help="register sets per variant per round")
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     if not os.path.exists("/dev/kvm"):
         print("bench_set_regs: no /dev/kvm here; nothing to measure", file=sys.stderr)
@@ -80,36 +64,39 @@ def main() -> int:
         print("bench_set_regs: no register round-trips through ONE_REG on this kernel", file=sys.stderr)
         return 1
     regs = (base * (args.regs // len(base) + 1))[:args.regs]
-    ids, vals = [r for r, _ in regs], [v for _, v in regs]
+    rs = RegisterSet.from_pairs(regs)                # what the apply engine hands the binding
+    lib = cref.load()
+    arr = cref.Arrays([rs])
+    fails = ctypes.c_int()
 
-    t = time.perf_counter()
-    for _ in range(args.rounds):
-        for r, v in regs:
-            vcpu.set_reg(r, v)
-    a = args.regs * args.rounds / (time.perf_counter() - t)
+    def python() -> None:
+        for _ in range(args.sets):
+            for r, v in regs:
+                vcpu.set_reg(r, v)
 
-    rs = RegisterSet.from_values(ids, vals)          # what the apply engine hands the binding
-    fails = 0
-    t = time.perf_counter()
-    for _ in range(args.rounds):
-        fails += sum(1 for e in vcpu.set_regs(rs) if e)
-    b = args.regs * args.rounds / (time.perf_counter() - t)
-    if fails:
-        print(f"warning: {fails} batch sets failed", file=sys.stderr)
+    def set_regs() -> None:
+        for _ in range(args.sets):
+            if any(vcpu.set_regs(rs)):
+                raise SystemExit("bench_set_regs: a batch set failed")
 
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = os.path.join(d, "loop.c"), os.path.join(d, "loop")
-        with open(src, "w") as f:
-            f.write(C_LOOP)
-        subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
-        inp = "".join(f"{r:x} {v:x}\n" for r, v in regs)
-        out = subprocess.run([exe, str(args.regs), str(args.rounds)], input=inp, capture_output=True,
-                             text=True, check=True).stdout.split()
-        c, cfails = float(out[0]), int(out[1])
-    print(f"registers per vCPU set: {args.regs} ({len(base)} distinct MSRs), rounds: {args.rounds}")
-    print(f"(a) python call per register : {a:12,.0f} regs/s   ratio to C loop {a / c:.3f}")
-    print(f"(b) set_regs(RegisterSet)     : {b:12,.0f} regs/s   ratio to C loop {b / c:.3f}  (target >= 0.9)")
-    print(f"(c) plain C loop of ioctls   : {c:12,.0f} regs/s   (failures {cfails})")
+    def c() -> float:
+        return lib.cref_set_loop(vcpu.fd, arr.ids, arr.data, arr.offs, arr.n, args.sets, ctypes.byref(fails)) / 1e9
+
+    variants = {"c": c, "set_regs": set_regs, "python": python}
+    for f in variants.values():
+        f()
+    print(f"registers per set: {args.regs} ({len(base)} distinct MSRs), {args.sets} sets per round, "
+          f"{args.rounds} rounds; {load()}")
+    samples = interleave(variants, args.rounds)
+    med = report(samples, "c", unit="ms", scale=1e3)
+    n = args.regs * args.sets
+    for name in ("set_regs", "python"):
+        ratio = med["c"] / med[name]
+        print(f"speed vs C  {name:<9} {ratio:5.2f}x  ({n / med[name]:,.0f} regs/s vs {n / med['c']:,.0f})"
+              + (f"  target >= 0.9: {'OK' if ratio >= 0.9 else 'MISSED'}" if name == "set_regs" else ""))
+    if fails.value:
+        print(f"warning: the C loop saw {fails.value} failed sets", file=sys.stderr)
+    print(f"after: {load()}")
     vm.close()
     return 0
 

@@ -139,6 +139,7 @@ class ApplyProgram:
         if len(self.migration.encode()) > MIGRATION_ID_MAX:
             raise ProgramError(f"migration id longer than {MIGRATION_ID_MAX} bytes")
         object.__setattr__(self, "_by_id", {o.reg_id: o for o in self.ops})
+        object.__setattr__(self, "_touched", {})      # id tuple -> touches(): every vCPU repeats the same list
 
     # --- lookups ----------------------------------------------------------------------------------------------
     def op(self, reg_id: int) -> RegOp | None:
@@ -146,8 +147,16 @@ class ApplyProgram:
 
     def touches(self, ids: Sequence[int]) -> bool:
         """Whether the program has a value of its own for any of these registers (else they go as given)."""
-        by_id = self._by_id                # type: ignore[attr-defined]
-        return any(r in by_id and by_id[r].write is not None for r in ids)
+        memo = self._touched               # type: ignore[attr-defined]
+        key = ids if isinstance(ids, tuple) else tuple(ids)
+        got = memo.get(key)
+        if got is None:
+            by_id = self._by_id            # type: ignore[attr-defined]
+            got = any(r in by_id and by_id[r].write is not None for r in key)
+            if len(memo) >= 64:            # bounded: a peer's distinct lists cannot grow it
+                memo.clear()
+            memo[key] = got
+        return got
 
     def value_to_write(self, reg_id: int, given: int) -> int:
         o = self._by_id.get(reg_id)        # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ import mmap
 import os
 import platform
 import struct
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -86,8 +87,8 @@ class RegBuffers:
         self.data = ffi.new("uint8_t[]", max(self.layout.total, 1))
         self.errs = ffi.new("int[]", max(n, 1))
 
-    def pack_bytes(self, blob: bytes) -> None:
-        ffi.buffer(self.data)[:len(blob)] = blob
+    def pack_bytes(self, blob) -> None:
+        ffi.memmove(self.data, blob, len(blob))
 
     def errnos(self) -> list[int]:
         return list(self.errs[0:self.n])
@@ -99,7 +100,6 @@ class RealVcpu:
         self._one = ffi.new("uint8_t[256]")
         self._reg = ffi.new("uint64_t[2]")
         self._run_map: mmap.mmap | None = None
-        self._bufs: dict[bytes, RegBuffers] = {}
 
     def init(self, init: VcpuInit) -> None:
         buf = ffi.new("uint32_t[8]", [init.target] + init.words())
@@ -153,18 +153,12 @@ class RealVcpu:
         return lib().ivd_set_regs(self.fd, bufs.ids, bufs.data, bufs.offs, bufs.n, bufs.errs)
 
     def _buffers(self, lay) -> RegBuffers:
-        """One set of C buffers per register list, reused (a vCPU is worked on by one thread at a time)."""
-        bufs = self._bufs.get(lay.ids_le)
-        if bufs is None:
-            if len(self._bufs) >= 8:
-                self._bufs.clear()
-            bufs = self._bufs[lay.ids_le] = RegBuffers(lay.ids)
-        return bufs
+        return self.vm.backend.buffers(lay)
 
     def get_regs(self, ids: Sequence[int]) -> tuple[RegisterSet, list[int]]:
         bufs = self._buffers(layout(tuple(ids)))
-        self.get_regs_into(bufs)
-        lay, errs = bufs.layout, bufs.errnos()
+        failed = self.get_regs_into(bufs)
+        lay, errs = bufs.layout, (bufs.errnos() if failed else [0] * bufs.n)
         data = bytes(ffi.buffer(bufs.data, lay.total))
         if any(errs):                               # a register that could not be read holds 0
             fixed = bytearray(data)
@@ -176,8 +170,9 @@ class RealVcpu:
 
     def set_regs(self, regs: RegisterSet) -> list[int]:
         bufs = self._buffers(regs.layout)
-        bufs.pack_bytes(bytes(regs.data))
-        self.set_regs_from(bufs)
+        bufs.pack_bytes(regs.data)
+        if self.set_regs_from(bufs) == 0:
+            return [0] * bufs.n
         return bufs.errnos()
 
     def run_once(self) -> str:
@@ -269,6 +264,7 @@ class RealKvm:
         self.path = path
         self.arch = platform.machine()
         self._msr_ids: tuple[int, ...] | None = None
+        self._local = threading.local()
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -276,6 +272,19 @@ class RealKvm:
 
     def api_version(self) -> int:
         return _call(self.fd, "KVM_GET_API_VERSION")
+
+    def buffers(self, lay) -> RegBuffers:
+        """C buffers for a register list, one set per thread, reused by every vCPU (of every VM) that thread
+        works on: a VM's vCPUs repeat one list, and a vCPU is worked on by one thread at a time."""
+        cache = getattr(self._local, "bufs", None)
+        if cache is None:
+            cache = self._local.bufs = {}
+        bufs = cache.get(lay.ids_le)
+        if bufs is None:
+            if len(cache) >= 8:
+                cache.clear()
+            bufs = cache[lay.ids_le] = RegBuffers(lay.ids)
+        return bufs
 
     def check_extension(self, cap: int) -> int:
         return _call(self.fd, "KVM_CHECK_EXTENSION", cap)
