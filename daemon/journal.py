@@ -37,6 +37,9 @@ log = logging.getLogger("invariantd.journal")
 
 SCHEMA_VERSION = 1
 OUTCOMES = ("open", "committed", "aborted", "in-doubt", "lost")
+FINISHED = ("committed", "aborted", "lost")     # nothing more will happen to such a migration
+KEEP_FINISHED = 5000        # finished migrations kept (plus each VM's latest, and every open / in-doubt one)
+PRUNE_EVERY = 256           # decisions between prunes
 HELD = ("running", "paused", "incoming", "in-doubt", "released")      # vms.VmState values: a VM row still held
 
 _SCHEMA = """
@@ -45,6 +48,7 @@ CREATE TABLE IF NOT EXISTS migrations (
     phase TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL,
     qmp TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS migrations_open ON migrations(outcome);
+CREATE INDEX IF NOT EXISTS migrations_vm ON migrations(vm, updated);
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY, state TEXT NOT NULL, origin TEXT NOT NULL, migration TEXT NOT NULL,
     peer TEXT NOT NULL, detail TEXT NOT NULL, updated REAL NOT NULL);
@@ -108,6 +112,7 @@ class Journal:
                 if mode.lower() != "wal":
                     raise JournalError(f"journal {path}: sqlite refused WAL mode ({mode}); use a local filesystem")
             self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA cache_size=-512")      # KiB: the journal's hot rows are few; bounded memory
             self.db.executescript(_SCHEMA)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -153,6 +158,20 @@ class Journal:
             raise ValueError(f"outcome {outcome!r} not one of {OUTCOMES}")
         self._exec("UPDATE migrations SET outcome=?, detail=?, updated=? WHERE id=?",
                    (outcome, detail[:1000], time.time(), mid))
+        self._decided = getattr(self, "_decided", 0) + 1
+        if self._decided % PRUNE_EVERY == 0:
+            self.prune()
+
+    def prune(self, keep: int = KEEP_FINISHED) -> None:
+        """Forget finished migrations beyond the newest `keep`, except each VM's latest (what in-doubt resolution
+        and `inspect-vm` read); open and in-doubt ones are never forgotten. The file stays bounded over years of
+        migrations, and so do the queries and the page cache."""
+        marks = ",".join("?" * len(FINISHED))
+        self._exec(f"""DELETE FROM migrations WHERE outcome IN ({marks}) AND updated < (
+                           SELECT updated FROM migrations WHERE outcome IN ({marks})
+                           ORDER BY updated DESC LIMIT 1 OFFSET ?)
+                       AND updated < (SELECT MAX(m.updated) FROM migrations m WHERE m.vm = migrations.vm)""",
+                   (*FINISHED, *FINISHED, max(0, keep - 1)))
 
     def migration(self, mid: str) -> MigrationRecord | None:
         row = self._query("SELECT * FROM migrations WHERE id=?", (mid,))[:1]

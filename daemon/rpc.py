@@ -32,6 +32,7 @@ from ..protocol import kvmabi as abi
 from ..protocol import schemas as S
 from ..protocol.negotiate import negotiate
 from ..protocol.policy import default_policy
+from . import memory
 from . import peer as peer_mod
 from . import tls
 from .readback import read_vm
@@ -397,6 +398,7 @@ class Orchestrator:
                 mig.state, mig.result, mig.error = "failed", "aborted", ("migrationFailed", "daemon shutting down")
             mig.ended = time.monotonic()
             _log_outcome(mig)
+            memory.note_work()
             mig.done.set()
 
     async def status(self, mid: str) -> dict:

@@ -19,7 +19,7 @@ from functools import partial
 import trio
 
 from ..protocol import version
-from . import tls
+from . import memory, tls
 from .config import check_files, Config, ConfigError, load
 from .journal import Journal
 from .logs import setup_logging
@@ -126,6 +126,7 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
                 resolver.poke()
         finally:
             inflight[0] -= 1
+            memory.note_work()
             if not inflight[0]:
                 idle.set()
 
@@ -136,6 +137,7 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
         async with trio.open_nursery() as root:
             ports = {"peer": await root.start(listener.run)}
             await root.start(resolver.run)
+            await root.start(memory.trimmer)
             if hub is not None:
                 ports["agent"] = await root.start(hub.serve)
             if orch is not None:

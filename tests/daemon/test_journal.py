@@ -108,3 +108,23 @@ def test_inquiry_needs_protocol_5_and_a_matching_answer():
         d.send(ps.Answer("m2", "vm", "", "", ""))
     with pytest.raises(ProtocolError, match="outcome"):
         ps.Answer("m1", "vm", "maybe", "", "")
+
+
+def test_finished_migrations_are_pruned_beyond_the_newest_but_each_vms_latest_and_undecided_ones_stay(monkeypatch):
+    import invariantd.daemon.journal as J
+    j = J.Journal()
+    clock = iter(range(1, 10_000))
+    monkeypatch.setattr(J.time, "time", lambda: float(next(clock)))
+    j.begin("open-1", "vm-open", "source", "b")                  # never decided: kept whatever its age
+    j.begin("doubt-1", "vm-doubt", "source", "b")
+    j.decide("doubt-1", "in-doubt")
+    j.begin("old-only", "vm-old", "source", "b")                  # vm-old's only (so latest) migration
+    j.decide("old-only", "committed")
+    for k in range(20):
+        j.begin(f"m{k}", "vm-busy", "source", "b")
+        j.decide(f"m{k}", "committed" if k % 2 else "aborted")
+    j.prune(keep=5)
+    ids = {m.id for m in j.migrations(limit=100)}
+    assert {"open-1", "doubt-1", "old-only"} <= ids
+    assert {f"m{k}" for k in range(15, 20)} <= ids and not ids & {f"m{k}" for k in range(0, 15)}
+    assert j.last_migration_of("vm-busy").id == "m19" and j.last_migration_of("vm-old").id == "old-only"
