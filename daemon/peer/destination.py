@@ -14,7 +14,7 @@ from ...protocol.negotiate import negotiate
 from ...protocol.policy import Policy, default_policy
 from ...protocol.program import compile_plan
 from .. import failpoints
-from ..apply import ApplyError, EventAction, apply_vm, apply_vm_async
+from ..apply import ApplyError, EventAction, NeedsFullApply, StagedApply, apply_vm_async
 from ..readback import plan_deviations
 from ..kvm.backend import Backend
 from ..kvm.errors import KvmError
@@ -22,9 +22,10 @@ from ..logs import kv
 from ..metrics import Metrics
 from ..vms import ManagedVm, VmRegistry, VmState
 from .chunks import _regsets, stream_estimate
+from .receive import StreamApplier
 from .link import (CAPS_FORMAT, CAPS_ONLY, PLAN_FORMAT, Conn, MigrationResult, PeerConfig, PeerError, _describe,
                    _wrap)
-from ..vmprofile import explain_mismatch, host_capabilities, refusal_reasons, stream_deviations
+from ..vmprofile import explain_mismatch, host_capabilities, refusal_reasons
 
 log = logging.getLogger("invariantd.peer")
 
@@ -84,6 +85,8 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
     result = None
     mvm: ManagedVm | None = None
     committed = begun = False
+    staged: StagedApply | None = None
+    rx: StreamApplier | None = None
     slot = [None]
 
     def release_slot() -> None:
@@ -149,13 +152,12 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
             await failpoints.hit("destination.accepted")
             await conn.send(ps.PlanAccept(prop.migration_id, plan.digest))
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
-            # Trial apply of the planned VM-wide registers (+ drift registers) on a scratch VM: the source's
-            # values through the same retry path the real apply takes, ending where the plan says.
-            trial_regs = {0: list(vm.values)}
+            # The destination VM itself, built while the source's VM still runs: every vCPU created, the plan's
+            # VM-wide registers written (the profile's values through the program, the same retry path as any
+            # apply), the profile's other registers trialled on vCPU 0, read back (apply.StagedApply)
+            staged = StagedApply(backend, prop.vcpus, vm.values, apply_program, features=feats)
             try:
-                trial = await trio.to_thread.run_sync(
-                    lambda: apply_vm(backend, trial_regs, apply_program, features=feats))
-                trial.close()               # trial events go to the source in Preflight, not to metrics
+                trial = await trio.to_thread.run_sync(staged.prepare)
                 bad = [str(x) for x in trial.mismatches] + plan_deviations(plan, trial.written[0],
                                                                           trial.dropped[0])
                 ok, detail = not bad, "; ".join(bad) or "ok"
@@ -164,27 +166,32 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
                 ok, detail, evs = False, str(e), tuple(f"{x.register} {x.errno} {x.action}" for x in e.events)
             if ok:                          # memory for the stream, taken while the source's VM still runs
                 conn.session.reserve(stream_estimate(vm, prop.vcpus, conn.session.version or 1))
+            else:
+                staged.close()
             await conn.send(ps.Preflight(ok, detail, evs))
             if not ok:
                 ev = await conn.receive()          # the source aborts; anything else is its problem
                 raise PeerError("preflight", f"pre-flight failed: {detail}" + (
                     "" if isinstance(ev, ps.Abort) else f" (source sent {type(ev).__name__})"))
-        received: list[ps.VcpuChunk] = []
+        rx = StreamApplier(staged, vm)
         with m.phase("stream"):
             while True:
                 with trio.fail_after(cfg.phase_timeout):
                     ev = await conn.expect(ps.VcpuChunk, ps.StreamEnd)
                 if isinstance(ev, ps.StreamEnd):
                     break
-                received.append(ev)         # checked (checksum, order, digest); decoded to values at apply time
+                rx.chunk(ev)            # checked (checksum, order, digest); applied once its vCPUs are complete
+            rx.end()
         await failpoints.hit("destination.streamed")
         with m.phase("apply"), trio.fail_after(cfg.apply_timeout):
-            regsets = await trio.to_thread.run_sync(_regsets, received)
-            bad = stream_deviations(vm, regsets)
-            if bad:
-                raise PeerError("apply", "the streamed registers are not the VM the plan was computed for: "
-                                + "; ".join(bad))
-            res = await apply_vm_async(backend, regsets, apply_program, features=feats)   # threads on real KVM
+            try:
+                await rx.wait()
+                res = await staged.finish()
+            except NeedsFullApply:      # ID registers frozen (EBUSY): everything anew on a fresh VM, in order
+                staged.close()
+                regsets = await trio.to_thread.run_sync(_regsets, rx.received)
+                res = await apply_vm_async(backend, regsets, apply_program, features=feats)
+                res.events[:0] = staged.events
             counted, adjusted = apply_report(res.events)
             m.record_apply_events(counted)
             for reg, evs in _by_register(adjusted).items():     # one line per register, not per vCPU
@@ -229,6 +236,11 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         return result
     except BaseException as e:
         err = _wrap(e)
+        if staged is not None and mvm is None:   # the VM built for this migration, never adopted: closed once no
+            with trio.CancelScope(shield=True):  # worker thread can still be using it
+                if rx is not None:
+                    await rx.drain()
+            staged.close()
         if isinstance(err, PeerError) and err.kind == "aborted" and err.code == CAPS_ONLY and mvm is None:
             log.info("capabilities sent %s (caps-only fetch, no migration)", kv(peer=peer))
             return None

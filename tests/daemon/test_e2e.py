@@ -218,7 +218,8 @@ async def test_einvariant_on_patched_destination(nursery, pki, kernel):
 
 
 class FreezeNth(FaultBackend):
-    """The n-th VM created (0 = the pre-flight scratch VM) behaves as if a vCPU had run: ID regs frozen."""
+    """The n-th VM created (0 = the one the destination builds in pre-flight) behaves as if a vCPU had run: ID
+    regs frozen."""
 
     def __init__(self, inner, frozen, **kw):
         super().__init__(inner, **kw)
@@ -234,20 +235,23 @@ class FreezeNth(FaultBackend):
 
 async def test_ebusy_replays_the_apply_once(nursery, pki):
     """The guest lowered ID_AA64ISAR0_EL1.CRC32 on the source (plan: set, writable and lower-safe). The
-    destination's first VM comes up frozen (something ran a vCPU): EBUSY -> recreate the VM, replay once."""
+    destination's first VM (built in pre-flight) comes up frozen (something ran a vCPU): EBUSY -> recreate the VM,
+    replay once."""
     b = Node(SimHost("cortex-a72-r0p4@6.12"), pki)
-    b.host = FreezeNth(b.host, frozen={1})
+    b.host = FreezeNth(b.host, frozen={0})
     a, b, res, _ = await migrate(nursery, pki, "cortex-a72-r0p4@6.12", b, regs={0: [(ISAR0, 0x01120)]})
     vm_b = assert_moved(a, b, res, {("ID_AA64ISAR0_EL1", "EBUSY", "replay")})
     assert vm_b.vcpus[1].get_reg(ISAR0) == 0x01120
-    assert b.host.created == 3 and b.host.vms[1].closed and not b.host.vms[2].closed
+    assert b.host.created == 2 and b.host.vms[0].closed and not b.host.vms[1].closed
 
 
-async def test_ebusy_twice_aborts_and_source_resumes(nursery, pki):
+async def test_ebusy_twice_fails_the_preflight_and_the_source_never_pauses(nursery, pki):
+    """Both VMs the destination builds in pre-flight come up frozen: the pre-flight says so (EBUSY, replayed
+    once), before the source's VM was paused."""
     b = Node(SimHost("cortex-a72-r0p4@6.12"), pki)
-    b.host = FreezeNth(b.host, frozen={1, 2})
+    b.host = FreezeNth(b.host, frozen={0, 1})
     a, b, err, _ = await migrate(nursery, pki, "cortex-a72-r0p4@6.12", b, regs={0: [(ISAR0, 0x01120)]})
-    assert isinstance(err, PeerError) and err.kind == "aborted" and "EBUSY" in str(err) and "once" in str(err)
+    assert isinstance(err, PeerError) and err.kind == "preflight" and "EBUSY" in str(err) and "once" in str(err)
     assert a.registry.get("vm-1").state is VmState.RUNNING and b.registry.vms == {}
     assert all(vm.closed for vm in b.host.vms)
 
@@ -329,3 +333,14 @@ async def test_a_protocol_3_destination_is_committed_without_acknowledgement(nur
     b = Node(SimHost("cortex-a72-r0p3@6.12"), pki, cfg=replace(CFG, versions=(1, 2, 3)))
     a, b, res, rec = await migrate(nursery, pki, "cortex-a72-r0p3@6.12", b)
     assert res.result == "committed" and rec.sent.count("Commit") == 1
+
+
+async def test_ebusy_during_the_stream_applies_everything_anew_on_a_fresh_vm(nursery, pki):
+    """The pre-flight VM took its VM-wide registers, then a state register answers EBUSY as the stream arrives
+    (something ran a vCPU meanwhile): the streamed sets are applied from scratch on a fresh VM, in order."""
+    b = Node(SimHost("cortex-a72-r0p3@6.12"), pki)
+    b.host = FaultBackend(b.host, faults={SCTLR: [E.EBUSY]})
+    a, b, res, _ = await migrate(nursery, pki, "cortex-a72-r0p3@6.12", b)
+    vm_b = assert_moved(a, b, res, {("SCTLR_EL1", "EBUSY", "replay")})
+    assert len(b.host.vms) == 2 and b.host.vms[0].closed and not b.host.vms[1].closed
+    assert vm_b.state is VmState.RUNNING

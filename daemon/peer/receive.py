@@ -1,0 +1,128 @@
+"""The destination's stream: chunks received, and each vCPU applied as soon as all its registers arrived.
+
+Chunks come in vCPU order (chunks._chunks): when a chunk arrives, every vCPU below the highest one it carries is
+complete (a vCPU is split over chunks only when it has more registers than a chunk holds), and at StreamEnd all
+are. A complete vCPU is checked against the VM profile the plan was computed from (its VM-wide registers must be
+the profile's: the staged apply wrote those in pre-flight) and handed to StagedApply.state - in worker threads on
+the real backend (its batch ioctls release the GIL while the next chunk is read), in line on the simulated host
+(pure Python: a thread would only add hand-offs). A failure does not stop the stream: the first one is kept
+and raised by `wait`, after StreamEnd (an EBUSY replay, NeedsFullApply, lets the caller apply everything anew).
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from functools import partial
+from typing import Sequence
+
+import trio
+
+from ...protocol import schemas as S
+from ...protocol import session as ps
+from ...protocol.regset import RegisterSet
+from ..apply import StagedApply, threaded
+from ..vmprofile import stream_deviations
+from .link import PeerError
+
+
+class StreamApplier:
+    """Runs the state phase of each vCPU as it completes; `received` keeps every chunk (the fallback's input).
+
+    Worker threads are started with trio.lowlevel.start_thread_soon, at most `threads_max` at once, each taking
+    the next queued vCPU until none is left (one hand-off per worker, not per vCPU), and report back to the trio
+    thread: no nursery, so the receive loop's own errors reach the caller as they are. The VM is
+    never closed while a thread may still use its file descriptors: `drain()` first (a descriptor closed under a
+    running ioctl loop could be reused by another VM's)."""
+
+    def __init__(self, staged: StagedApply | None, vm: S.VmProfile, threads_max: int | None = None) -> None:
+        self.staged, self.vm = staged, vm
+        self.threads = staged is not None and threaded(staged.backend)
+        self.threads_max = threads_max or max(1, os.cpu_count() or 1)
+        self.received: list[ps.VcpuChunk] = []
+        self._pending: dict[int, list[RegisterSet]] = {}
+        self.failure: BaseException | None = None
+        self._queue: deque = deque()
+        self._running = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def chunk(self, c: ps.VcpuChunk) -> None:
+        self.received.append(c)
+        per = c.per_vcpu()
+        top = max(per)
+        for i, rs in per.items():
+            self._pending.setdefault(i, []).append(rs)
+        ready = [i for i in self._pending if i < top]
+        if ready:
+            self._dispatch(sorted(ready))
+
+    def end(self) -> None:
+        """StreamEnd: every vCPU still pending is complete."""
+        self._dispatch(sorted(self._pending))
+
+    def _dispatch(self, ready: Sequence[int]) -> None:
+        batch = [(i, RegisterSet.concat(self._pending.pop(i))) for i in ready]
+        if self.staged is None or self.failure is not None:
+            return
+        if not self.threads:
+            for item in batch:
+                self._apply(item)
+            return
+        self._queue.extend(batch)              # one vCPU per item: the workers share a chunk's vCPUs
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and self._running < min(self.threads_max, len(self._queue) + self._running):
+            self._running += 1
+            trio.lowlevel.start_thread_soon(self._worker, self._deliver)
+
+    def _worker(self) -> None:                 # a worker thread: the next vCPU until none is left
+        while True:
+            try:
+                item = self._queue.popleft()   # deque: safe between threads
+            except IndexError:
+                return
+            self._apply(item)
+
+    def _deliver(self, outcome) -> None:       # in the worker thread, its work done (_worker never raises)
+        try:
+            self._token.run_sync_soon(self._finished)
+        except trio.RunFinishedError:
+            pass
+
+    def _finished(self) -> None:               # back in the trio thread
+        self._running -= 1
+        self._pump()                           # a vCPU queued while this worker was leaving
+        if not self._running and not self._queue:
+            self._idle.set()
+
+    def _apply(self, item) -> None:
+        if self.failure is not None:
+            return
+        i, rs = item
+        try:
+            bad = stream_deviations(self.vm, {i: rs})
+            if bad:
+                raise PeerError("apply", "the streamed registers are not the VM the plan was computed for: "
+                                + "; ".join(bad))
+            self.staged.state(i, rs)
+        except Exception as e:          # kept for wait(): the stream goes on to its end (see the module doc)
+            if self.failure is None:
+                self.failure = e
+
+    async def drain(self) -> None:
+        """Every started thread finished (no new one starts once a failure was kept)."""
+        if self.failure is not None:
+            self._queue.clear()
+            if not self._running:
+                self._idle.set()
+        await self._idle.wait()
+
+    async def wait(self) -> None:
+        """Every dispatched vCPU applied; raises the first failure."""
+        await self.drain()
+        if self.failure is not None:
+            raise self.failure
