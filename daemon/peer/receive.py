@@ -4,8 +4,9 @@ Chunks come in vCPU order (chunks._chunks): when a chunk arrives, every vCPU bel
 complete (a vCPU is split over chunks only when it has more registers than a chunk holds), and at StreamEnd all
 are. A complete vCPU is checked against the VM profile the plan was computed from (its VM-wide registers must be
 the profile's: the staged apply wrote those in pre-flight) and handed to StagedApply.state - in worker threads on
-the real backend (its batch ioctls release the GIL while the next chunk is read), in line on the simulated host
-(pure Python: a thread would only add hand-offs). A failure does not stop the stream: the first one is kept
+the real backend (its batch ioctls release the GIL while the next chunk is read), in line after StreamEnd on the
+simulated host (pure Python: a thread would only add hand-offs, and applying between chunks would only slow the
+read). A failure does not stop the stream: the first one is kept
 and raised by `wait`, after StreamEnd (an EBUSY replay, NeedsFullApply, lets the caller apply everything anew).
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class StreamApplier:
         self._pending: dict[int, list[RegisterSet]] = {}
         self.failure: BaseException | None = None
         self._queue: deque = deque()
+        self._deferred: list = []
         self._running = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -65,9 +67,8 @@ class StreamApplier:
         batch = [(i, RegisterSet.concat(self._pending.pop(i))) for i in ready]
         if self.staged is None or self.failure is not None:
             return
-        if not self.threads:
-            for item in batch:
-                self._apply(item)
+        if not self.threads:                   # the simulated host: applied at StreamEnd, in line (pure Python: the
+            self._deferred.extend(batch)       # total is the same, and the stream is read without pauses)
             return
         self._queue.extend(batch)              # one vCPU per item: the workers share a chunk's vCPUs
         if self._idle.is_set():
@@ -123,6 +124,9 @@ class StreamApplier:
 
     async def wait(self) -> None:
         """Every dispatched vCPU applied; raises the first failure."""
+        for item in self._deferred:
+            self._apply(item)
+        self._deferred.clear()
         await self.drain()
         if self.failure is not None:
             raise self.failure

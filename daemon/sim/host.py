@@ -95,6 +95,14 @@ def _hexmap(d: dict) -> dict[int, int]:
     return {int(k, 16): int(v, 16) for k, v in d.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class RegInfo:
+    cls: str            # catalog class (id, imp_id, cache, fw, demux, state, ...)
+    group: str          # regid group (core, sysreg, fw, fw-bmap, demux, sve, ...)
+    raz: bool           # an "aa32" ID register on a host without AArch32 at EL0 (6.1+): reads 0, ignores writes
+    sve_data: bool      # Z / P / FFR: only after KVM_ARM_VCPU_FINALIZE
+
+
 class SimHost:
     kind = "sim"
     arch = "aarch64"
@@ -128,6 +136,47 @@ class SimHost:
         self.aa32_raz = self.kernel_tuple >= (6, 1) and not self.catalog.aarch32_el0(self.values)
         self.init = VcpuInit(doc["vcpu_init"]["target"],
                              tuple(abi.VCPU_FEATURES[f] for f in doc["vcpu_init"]["base_features"]))
+        self._info: dict = {}      # reg id -> RegInfo; ("tpl", features) -> vcpu_template
+        pfr1 = self.catalog.id_of("ID_AA64PFR1_EL1")
+        self.ssbs = (pfr1, next(f for f in self.catalog.fields_of(pfr1) if f.name == "SSBS"))
+
+    def vcpu_template(self, features: tuple[int, ...]) -> tuple[tuple[int, ...], dict[int, int]]:
+        """(register list, values) of a vCPU just initialised with `features` (MPIDR aside: per vCPU). Computed once
+        per feature set: every vCPU of a VM repeats it."""
+        key = ("tpl", features)
+        got = self._info.get(key)
+        if got is None:
+            listed = list(self.reg_list)
+            values = {rid: self.values.get(rid, 0) for rid in listed}
+            if _SVE_FEATURE in features:
+                core_v = {r for r in listed if regid.decode(r).group == "core" and regid.size_bytes(r) == 16}
+                listed = [r for r in listed if r not in core_v]       # unlisted (their values stay, as before)
+                sve = ([regid.sve_z(n) for n in range(32)] + [regid.sve_p(n) for n in range(16)]
+                       + [regid.sve_ffr(), regid.SVE_VLS])
+                listed += sve
+                for r in sve:
+                    values[r] = self.sve_vls if r == regid.SVE_VLS else 0
+                for r, v in self.sve_values.items():        # KVM shows PFR0.SVE / ZFR0 to an SVE vCPU only
+                    if r in values:
+                        values[r] = v
+            if _PMU_FEATURE in features:
+                for r, v in self.pmu_values.items():        # KVM shows PMUVer / PerfMon to a vCPU with a PMU only
+                    if r in values:
+                        values[r] = v
+            got = self._info[key] = (tuple(listed), values)
+        return got
+
+    def info(self, reg_id: int) -> "RegInfo":
+        """What the simulated kernel's ONE_REG paths ask of a register id, looked up once per id (the catalog's
+        class, the id's group, whether it is RAZ/WI here): a register costs a dict lookup, not a catalog walk."""
+        got = self._info.get(reg_id)
+        if got is None:                          # asked for listed registers only (SimVcpu._check): bounded
+            d = regid.decode(reg_id)
+            got = self._info[reg_id] = RegInfo(
+                self.catalog.reg_class(reg_id), d.group,
+                self.aa32_raz and self.catalog.visibility(reg_id) == "aa32",
+                d.group == "sve" and reg_id != regid.SVE_VLS)
+        return got
 
     # Backend interface
     def api_version(self) -> int:
@@ -227,6 +276,9 @@ class SimVm:
         self.vcpus.clear()
 
 
+_CHECKED = frozenset(("id", "imp_id", "cache", "fw", "fw-bmap", "demux"))    # classes / groups a setter checks
+
+
 def _vm_wide(cls: str) -> bool:
     return cls in ("id", "imp_id", "fw") or cls == "cache"
 
@@ -247,29 +299,12 @@ class SimVcpu:
         host = self.vm.host
         _check_features(host, init.features)
         self.features = tuple(init.features)
-        self.listed = list(host.reg_list)
-        self.values = {}
+        listed, values = host.vcpu_template(self.features)
+        self.listed, self.values = list(listed), dict(values)
         cat = self.vm.host.catalog
-        for rid in self.listed:
-            v = host.values.get(rid, 0)
-            if rid == cat.id_of("MPIDR_EL1"):
-                v = (1 << 31) | (self.index & 0xF) | ((self.index >> 4) & 0xFF) << 8
-            self.values[rid] = v
-        if _SVE_FEATURE in self.features:
-            core_v = [r for r in self.listed if regid.decode(r).group == "core" and regid.size_bytes(r) == 16]
-            self.listed = [r for r in self.listed if r not in core_v]
-            sve = ([regid.sve_z(n) for n in range(32)] + [regid.sve_p(n) for n in range(16)]
-                   + [regid.sve_ffr(), regid.SVE_VLS])
-            self.listed += sve
-            for r in sve:
-                self.values[r] = host.sve_vls if r == regid.SVE_VLS else 0
-            for r, v in host.sve_values.items():        # KVM shows PFR0.SVE / ZFR0 to an SVE vCPU only
-                if r in self.values:
-                    self.values[r] = v
-        if _PMU_FEATURE in self.features:
-            for r, v in host.pmu_values.items():        # KVM shows PMUVer / PerfMon to a vCPU with a PMU only
-                if r in self.values:
-                    self.values[r] = v
+        mpidr = cat.id_of("MPIDR_EL1")
+        if mpidr in self.values:
+            self.values[mpidr] = (1 << 31) | (self.index & 0xF) | ((self.index >> 4) & 0xFF) << 8
         if self.vm.vm_values is None:
             self.vm.vm_values = {r: v for r, v in self.values.items() if _vm_wide(cat.reg_class(r))}
 
@@ -312,27 +347,30 @@ class SimVcpu:
         pass
 
     # --- registers
-    def _check(self, op: str, reg_id: int) -> None:
+    def _check(self, op: str, reg_id: int) -> RegInfo:
         if self.features is None:
             raise KvmError(op, E.ENOEXEC, reg_id)
-        if (reg_id & regid.KVM_REG_ARCH_MASK) != regid.KVM_REG_ARM64 or (reg_id >> 32) & 0x000FFFFF:
-            raise KvmError(op, E.EINVAL, reg_id, "not an arm64 register id")
-        if reg_id not in self.values:
+        if reg_id not in self.values:            # listed ids only (valid arm64 ids): the rest is an error
+            if (reg_id & regid.KVM_REG_ARCH_MASK) != regid.KVM_REG_ARM64 or (reg_id >> 32) & 0x000FFFFF:
+                raise KvmError(op, E.EINVAL, reg_id, "not an arm64 register id")
             raise KvmError(op, E.ENOENT, reg_id)
-        if regid.decode(reg_id).group == "sve" and reg_id != regid.SVE_VLS and not self.finalized:
+        info = self.vm.host.info(reg_id)
+        if info.sve_data and not self.finalized:
             raise KvmError(op, E.EPERM, reg_id, "SVE not finalized")
+        return info
 
     def _store(self, reg_id: int) -> dict[int, int]:
         vmv = self.vm.vm_values
         return vmv if vmv is not None and reg_id in vmv else self.values
 
     def get_reg(self, reg_id: int) -> int:
-        self._check("KVM_GET_ONE_REG", reg_id)
-        if self.vm.host.aa32_raz and self.vm.host.catalog.visibility(reg_id) == "aa32":
+        info = self._check("KVM_GET_ONE_REG", reg_id)
+        if info.raz:
             return 0
-        hidden = self._ssbs_hidden_view()
-        if reg_id in hidden:
-            return hidden[reg_id]
+        if info.group == "fw":
+            hidden = self._ssbs_hidden_view()
+            if reg_id in hidden:
+                return hidden[reg_id]
         return self._store(reg_id)[reg_id]
 
     def _ssbs_hidden_view(self) -> dict[int, int]:
@@ -341,9 +379,7 @@ class SimVcpu:
         host = self.vm.host
         if not host.ssbs_hidden_values:
             return {}
-        cat = host.catalog
-        pfr1 = cat.id_of("ID_AA64PFR1_EL1")
-        ssbs = next(f for f in cat.fields_of("ID_AA64PFR1_EL1") if f.name == "SSBS")
+        pfr1, ssbs = host.ssbs
         store = self._store(pfr1)
         return host.ssbs_hidden_values if pfr1 in store and not ssbs.get(store[pfr1]) else {}
 
@@ -383,20 +419,21 @@ class SimVcpu:
 
     def set_reg(self, reg_id: int, value: int) -> None:
         op = "KVM_SET_ONE_REG"
-        self._check(op, reg_id)
-        size = regid.size_bytes(reg_id)
-        if value < 0 or value >> (8 * size):
-            raise KvmError(op, E.EINVAL, reg_id, f"value does not fit {size} bytes")
-        cat = self.vm.host.catalog
-        if self.vm.host.aa32_raz and cat.visibility(reg_id) == "aa32":
+        info = self._check(op, reg_id)
+        if value < 0 or value >> (8 * regid.size_bytes(reg_id)):
+            raise KvmError(op, E.EINVAL, reg_id, f"value does not fit {regid.size_bytes(reg_id)} bytes")
+        if info.raz:
             return                      # REG_USER_WI: accepted, ignored (no setter runs, not even after first run)
         if reg_id == regid.SVE_VLS:
             self.values[reg_id] = self._check_vls(op, value)
             return
+        cls, group = info.cls, info.group
+        if cls not in _CHECKED and group not in _CHECKED:
+            self.values[reg_id] = value          # per-vCPU state: no setter check (vm_values holds VM-wide only)
+            return
+        cat = self.vm.host.catalog
         store = self._store(reg_id)
         cur = store[reg_id]
-        cls = cat.reg_class(reg_id)
-        group = regid.decode(reg_id).group
         if cls in ("id", "imp_id", "cache"):
             value = self._set_idlike(op, reg_id, cls, value, cur)
         elif group == "fw":
