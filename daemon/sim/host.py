@@ -396,7 +396,36 @@ class SimVcpu:
     def reg_list(self) -> list[int]:
         return reg_list_handshake(self)
 
+    def _plain(self, ids: tuple[int, ...], writing: bool) -> bool:
+        """Whether every register of `ids` takes the plain path here (listed, no RAZ, SVE data only once finalized;
+        writing: per-vCPU state, no setter check) - then a whole batch is one comprehension or
+        one dict update, exactly what the register-by-register path would do. Cached per list and vCPU shape."""
+        host = self.vm.host
+        key = ("plain", ids, self.features, self.finalized, writing)
+        got = host._info.get(key)
+        if got is None:
+            values = self.values
+            ok = True
+            for r in ids:
+                if r not in values:
+                    ok = False
+                    break
+                info = host.info(r)
+                if info.raz or (info.sve_data and not self.finalized) or (writing and (
+                        r == regid.SVE_VLS or info.cls in _CHECKED or info.group in _CHECKED)):
+                    ok = False
+                    break
+            if len(host._info) >= 1 << 16:
+                host._info.clear()
+            got = host._info[key] = ok
+        return got
+
     def get_regs(self, ids: Sequence[int]) -> tuple[RegisterSet, list[int]]:
+        key = tuple(ids)
+        if self.features is not None and self._plain(key, False):
+            vmv, values, hidden = self.vm.vm_values or {}, self.values, self._ssbs_hidden_view()
+            return RegisterSet.from_values(key, [hidden[r] if r in hidden else vmv[r] if r in vmv else values[r]
+                                                 for r in key]), [0] * len(key)
         vals, errs = [], []
         for r in ids:
             try:
@@ -408,6 +437,9 @@ class SimVcpu:
         return RegisterSet.from_values(ids, vals), errs
 
     def set_regs(self, regs: RegisterSet) -> list[int]:
+        if self.features is not None and self._plain(regs.ids, True):
+            self.values.update(zip(regs.ids, regs.values()))   # a RegisterSet's values fit their registers
+            return [0] * len(regs)
         errs = []
         for r, v in regs:
             try:
