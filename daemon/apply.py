@@ -585,8 +585,6 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
     return drive.result
 
 
-
-
 class NeedsFullApply(Exception):
     """A staged apply met an EBUSY ordering fault (ID registers frozen): its VM is closed; apply the streamed
     sets from scratch with apply_vm / apply_vm_async (a fresh VM, everything in order, one replay allowed)."""

@@ -133,6 +133,19 @@ def read_vm(vcpus: Mapping[int, Vcpu], ids: Sequence[int] | None = None) -> dict
 
 
 # --- judged against the plan ----------------------------------------------------------------------------------
+_LAST_JUDGED: list = [(None, ())]
+
+
+def _judged(plan: Plan) -> tuple:
+    """The plan's entries an apply is judged against (whole registers, not refused): once per plan, not per vCPU
+    (kept for the last plan seen, by identity: hashing a Plan would cost more than the filter)."""
+    seen, got = _LAST_JUDGED[0]
+    if seen is not plan:
+        got = tuple(e for e in plan.entries if not e.field and e.reg_id and e.verdict is not Verdict.REFUSE)
+        _LAST_JUDGED[0] = (plan, got)
+    return got
+
+
 def plan_deviations(plan: Plan, written: Mapping[int, int], dropped: Iterable[int] = (), *,
                     vcpu: int | None = None) -> list[str]:
     """Where an apply ended differently from the plan: a planned register holding another value than the
@@ -141,9 +154,7 @@ def plan_deviations(plan: Plan, written: Mapping[int, int], dropped: Iterable[in
     dropped = set(dropped)
     where = f"vCPU {vcpu} " if vcpu is not None else ""
     out = []
-    for e in plan.entries:
-        if e.field or not e.reg_id or e.verdict is Verdict.REFUSE:
-            continue
+    for e in _judged(plan):
         if e.verdict is Verdict.DROP:
             if e.reg_id in written:
                 out.append(f"{where}{e.register}: the plan drops it, the kernel took {written[e.reg_id]:#x}")

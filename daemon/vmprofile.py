@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 from ..protocol import kernelver, kvmabi as abi
 from ..protocol import schemas as S
+from ..protocol.regset import RegisterSet
 from ..protocol.catalog import catalog
 from ..protocol.policy import Policy
 from .apply import vm_wide
@@ -121,13 +122,26 @@ def explain_mismatch(ours: S.Plan, theirs: S.Plan | None) -> str:
     return "same entries but different header (notes / guest-visible summary / engine version)"
 
 
+_LAST_WIDE: list = [(None, {})]
+
+
+def wide_values(vm: S.VmProfile) -> dict[int, int]:
+    """The VM-wide registers of a VM profile with their values (what every vCPU must stream); kept for the last
+    profile seen, by identity (a migration asks once per vCPU)."""
+    seen, got = _LAST_WIDE[0]
+    if seen is not vm:
+        got = {r: v for r, v in vm.values if vm_wide(r)}
+        _LAST_WIDE[0] = (vm, got)
+    return got
+
+
 def stream_deviations(vm: S.VmProfile, regsets: Mapping[int, Sequence[tuple[int, int]]]) -> list[str]:
     """VM-wide registers streamed with other values than the VmProfile the plan was computed from."""
-    want = {r: v for r, v in vm.values if vm_wide(r)}
+    want = wide_values(vm)
     cat = catalog()
     out = []
     for i, regs in sorted(regsets.items()):
-        got = dict(regs)
+        got = dict(zip(regs.ids, regs.values())) if isinstance(regs, RegisterSet) else dict(regs)
         for r, v in want.items():
             if got.get(r) != v:
                 have = got.get(r)

@@ -23,6 +23,7 @@ from ...protocol import session as ps
 from ...protocol.regset import RegisterSet
 from ..apply import StagedApply, threaded
 from ..vmprofile import stream_deviations
+from .chunks import _regsets
 from .link import PeerError
 
 
@@ -51,6 +52,8 @@ class StreamApplier:
 
     def chunk(self, c: ps.VcpuChunk) -> None:
         self.received.append(c)
+        if not self.threads:                   # split at StreamEnd (nothing is applied before it here)
+            return
         per = c.per_vcpu()
         top = max(per)
         for i, rs in per.items():
@@ -61,6 +64,8 @@ class StreamApplier:
 
     def end(self) -> None:
         """StreamEnd: every vCPU still pending is complete."""
+        if not self.threads:
+            self._pending = {i: [rs] for i, rs in _regsets(self.received).items()}
         self._dispatch(sorted(self._pending))
 
     def _dispatch(self, ready: Sequence[int]) -> None:
