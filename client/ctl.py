@@ -281,7 +281,8 @@ def cmd_cancel(args) -> int:
     return Exit.OK if st["state"] == "cancelled" else _end_code(st)
 
 
-def register(sub) -> None:
+def connection_options() -> argparse.ArgumentParser:
+    """The daemon connection options (a parent parser): every daemon command's, and `fleet plan --daemon`'s."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("daemon connection")
     g.add_argument("--daemon", metavar="ADDR", default=None,
@@ -290,6 +291,11 @@ def register(sub) -> None:
     g.add_argument("--cert", metavar="PEM", help="client certificate (+ key) (or $INVARIANTD_CERT)")
     g.add_argument("--key", metavar="PEM", help="client key when not in --cert (or $INVARIANTD_KEY)")
     g.add_argument("--server-name", metavar="NAME", help="TLS name to verify (default: the address's host)")
+    return common
+
+
+def register(sub) -> None:
+    common = connection_options()
     common.add_argument("--json", action="store_true", help="machine-readable output")
     kw = dict(parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 

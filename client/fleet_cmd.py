@@ -2,9 +2,10 @@
 
 fleet hosts
     One line per host: node, profile, kernel, MIDR, cap 239, peer address, its capability document's address.
-fleet plan VM
+fleet plan VM [--daemon ADDR]
     VM: a VM profile (JSON), a capability document or a shipped host profile (= a VM created with that host's
-    defaults), as `plan --from` takes. Every host, ranked: migratable with nothing the guest sees change, then
+    defaults), as `plan --from` takes; with --daemon, the name of a VM that daemon holds (its profile read from
+    its vCPUs now, over the RPC's vmProfile). Every host, ranked: migratable with nothing the guest sees change, then
     migratable with the fewest guest-visible changes, then refused (the reasons), then hosts that could not be
     planned (why). One plan per distinct capability document, shared by the hosts that published it.
     Exit codes: 0 some host is migratable, 3 none is, 4 etcd unreachable, 2 bad input / no hosts.
@@ -78,8 +79,19 @@ def cmd_plan(args) -> int:
     if args.limit < 0:
         raise CliError(f"--limit {args.limit}: must be 0 (all) or more")
     store, pol = _store(args)
+    if args.daemon:                    # a VM that daemon holds, as its planner sees it now
+        from ..daemon.rpcclient import RpcError
+        from . import exits
+        from .ctl import _client
+        try:
+            with _client(args) as c:
+                doc = c.vm_profile(args.vm)
+        except RpcError as e:
+            raise CliError(f"VM {args.vm} on {args.daemon}: {e.message}", exits.for_kind(e.kind)) from None
+    else:
+        doc = _read_json(args.vm, "VM")
     try:
-        vm = S.load_source(_read_json(args.vm, "VM"), frozenset(pol.drift))
+        vm = S.load_source(doc, frozenset(pol.drift))
     except S.SchemaError as e:
         raise CliError(f"VM {args.vm}: {e}") from None
     rows = fleet.plan_all(vm, store, pol)
@@ -140,9 +152,11 @@ def register(sub) -> None:
     fs = f.add_subparsers(dest="fleet_cmd", required=True, metavar="{hosts,plan,baseline}")
     p = fs.add_parser("hosts", help="the hosts in the store", **kw)
     p.set_defaults(func=cmd_hosts)
-    p = fs.add_parser("plan", help="plan one VM against every host, ranked", **kw)
+    from .ctl import connection_options
+    p = fs.add_parser("plan", help="plan one VM against every host, ranked", parents=[common, connection_options()],
+                      epilog=exits.table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("vm", metavar="VM", help="VM profile JSON, capability document or shipped host profile "
-                                           "(e.g. cortex-a72-r0p3@7.3)")
+                                           "(e.g. cortex-a72-r0p3@7.3); with --daemon, the name of a VM it holds")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="print only the first N rows (0 = all; the "
                                                                        "summary counts every host)")
     p.set_defaults(func=cmd_plan)

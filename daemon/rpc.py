@@ -327,6 +327,15 @@ class Orchestrator:
                 "json": json.dumps(S.plan_to_doc(plan), indent=1).encode(), "plan_bytes": S.plan_to_bytes(plan),
                 "destination": p.name}
 
+    async def vm_profile(self, vm: str) -> dict:
+        """The VM profile document (schemas.vm_to_doc) of a VM held here, read from its vCPUs now."""
+        m = self._vm(vm)
+        try:
+            regsets = await trio.to_thread.run_sync(lambda: read_vm(m.vcpus))
+        except KvmError as e:
+            raise RpcFailure("kvm", f"cannot read VM {vm}: {e}") from None
+        return S.vm_to_doc(vm_profile_of(m, regsets, self.backend, self.policy))
+
     # --- migrations
     def _mig(self, mid: str) -> Migration:
         m = self.migrations.get(mid)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 PEER_CALLS = frozenset({"caps", "prepare_vmm", "incoming_vmm", "vmm_status"})
 ORCHESTRATOR_CALLS = frozenset({"caps", "peers", "list_vms", "inspect_vm", "create_vm", "remove_vm", "resolve_vm",
                                 "plan", "migrate", "status", "list_migrations", "cancel", "wait", "list_vmms",
-                                "vmm_status", "migrate_vmm"})
+                                "vm_profile", "vmm_status", "migrate_vmm"})
 METHOD_ROLES = {"peer": PEER_CALLS, "orchestrator": ORCHESTRATOR_CALLS}
 BY_CALLER = frozenset({"create_vm"})          # take the caller (quota)
 

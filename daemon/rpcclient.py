@@ -217,6 +217,9 @@ class AsyncClient:
     async def list_vmms(self) -> list[dict]:
         return await self._json("listVmms")
 
+    async def vm_profile(self, name: str) -> dict:
+        return await self._json("vmProfile", name=name)
+
     async def prepare_vmm(self, vm: str, migration_id: str, profile: bytes, digest: bytes) -> dict:
         return await self._json("prepareVmm", vm=vm, migrationId=migration_id, profile=profile, digest=digest)
 
@@ -326,6 +329,9 @@ class Client:
 
     def list_vmms(self) -> list[dict]:
         return self._call("list_vmms")
+
+    def vm_profile(self, name: str) -> dict:
+        return self._call("vm_profile", name)
 
     def prepare_vmm(self, vm: str, migration_id: str, profile: bytes, digest: bytes) -> dict:
         return self._call("prepare_vmm", vm, migration_id, profile, digest)

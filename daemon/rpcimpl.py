@@ -134,6 +134,9 @@ def impl_class():
         async def listVmms(self, _context, **kw):
             await self._json(_context.results, self.orch.list_vmms, ())
 
+        async def vmProfile(self, name, _context, **kw):
+            await self._json(_context.results, self.orch.vm_profile, (str(name),))
+
         async def prepareVmm(self, vm, migrationId, profile, digest, _context, **kw):
             await self._json(_context.results, self.orch.prepare_vmm, (str(vm), str(migrationId), bytes(profile),
                                                                        bytes(digest)))

@@ -141,4 +141,7 @@ interface Orchestrator {
   resolveVm @17 (name :Text, peer :Text, action :Text) -> (error :Error, vm :VmInfo);
   # an in-doubt or released VM, after asking `peer` what it holds: action "resume" (only when the peer holds no
   # copy that could run) or "discard" (only when the peer runs it). vm: the VM after a resume (unset after discard).
+  vmProfile @18 (name :Text) -> (error :Error, json :Data);
+  # the VM as the planner sees it (invariantctl plan --from's VM profile JSON), read from its vCPUs now: what
+  # `invariantctl fleet plan VM --daemon ADDR` plans against every host of a fleet
 }

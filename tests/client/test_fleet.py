@@ -122,3 +122,22 @@ def test_baseline_of_the_fleet_is_the_baseline_of_its_documents(fleet, capsys, t
     direct = json.loads(out2)
     assert code == code2 and got["values"] == direct["values"]
     assert got["baseline"]["lowered"] == direct["baseline"]["lowered"]
+
+
+async def test_plan_a_vm_a_daemon_holds_by_name(fleet, nursery, pki, capsys):
+    """`fleet plan NAME --daemon ADDR`: the VM as that daemon's planner sees it (rpc vmProfile), against the store."""
+    import trio
+    from support.cluster import call, start_cluster
+    endpoint, _ = fleet
+    cl = await start_cluster(nursery, pki)                 # node-a: cortex-a72-r0p3@6.12, the VM above's host
+    with cl.client("a") as c:
+        await call(c.create_vm, "web1", 2)
+    conn = ["--daemon", f"127.0.0.1:{cl.a['rpc']}", "--ca", pki["ca"], "--cert", pki["operator"],
+            "--server-name", "localhost", "--etcd", endpoint, "--prefix", "/f"]
+    code = await trio.to_thread.run_sync(main, ["fleet", "plan", "web1", *conn, "--json"])
+    got = json.loads(capsys.readouterr().out)
+    assert code == 0 and got["vm"] == "web1"
+    assert [(r["node"], r["verdict"]) for r in got["rows"]][:3] == [
+        ("n1", "migratable"), ("n2", "migratable"), ("n3", "migratable-with-changes")]
+    code = await trio.to_thread.run_sync(main, ["fleet", "plan", "no-such-vm", *conn])
+    assert code == 2 and "VM no-such-vm on 127.0.0.1" in capsys.readouterr().err
