@@ -601,8 +601,9 @@ class StagedApply:
     prepare() does what apply_vm does before the state phase - create the VM (cap 239 first when the program says
     so), create and initialise every vCPU, the VM-wide phase on every vCPU in order - with the VM profile's values
     (the plan was computed from them; the stream must carry the same, which the caller checks), then trials the
-    profile's other registers on vCPU 0 and reads vCPU 0 back: the pre-flight's answer, on the VM the migration
-    will use instead of a scratch one. state(i) is the state phase of one vCPU; finish() the read-back of all.
+    profile's other registers on vCPU 0, and reads back the VM-wide registers of every vCPU and the trial: the
+    pre-flight's answer, on the VM the migration will use instead of a scratch one. state(i) is the state phase of
+    one vCPU; finish() reads back what the state phases wrote.
     Same program, events and errors as apply_vm; prepare() and finish() close the VM when they fail, state() does
     not (other threads may be applying other vCPUs: the caller closes once they all returned) and raises
     NeedsFullApply for an EBUSY replay. The VM is the caller's to close (close()) until finish() returned."""
@@ -618,6 +619,7 @@ class StagedApply:
         self.run.regsets = dict(self.run.regsets)          # each vCPU's entry replaced by its streamed set
         self.applied: set[int] = set()
         self.replays = 0
+        self.wide: frozenset = frozenset()
 
     def prepare(self) -> ApplyResult:
         """-> vCPU 0's trial (written, dropped, mismatches of the VM-wide phase and the trial) as an ApplyResult
@@ -627,8 +629,11 @@ class StagedApply:
             try:
                 run.prepare()
                 mark = len(self.events)                      # the VM-wide phase's events are the VM's own
+                # the VM-wide registers read back on every vCPU now, while the source VM runs: the state phase
+                # writes none of them, so finish() reads back only what the stream brought
+                mismatches = [m for i in run.indices[1:] for m in run.verify_vcpu(i)]
                 run.phase_vcpu(0, False)                     # the profile's other registers, on vCPU 0
-                mismatches = run.verify_vcpu(0)
+                mismatches = run.verify_vcpu(0) + mismatches
                 break
             except _Replay as rp:
                 self.close()
@@ -642,12 +647,24 @@ class StagedApply:
                 raise
         trial = ApplyResult(run.vm, {0: run.vcpus[0]}, {0: dict(run.written[0])}, {0: list(run.dropped[0])},
                             list(self.events), adjusted(mismatches)[0] if mismatches else [])
-        wide = run._wide_ids(tuple(r for r, _ in run.regsets[0]))
+        wide = self.wide = run._wide_ids(tuple(r for r, _ in run.regsets[0]))
         run.written[0] = {r: v for r, v in run.written[0].items() if r in wide}   # the stream rewrites the rest
         run.dropped[0] = [r for r in run.dropped[0] if r in wide]
         run.whole.pop(0, None)
         del self.events[mark:]                               # the trial's: reported in pre-flight, not counted
         return trial
+
+    def _verify_state(self, i: int) -> list[Mismatch]:
+        """vCPU i's registers written since pre-flight, read back (the VM-wide ones were, in pre-flight): a set
+        taken whole compared as bytes, else register by register."""
+        run = self.run
+        rs = run.whole.get(i)
+        if rs is not None:
+            got, errs = run.vcpus[i].get_regs(rs.ids)
+            if not any(errs) and got.data == rs.data:
+                return []
+        wide = self.wide
+        return verify({i: run.vcpus[i]}, {i: {r: v for r, v in run.written[i].items() if r not in wide}})
 
     def state(self, i: int, regs: RegisterSet) -> None:
         """vCPU i's state phase with its streamed registers (one worker thread per vCPU at a time)."""
@@ -674,10 +691,10 @@ class StagedApply:
                              f"{', '.join(map(str, missing[:8]))}", phase="state", events=self.events)
         try:
             if threaded(self.backend):
-                per = await _each(run.verify_vcpu, run.indices,
+                per = await _each(self._verify_state, run.indices,
                                   limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1)))
             else:
-                per = {i: run.verify_vcpu(i) for i in run.indices}
+                per = {i: self._verify_state(i) for i in run.indices}
         except BaseException:
             self.close()
             raise
