@@ -100,13 +100,16 @@ class RealVcpu:
         self._one = ffi.new("uint8_t[256]")
         self._reg = ffi.new("uint64_t[2]")
         self._run_map: mmap.mmap | None = None
+        self._listed: list[int] | None = None
 
     def init(self, init: VcpuInit) -> None:
         buf = ffi.new("uint32_t[8]", [init.target] + init.words())
+        self._listed = None
         _call(self.fd, "KVM_ARM_VCPU_INIT", _addr(buf))
 
     def finalize(self, feature: int) -> None:
         buf = ffi.new("int *", feature)
+        self._listed = None
         _call(self.fd, "KVM_ARM_VCPU_FINALIZE", _addr(buf))
 
     def get_reg(self, reg_id: int) -> int:
@@ -139,12 +142,16 @@ class RealVcpu:
     def reg_list(self) -> list[int]:
         """Every register this vCPU migrates. arm64: KVM_GET_REG_LIST. x86: KVM_GET_REG_LIST (only KVM-defined
         registers, often none) followed by the MSRs as ONE_REG ids (RealKvm.msr_reg_ids: the KVM-listed MSRs
-        that GET_ONE_REG accepts on a fresh vCPU), so read_vm / the peer stream / apply see one list."""
-        ids = reg_list_handshake(self)
-        if self.vm.backend.arch == "x86_64":
-            listed = set(ids)
-            ids += [r for r in self.vm.backend.msr_reg_ids() if r not in listed]
-        return ids
+        that GET_ONE_REG accepts on a fresh vCPU), so read_vm / the peer stream / apply see one list. Asked of KVM
+        once per vCPU and kept (KVM's list changes only with KVM_ARM_VCPU_INIT / FINALIZE, which forget it): the
+        read after the pause does not repeat the sizing handshake."""
+        if self._listed is None:
+            ids = reg_list_handshake(self)
+            if self.vm.backend.arch == "x86_64":
+                listed = set(ids)
+                ids += [r for r in self.vm.backend.msr_reg_ids() if r not in listed]
+            self._listed = ids
+        return list(self._listed)
 
     def get_regs_into(self, bufs: RegBuffers) -> int:
         return lib().ivd_get_regs(self.fd, bufs.ids, bufs.data, bufs.offs, bufs.n, bufs.errs)
