@@ -239,7 +239,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         if staged is not None and mvm is None:   # the VM built for this migration, never adopted: closed once no
             with trio.CancelScope(shield=True):  # worker thread can still be using it
                 if rx is not None:
-                    await rx.drain()
+                    await rx.drain(stop=True)
             staged.close()
         if isinstance(err, PeerError) and err.kind == "aborted" and err.code == CAPS_ONLY and mvm is None:
             log.info("capabilities sent %s (caps-only fetch, no migration)", kv(peer=peer))

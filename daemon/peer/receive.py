@@ -6,8 +6,8 @@ are. A complete vCPU is checked against the VM profile the plan was computed fro
 the profile's: the staged apply wrote those in pre-flight) and handed to StagedApply.state - in worker threads on
 the real backend (its batch ioctls release the GIL while the next chunk is read), in line after StreamEnd on the
 simulated host (pure Python: a thread would only add hand-offs, and applying between chunks would only slow the
-read). A failure does not stop the stream: the first one is kept
-and raised by `wait`, after StreamEnd (an EBUSY replay, NeedsFullApply, lets the caller apply everything anew).
+read). A failure does not stop the stream: the first one is kept and raised by `wait`, after StreamEnd (an EBUSY
+replay, NeedsFullApply, lets the caller apply everything anew).
 """
 from __future__ import annotations
 
@@ -119,9 +119,12 @@ class StreamApplier:
             if self.failure is None:
                 self.failure = e
 
-    async def drain(self) -> None:
-        """Every started thread finished (no new one starts once a failure was kept)."""
-        if self.failure is not None:
+    async def drain(self, stop: bool = False) -> None:
+        """Every started thread finished. stop (the migration is over): the vCPUs still queued are not applied;
+        neither are they once a failure was kept."""
+        if stop:
+            self._deferred.clear()
+        if self.failure is not None or stop:
             self._queue.clear()
             if not self._running:
                 self._idle.set()
