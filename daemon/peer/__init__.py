@@ -9,7 +9,7 @@ for the destination's Commit ("applied and verified") -> release the VM -> Commi
 Any failure before the destination's Commit leaves the VM running here (resumed if it was paused).
 
 Destination (handle_incoming): Hello -> Capabilities -> check the plan (digest echoed in PlanAccept) ->
-Preflight (the VM built: every vCPU, the VM-wide registers written and read back; apply.StagedApply) -> receive
+Preflight (the VM built: every vCPU, the VM-wide registers written and read back; staged.StagedApply) -> receive
 chunks, each vCPU applied once complete (receive.py) -> read back every vCPU -> adopt the VM paused -> Commit -> run it only when the source's Commit arrives. A failure before
 our Commit discards the VM (closed, never run); a broken link after it leaves the VM paused "in-doubt".
 

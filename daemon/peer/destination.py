@@ -14,7 +14,8 @@ from ...protocol.negotiate import negotiate
 from ...protocol.policy import Policy, default_policy
 from ...protocol.program import compile_plan
 from .. import failpoints
-from ..apply import ApplyError, EventAction, NeedsFullApply, StagedApply, apply_vm_async
+from ..apply import ApplyError, EventAction, apply_vm_async
+from ..staged import NeedsFullApply, StagedApply
 from ..readback import plan_deviations
 from ..kvm.backend import Backend
 from ..kvm.errors import KvmError
@@ -154,7 +155,7 @@ async def handle_incoming(stream: trio.abc.Stream, peer: str, *, backend: Backen
         with m.phase("preflight"), trio.fail_after(cfg.apply_timeout):
             # The destination VM itself, built while the source's VM still runs: every vCPU created, the plan's
             # VM-wide registers written (the profile's values through the program, the same retry path as any
-            # apply), the profile's other registers trialled on vCPU 0, read back (apply.StagedApply)
+            # apply), the profile's other registers trialled on vCPU 0, read back (staged.StagedApply)
             staged = StagedApply(backend, prop.vcpus, vm.values, apply_program, features=feats)
             try:
                 trial = await trio.to_thread.run_sync(staged.prepare)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from functools import partial
 from typing import Sequence
 
 import trio
@@ -21,7 +20,8 @@ import trio
 from ...protocol import schemas as S
 from ...protocol import session as ps
 from ...protocol.regset import RegisterSet
-from ..apply import StagedApply, threaded
+from ..apply import threaded
+from ..staged import StagedApply
 from ..vmprofile import stream_deviations
 from .chunks import _regsets
 from .link import PeerError
