@@ -99,6 +99,7 @@ class Journal:
     def __init__(self, path: str = ":memory:") -> None:
         self.path = path
         self.durable = path != ":memory:"
+        self._decided = 0                   # decisions since start (a prune every PRUNE_EVERY)
         try:
             if self.durable:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -158,7 +159,7 @@ class Journal:
             raise ValueError(f"outcome {outcome!r} not one of {OUTCOMES}")
         self._exec("UPDATE migrations SET outcome=?, detail=?, updated=? WHERE id=?",
                    (outcome, detail[:1000], time.time(), mid))
-        self._decided = getattr(self, "_decided", 0) + 1
+        self._decided += 1
         if self._decided % PRUNE_EVERY == 0:
             self.prune()
 

@@ -42,6 +42,19 @@ def sizing_handshake(op: str, ask: Callable[[int], list[int]]) -> list[int]:
     raise KvmError(op, errno.E2BIG, detail="the count kept growing")
 
 
+def set_one_by_one(vcpu: "Vcpu", regs) -> list[int]:
+    """Vcpu.set_regs as single KVM_SET_ONE_REG calls, in order: 0 or the errno per register (a binding without a
+    batch call, or a path that must see each write: the simulator's checked registers, the tests' fault proxy)."""
+    errs = []
+    for r, v in regs:
+        try:
+            vcpu.set_reg(r, v)
+            errs.append(0)
+        except KvmError as e:
+            errs.append(e.errno_value)
+    return errs
+
+
 def reg_list_handshake(vcpu: "Vcpu") -> list[int]:
     """KVM_GET_REG_LIST: the sizing handshake over the vCPU's one-ioctl get_reg_list."""
     return sizing_handshake("KVM_GET_REG_LIST", vcpu.get_reg_list)

@@ -18,7 +18,7 @@ from ...protocol import kvmabi as abi
 from ...protocol import kernelver, regid, tables
 from ...protocol.catalog import Catalog, catalog, mask_index, sve_vls_problem
 from ...protocol.regset import RegisterSet
-from ..kvm.backend import VcpuInit, reg_list_handshake
+from ..kvm.backend import VcpuInit, reg_list_handshake, set_one_by_one
 from ..kvm.errors import KvmError
 
 
@@ -440,14 +440,7 @@ class SimVcpu:
         if self.features is not None and self._plain(regs.ids, True):
             self.values.update(zip(regs.ids, regs.values()))   # a RegisterSet's values fit their registers
             return [0] * len(regs)
-        errs = []
-        for r, v in regs:
-            try:
-                self.set_reg(r, v)
-                errs.append(0)
-            except KvmError as e:
-                errs.append(e.errno_value)
-        return errs
+        return set_one_by_one(self, regs)
 
     def set_reg(self, reg_id: int, value: int) -> None:
         op = "KVM_SET_ONE_REG"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from support.fixtures import synthetic_doc
 from invariantd.daemon.readback import read_vm
+from invariantd.daemon.kvm.backend import set_one_by_one
 from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.sim.host import SimHost, eras
 from invariantd.protocol import regid
@@ -65,14 +66,7 @@ class FaultVcpu(Proxy):
         return self._inner.set_reg(r, v)
 
     def set_regs(self, regs):
-        out = []
-        for r, v in regs:
-            try:
-                self.set_reg(r, v)
-                out.append(0)
-            except KvmError as e:
-                out.append(e.errno_value)
-        return out
+        return set_one_by_one(self, regs)
 
     def get_regs(self, ids):
         regs, errs = self._inner.get_regs(ids)
