@@ -95,7 +95,7 @@ def main() -> int:
                     raise SystemExit(f"bench_rss: {n} did not start: {(d / f'{n}.log').read_text()[-1000:]}")
             time.sleep(1.0)
             idle = {n: rss_kb(p.pid) for n, p in procs.items()}
-            print(f"idle after start: " + ", ".join(f"{n} {v / 1024:.1f} MB" for n, v in idle.items())
+            print("idle after start: " + ", ".join(f"{n} {v / 1024:.1f} MB" for n, v in idle.items())
                   + f"   target < 60 MB: {'OK' if max(idle.values()) < 60 * 1024 else 'MISSED'}")
             clients["node-a"].create_vm("rss-vm", a.vcpus)
             here, there = "node-a", "node-b"

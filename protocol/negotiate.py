@@ -15,8 +15,8 @@ cap 239 decides MIDR/REVIDR/AIDR (7.x reports a MIDR writable mask without the c
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import lru_cache
+from operator import attrgetter
 
 from . import errata
 from .generic import negotiate_generic, vm_arch
@@ -43,16 +43,37 @@ def _meta(rid: int) -> tuple[str, str, int | None]:
 _MEMO: dict = {}
 _DEST_ONLY = frozenset(("id", "imp_id", "cache"))
 _MEMO_MAX = 200_000
+_VERDICT, _SEES = attrgetter("verdict"), attrgetter("guest_sees")
 
 
-_LAST_VM: list = [None, None]
+class _VmView:
+    """What a VM contributes to every plan, computed once while the same VmProfile object (and policy) is planned
+    against many hosts: its values as a dict, and its registers in id order as rows
+    (rid, name, class, value, the identical entry and its digest fragment - None where "same value" is not
+    decided by equality alone), plus the decisions for its registers a destination does not list."""
+    __slots__ = ("vm", "pol", "src", "rows", "absent", "valueless", "aa32", "ssbs_hidden")
+
+    def __init__(self, vm: VmProfile, pol: Policy) -> None:
+        self.vm, self.pol = vm, pol
+        self.src = dict(vm.values)
+        self.rows = [(rid, *_meta(rid)[:2], s,
+                      None if rid == regid.SVE_VLS or _meta(rid)[1] == "imp_id" else _identical(_meta(rid)[0], rid, s))
+                     for rid, s in sorted(self.src.items())]
+        self.absent: dict = {}
+        # listed by the VM without a value, and a drift candidate (the only ones a destination can refuse)
+        self.valueless = sorted(r for r in set(vm.reg_list) - self.src.keys() if r in pol.drift)
+        self.aa32 = _aa32(self.src)
+        self.ssbs_hidden = _ssbs_hidden(vm)
 
 
-def _src_values(vm: VmProfile) -> dict[int, int]:
-    """dict(vm.values), reused while the same VmProfile object is planned against many hosts."""
-    if _LAST_VM[0] is not vm:
-        _LAST_VM[0], _LAST_VM[1] = vm, dict(vm.values)
-    return _LAST_VM[1]
+_LAST_VM: list = [None]
+
+
+def _vm_view(vm: VmProfile, pol: Policy) -> _VmView:
+    v = _LAST_VM[0]
+    if v is None or v.vm is not vm or v.pol is not pol:
+        v = _LAST_VM[0] = _VmView(vm, pol)
+    return v
 
 
 def _type(f: Field) -> str:
@@ -62,27 +83,26 @@ def _type(f: Field) -> str:
 
 
 class _Ctx:
-    __slots__ = ("vm", "dest", "pol", "cat", "src", "dst", "dst_listed", "masks", "kernel", "cap239",
+    __slots__ = ("vm", "dest", "pol", "cat", "view", "src", "dst", "dst_listed", "masks", "kernel", "cap239",
                  "entries", "frags", "notes", "dview_midr", "errata_missing", "aa32")
 
     def __init__(self, vm: VmProfile, dest: HostCapabilities, pol: Policy) -> None:
         self.vm, self.dest, self.pol, self.cat = vm, dest, pol, catalog()
-        self.src = _src_values(vm)
+        self.view = _vm_view(vm, pol)
+        self.src = self.view.src
         self.dst = dict(dest.values)
         if "SVE" in vm.features:             # an SVE VM meets the destination's SVE view of its ID registers
             self.dst.update(dest.sve_values)
         if "PMU_V3" in vm.features:          # a VM with a PMU meets the destination's PMU view (PMUVer, PerfMon)
             self.dst.update(dest.pmu_values)
-        if dest.ssbs_hidden_values and _ssbs_hidden(vm):   # a VM without SSBS meets the destination's firmware
-            self.dst.update(dest.ssbs_hidden_values)        # levels for it (WORKAROUND_2, 6.12+)
+        if dest.ssbs_hidden_values and self.view.ssbs_hidden:   # a VM without SSBS meets the destination's
+            self.dst.update(dest.ssbs_hidden_values)             # firmware levels for it (WORKAROUND_2, 6.12+)
         self.dst_listed = frozenset(dest.reg_list)
         self.masks = dest.writable_masks
         self.kernel = dest.kernel
         self.cap239 = dest.cap(CAP239) > 0
         # AArch32 at EL0: (destination host, VM); without it KVM makes the "aa32" ID registers RAZ/WI (6.1+).
-        # None: the document has no ID_AA64PFR0_EL1 to tell (the ordinary rules apply)
-        pfr0 = self.cat.id_of("ID_AA64PFR0_EL1")
-        self.aa32 = tuple(self.cat.aarch32_el0(v) if pfr0 in v else None for v in (self.dst, self.src))
+        self.aa32 = (_aa32(self.dst), self.view.aa32)
         self.entries: list[PlanEntry] = []
         self.frags: list[bytes] = []
         self.notes: list[str] = []
@@ -127,29 +147,38 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
     c.errata_missing = errata.missing([(assumed, c.dst.get(revidr_id))], known) if midr_id in c.src else []
 
     src, dst, listed = c.src, c.dst, c.dst_listed
-    ids = sorted(src.keys() | {r for r in dst if r not in src and r in listed and _meta(r)[1] in _DEST_ONLY})
+    rows = c.view.rows
+    extra = [r for r in dst.keys() - src.keys() if r in listed and _meta(r)[1] in _DEST_ONLY]
+    if extra:                        # ID registers only the destination lists: decided in id order with the rest
+        rows = sorted(rows + [(r, *_meta(r)[:2], None, None) for r in extra])
     entries, frags, memo = c.entries, c.frags, _MEMO
+    eappend, fappend, dget = entries.append, frags.append, dst.get
     per_field_key = (c.masks is None, c.kernel, dest.kernel_version, pol.digest)
     errata_key = tuple(e.erratum for e in c.errata_missing)
-    for rid in ids:
-        if rid == regid.SVE_VLS:
-            _sve_vls(c, src.get(rid), dst.get(rid))
+    absent = c.view.absent
+    for rid, name, cls, s, same in rows:
+        d = dget(rid)
+        if same is not None and s == d and rid in listed:      # fast path: identical and listed
+            eappend(same[0])
+            fappend(same[1])
             continue
-        name, cls, _ = _meta(rid)
-        s = src.get(rid)
-        d = dst.get(rid)
-        if s is not None and s == d and cls != "imp_id":     # fast path: identical and listed
-            if rid in listed:
-                e, fr = _identical(name, rid, s)
-                entries.append(e)
-                frags.append(fr)
-                continue
+        if rid == regid.SVE_VLS:
+            _sve_vls(c, s, d)
+            continue
         if s is None:
             if d and cls == "id":
                 _idreg(c, rid, name, 0, d, note="not listed on the source kernel (read as 0 there); ")
             continue
         if rid not in listed:
-            _absent(c, rid, name, cls, s)
+            key, fn = (rid, dest.kernel_version), _absent      # the VM (and policy) are absent's other inputs
+            hit = absent.get(key)
+            if hit is None:
+                start = len(entries)
+                _absent(c, rid, name, cls, s)
+                absent[key] = (tuple(entries[start:]), tuple(frags[start:]))
+            else:
+                entries.extend(hit[0])
+                frags.extend(hit[1])
         elif d is None:
             c.add(name, rid, "", s, 0, s, Verdict.REFUSE, "the destination listed it but reported no value")
         elif cls in ("id", "cache", "imp_id", "fw"):
@@ -173,7 +202,15 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
                 entries.extend(hit[0])
                 frags.extend(hit[1])
         elif cls == "demux":
-            _ccsidr(c, rid, name, s, d)
+            key = (rid, s, d, per_field_key, _setter_inputs(c, name))
+            hit = memo.get(key)
+            if hit is None:
+                start = len(entries)
+                _ccsidr(c, rid, name, s, d)
+                memo[key] = (tuple(entries[start:]), tuple(frags[start:]))
+            else:
+                entries.extend(hit[0])
+                frags.extend(hit[1])
         else:
             c.add(name, rid, "", s, d, s, Verdict.SET, "per-vCPU state: restored as is")
 
@@ -202,8 +239,8 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
                   f"vCPU feature {feat} needs {cap}, which the destination does not offer")
 
     # Source registers the VM profile lists without a value (drift candidates only).
-    if vm.reg_list:
-        for rid in sorted(set(vm.reg_list) - set(c.src) - c.dst_listed):
+    if c.view.valueless:
+        for rid in [r for r in c.view.valueless if r not in c.dst_listed]:
             d = pol.drift.get(rid)
             if d is not None and d.unreachable(c.src):
                 c.add(cat.name(rid), rid, "", 0, 0, 0, Verdict.DROP,
@@ -231,17 +268,17 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
                   "BMAP_2 (< 6.15)")
 
     entries = tuple(c.entries)
-    refuse, pin = Verdict.REFUSE, Verdict.PIN
-    migratable = not any(e.verdict is refuse for e in entries)
-    pinned = any(e.verdict is pin and not e.field for e in entries)
+    verdicts = list(map(_VERDICT, entries))        # `in` on a list compares identity first: no Enum.__hash__
+    migratable = Verdict.REFUSE not in verdicts
+    pinned = Verdict.PIN in verdicts and any(e.verdict is Verdict.PIN and not e.field for e in entries)
     if pinned:
         c.notes.append("VMM: enable KVM_CAP_ARM_WRITABLE_IMP_ID_REGS (239) on the VM before creating any vCPU")
     visible = tuple(dict.fromkeys(_visible(entries)))
-    plan = Plan(vm_name=vm.name, destination=dest.name, policy=pol.label, migratable=migratable,
-                enable_cap239=pinned, target_impls=vm.target_impls, big_little=big_little,
-                assumed_cluster=assumed if big_little else 0, cluster_cpus=cpus, entries=entries,
-                guest_visible=visible, notes=tuple(c.notes))
-    return replace(plan, digest=plan_digest(plan, c.frags))
+    fields = dict(vm_name=vm.name, destination=dest.name, policy=pol.label, migratable=migratable,
+                  enable_cap239=pinned, target_impls=vm.target_impls, big_little=big_little,
+                  assumed_cluster=assumed if big_little else 0, cluster_cpus=cpus, entries=entries,
+                  guest_visible=visible, notes=tuple(c.notes))
+    return Plan(**fields, digest=plan_digest(Plan(**fields), c.frags))
 
 
 @lru_cache(maxsize=1 << 14)
@@ -252,7 +289,7 @@ def _identical(name: str, rid: int, s: int) -> tuple[PlanEntry, bytes]:
 
 def _visible(entries):
     """Register-level descriptions where the register has one (e.g. MIDR), else its field entries."""
-    entries = [e for e in entries if e.guest_sees]
+    entries = list(filter(_SEES, entries))
     reg_level = {e.register for e in entries if not e.field}
     for e in entries:
         if e.guest_sees and (not e.field or e.register not in reg_level):
@@ -333,10 +370,17 @@ def _impid(c: _Ctx, rid: int, name: str, s: int, d: int) -> None:
 def _setter_inputs(c: _Ctx, name: str) -> tuple:
     """The destination values a register's kernel setter also reads (setters.tsv: CLIDR_EL1 reads CTR_EL0): part
     of the memo key, since the decision depends on them."""
-    checks = c.cat.setters.get(name)
+    checks = c.cat.setters.get(c.cat.setter_key(name))
     if not checks:
         return ()
-    return tuple(c.dst.get(c.cat.id_of(k.arg.partition(".")[0])) for k in checks if k.check == "idc")
+    return tuple(c.dst.get(c.cat.id_of(k.arg.partition(".")[0])) for k in checks if k.check in ("idc", "linesize"))
+
+
+def _aa32(values: dict[int, int]) -> bool | None:
+    """Whether the host (or VM) these values describe runs AArch32 at EL0; None when they have no
+    ID_AA64PFR0_EL1 to tell (the ordinary rules apply)."""
+    cat = catalog()
+    return cat.aarch32_el0(values) if cat.id_of("ID_AA64PFR0_EL1") in values else None
 
 
 def _ssbs_hidden(vm: VmProfile) -> bool:

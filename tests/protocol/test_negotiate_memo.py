@@ -1,0 +1,62 @@
+"""negotiate() memoises per register (a fleet repeats a few host shapes) and keeps a per-VM view between calls:
+every plan made with warm memos equals the plan made from scratch - across VMs, hosts, kernels, policies and
+SVE / PMU / SSBS variants, planned in a shuffled order so each memo entry is reused by other pairs."""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from invariantd.protocol import negotiate as N
+from invariantd.protocol import schemas as S
+from invariantd.protocol.policy import default_policy, loads
+
+
+def _docs() -> dict[str, dict]:
+    from invariantd.daemon.probe import probe
+    from invariantd.daemon.sim import SimHost, list_profiles
+    names = list_profiles()
+    if len(names) < 4:
+        pytest.skip("fewer than four shipped host profiles")
+    return {n: probe(SimHost(n), profile=n) for n in names}
+
+
+def _cold(vm, host, pol):
+    N._MEMO.clear()
+    N._LAST_VM[0] = None
+    return N.negotiate(vm, host, pol)
+
+
+def test_warm_memo_plans_equal_plans_from_scratch():
+    docs = _docs()
+    lenient = loads('name = "lenient"\n[features]\nloss = "allow"\nexact = "allow"\n'
+                    '[imp_id.MIDR_EL1]\noverride = "any"\nreason = "test"\n')
+    policies = [default_policy(), lenient]
+    vms, hosts = [], []
+    for pol in policies:
+        extra = frozenset(pol.drift)
+        for name, d in docs.items():
+            vms.append((pol, S.load_source(d, extra)))
+            vm = S.load_source(d, extra)
+            for feats in (("SVE",), ("PMU_V3",)):
+                vms.append((pol, replace(vm, features=tuple(sorted(set(vm.features) | set(feats))))))
+            vms.append((pol, replace(vm, seen_midrs=(0x410FD0C0, 0x410FD034))))    # knows more implementations
+            h = S.host_from_doc(d, extra)
+            hosts.append((pol, h))
+            hosts.append((pol, replace(h, caps=tuple((k, 0 if k == N.CAP239 else v) for k, v in h.caps))))
+            hosts.append((pol, replace(h, cpu_midrs=(0x410FD034, 0x410FD082, 0x410FD0C0))))    # big.LITTLE
+    pairs = [(p, vm, h) for p, vm in vms for q, h in hosts if p is q]
+    rng = random.Random(7)
+    sample = rng.sample(pairs, 900)
+    cold = {i: _cold(vm, h, p) for i, (p, vm, h) in enumerate(sample)}
+    N._MEMO.clear()
+    N._LAST_VM[0] = None
+    order = list(range(len(sample)))
+    rng.shuffle(order)
+    for i in order + order:                     # the second pass: every key and the VM view warm
+        p, vm, h = sample[i]
+        warm = N.negotiate(vm, h, p)
+        assert warm == cold[i], f"{vm.name} -> {h.name} ({p.label}): the memoised plan differs"
+    assert len({c.digest for c in cold.values()}) > 50      # the sample covers many distinct plans
+    assert any(c.migratable for c in cold.values()) and not all(c.migratable for c in cold.values())
