@@ -6,7 +6,11 @@
  * cref_apply:    what a C VMM restoring a VM does (vCPU v's register bytes at all + v * stride) - KVM_CREATE_VM, n_vcpus x KVM_CREATE_VCPU, every register of
  *                every vCPU with KVM_SET_ONE_REG (a refused one read back with KVM_GET_ONE_REG and accepted when
  *                equal, as invariantd's generic path does), then every register read back and compared; closes all.
- * Both return elapsed nanoseconds (CLOCK_MONOTONIC; cref_apply's without closing the VM, which the Python variants
+ * cref_blackout_part: the register traffic of a blackout for vCPUs [lo, hi) of a VM, one thread's share: with
+ *                `get`, every register read into its place (the paused source); else every register written and
+ *                then read back and compared (a destination whose VM was built beforehand). Several threads call it
+ *                on disjoint ranges, as the daemon's worker threads do.
+ * All return elapsed nanoseconds (CLOCK_MONOTONIC; cref_apply's without closing the VM, which the Python variants
  * also do outside their timing), or -errno of the first failure that stops them.
  */
 #include <errno.h>
@@ -80,4 +84,26 @@ out:;
 	close(vm);
 	*mismatches = bad;
 	return err ? err : took;
+}
+
+int64_t cref_blackout_part(const int *fds, int lo, int hi, const uint64_t *ids, uint8_t *all, uint64_t stride,
+			   const uint64_t *offs, int n, int get, int *mismatches)
+{
+	int64_t t0 = now();
+	uint8_t got[256];
+	int bad = 0;
+	for (int v = lo; v < hi; v++) {
+		uint8_t *data = all + v * stride;
+		if (get) {
+			for (int i = 0; i < n; i++)
+				bad += reg(fds[v], KVM_GET_ONE_REG, ids[i], data + offs[i]) != 0;
+			continue;
+		}
+		for (int i = 0; i < n; i++)
+			bad += reg(fds[v], KVM_SET_ONE_REG, ids[i], data + offs[i]) != 0;
+		for (int i = 0; i < n; i++)
+			bad += reg(fds[v], KVM_GET_ONE_REG, ids[i], got) || memcmp(got, data + offs[i], reg_size(ids[i]));
+	}
+	*mismatches = bad;
+	return now() - t0;
 }

@@ -22,6 +22,9 @@ def load() -> ctypes.CDLL:
     lib.cref_set_loop.restype = lib.cref_apply.restype = ctypes.c_int64
     lib.cref_set_loop.argtypes = [ctypes.c_int, _U64P, _U8P, _U64P, ctypes.c_int, ctypes.c_int, _INTP]
     lib.cref_apply.argtypes = [ctypes.c_int, ctypes.c_int, _U64P, _U8P, ctypes.c_uint64, _U64P, ctypes.c_int, _INTP]
+    lib.cref_blackout_part.restype = ctypes.c_int64
+    lib.cref_blackout_part.argtypes = [_INTP, ctypes.c_int, ctypes.c_int, _U64P, _U8P, ctypes.c_uint64, _U64P,
+                                       ctypes.c_int, ctypes.c_int, _INTP]
     return lib
 
 

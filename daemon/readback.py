@@ -87,7 +87,6 @@ class Mismatch:
 
 
 def verify(vcpus: Mapping[int, Vcpu], written: Mapping[int, Mapping[int, int]]) -> list[Mismatch]:
-    cat = catalog()
     out: list[Mismatch] = []
     for i, regs in written.items():
         ids = list(regs)
@@ -96,11 +95,21 @@ def verify(vcpus: Mapping[int, Vcpu], written: Mapping[int, Mapping[int, int]]) 
         got_set, errs = vcpus[i].get_regs(ids)
         if not any(errs) and got_set == RegisterSet.from_values(ids, [regs[r] for r in ids]):
             continue                                # the whole vCPU reads back as written: one comparison
-        for r, got, e in zip(ids, got_set.values(), errs):
-            if e:
-                out.append(Mismatch(i, cat.name(r), r, regs[r], None, abi.errno_name(e)))
-            elif got != regs[r]:
-                out.append(Mismatch(i, cat.name(r), r, regs[r], got))
+        out += compare(i, ids, got_set, errs, regs)
+    return out
+
+
+def compare(i: int, ids: Sequence[int], got: RegisterSet, errs: Sequence[int], intended: Mapping[int, int]
+            ) -> list[Mismatch]:
+    """vCPU i's registers `ids` as read back (got, errs: get_regs's answer) against the values written, register by
+    register: what a whole-set comparison that failed still has to say, without reading the registers again."""
+    cat = catalog()
+    out: list[Mismatch] = []
+    for r, v, e in zip(ids, got.values(), errs):
+        if e:
+            out.append(Mismatch(i, cat.name(r), r, intended[r], None, abi.errno_name(e)))
+        elif v != intended[r]:
+            out.append(Mismatch(i, cat.name(r), r, intended[r], v))
     return out
 
 

@@ -89,9 +89,7 @@ class StagedApply:
         run = self.run
         rs = run.whole.get(i)
         if rs is not None:
-            got, errs = run.vcpus[i].get_regs(rs.ids)
-            if not any(errs) and got.data == rs.data:
-                return []
+            return run.verify_whole(i, rs, self.wide)
         wide = self.wide
         return verify({i: run.vcpus[i]}, {i: {r: v for r, v in run.written[i].items() if r not in wide}})
 

@@ -52,11 +52,12 @@ class Proxy:
 
 
 class FaultVcpu(Proxy):
-    """set_reg/set_regs return queued errnos for chosen registers; get_regs may fold bits; calls are logged."""
+    """set_reg/set_regs return queued errnos for chosen registers; get_regs may fold bits; calls are logged
+    (sets in `log`, get_regs in `reads`)."""
 
-    def __init__(self, inner, faults, fold, log):
+    def __init__(self, inner, faults, fold, log, reads):
         super().__init__(inner)
-        self.index, self.faults, self.fold, self.log = inner.index, faults, fold, log
+        self.index, self.faults, self.fold, self.log, self.reads = inner.index, faults, fold, log, reads
 
     def set_reg(self, r, v):
         q = self.faults.get(r)
@@ -69,6 +70,7 @@ class FaultVcpu(Proxy):
         return set_one_by_one(self, regs)
 
     def get_regs(self, ids):
+        self.reads.append((self.index, tuple(ids)))
         regs, errs = self._inner.get_regs(ids)
         return RegisterSet.from_values(ids, [v & ~self.fold.get(r, 0) for r, v in regs]), errs
 
@@ -79,7 +81,8 @@ class FaultVm(Proxy):
         self.backend, self.closed = backend, False
 
     def create_vcpu(self, i):
-        return FaultVcpu(self._inner.create_vcpu(i), self.backend.faults, self.backend.fold, self.backend.log)
+        return FaultVcpu(self._inner.create_vcpu(i), self.backend.faults, self.backend.fold, self.backend.log,
+                         self.backend.reads)
 
     def close(self):
         self.closed = True
@@ -91,6 +94,7 @@ class FaultBackend(Proxy):
         super().__init__(inner)
         self.kind, self.arch = inner.kind, inner.arch
         self.faults, self.fold, self.ran, self.log, self.vms = faults or {}, fold or {}, ran, [], []
+        self.reads: list[tuple[int, tuple[int, ...]]] = []     # (vCPU, ids) of every get_regs
 
     def create_vm(self, vm_type=0):
         inner = self._inner.create_vm(vm_type)
