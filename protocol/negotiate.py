@@ -169,50 +169,33 @@ def negotiate(vm: VmProfile, dest: HostCapabilities, policy: Policy | None = Non
             if d and cls == "id":
                 _idreg(c, rid, name, 0, d, note="not listed on the source kernel (read as 0 there); ")
             continue
+        # every other decision is a pure function of its key: memoised (the absent ones per VM, in its view)
         if rid not in listed:
-            key, fn = (rid, dest.kernel_version), _absent      # the VM (and policy) are absent's other inputs
-            hit = absent.get(key)
-            if hit is None:
-                start = len(entries)
-                _absent(c, rid, name, cls, s)
-                absent[key] = (tuple(entries[start:]), tuple(frags[start:]))
-            else:
-                entries.extend(hit[0])
-                frags.extend(hit[1])
+            table, key, fn = absent, (rid, dest.kernel_version), _absent    # the VM and policy: the view's own
         elif d is None:
             c.add(name, rid, "", s, 0, s, Verdict.REFUSE, "the destination listed it but reported no value")
-        elif cls in ("id", "cache", "imp_id", "fw"):
-            if cls == "imp_id":
-                key = (rid, s, d, c.dview_midr, c.cap239, _mask(c, rid), errata_key, per_field_key)
-                fn = _impid
-            elif cls == "fw":
-                key = (rid, s, d, pol.digest)
-                fn = _fw
-            else:
-                key = (rid, s, d, _mask(c, rid), per_field_key, c.aa32, _setter_inputs(c, name))
-                fn = _idreg
-            hit = memo.get(key)
-            if hit is None:
-                start = len(entries)
-                fn(c, rid, name, s, d)
-                if len(memo) >= _MEMO_MAX:
-                    memo.clear()
-                memo[key] = (tuple(entries[start:]), tuple(frags[start:]))
-            else:
-                entries.extend(hit[0])
-                frags.extend(hit[1])
+            continue
+        elif cls == "imp_id":
+            table, key, fn = memo, (rid, s, d, c.dview_midr, c.cap239, _mask(c, rid), errata_key, per_field_key), _impid
+        elif cls == "fw":
+            table, key, fn = memo, (rid, s, d, pol.digest), _fw
+        elif cls in ("id", "cache"):
+            table, key, fn = memo, (rid, s, d, _mask(c, rid), per_field_key, c.aa32, _setter_inputs(c, name)), _idreg
         elif cls == "demux":
-            key = (rid, s, d, per_field_key, _setter_inputs(c, name))
-            hit = memo.get(key)
-            if hit is None:
-                start = len(entries)
-                _ccsidr(c, rid, name, s, d)
-                memo[key] = (tuple(entries[start:]), tuple(frags[start:]))
-            else:
-                entries.extend(hit[0])
-                frags.extend(hit[1])
+            table, key, fn = memo, (rid, s, d, per_field_key, _setter_inputs(c, name)), _ccsidr
         else:
             c.add(name, rid, "", s, d, s, Verdict.SET, "per-vCPU state: restored as is")
+            continue
+        hit = table.get(key)
+        if hit is None:
+            start = len(entries)
+            fn(c, rid, name, s, d)
+            if len(table) >= _MEMO_MAX:
+                table.clear()
+            table[key] = (tuple(entries[start:]), tuple(frags[start:]))
+        else:
+            entries.extend(hit[0])
+            frags.extend(hit[1])
 
     # vCPU init features: the destination must offer each one (the target itself is never migrated).
     caps = dict(dest.caps)
@@ -298,7 +281,8 @@ def _visible(entries):
 
 # --- per register class --------------------------------------------------------------------------------
 
-def _absent(c: _Ctx, rid: int, name: str, cls: str, s: int) -> None:
+def _absent(c: _Ctx, rid: int, name: str, s: int, _d: int | None) -> None:
+    cls = _meta(rid)[1]
     drift = c.pol.drift.get(rid)
     fw = c.cat.fwregs.get(rid)
     if drift is not None:
