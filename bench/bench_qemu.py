@@ -10,7 +10,7 @@ stock QEMU's own migration works there), Debian's QEMU -accel kvm running the ba
 Each round runs both, alternating which goes first. Figures, from the source QEMU's final query-migrate:
 downtime (ms, the source paused -> the destination runs; for invariantd this includes the held switchover) and
 total-time (ms, QEMU's migration from `migrate` to completion); for invariantd also the whole migrateVmm (plan to
-commit). Printed: every run, then median [min..max] per variant and the ratio of medians (invariantd / stock).
+commit) and the held switchover's own steps (the migration's detail.switchover). Printed: every run, then median [min..max] per variant and the ratio of medians (invariantd / stock).
 Nested KVM under TCG on a 2-core host: absolute figures are slow and noisy; the ratio is what to read.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def daemons(variant: str) -> dict:
         raise SystemExit(f"invariantd migration did not commit: {mig.get('error')}")
     q = mig["detail"]["qemu"]
     return {"downtime": q.get("downtime"), "total": q.get("total-time"),
-            "whole": round(m.source["migration_wall_s"] * 1000)}
+            "whole": round(m.source["migration_wall_s"] * 1000), "hold": mig["detail"].get("switchover") or {}}
 
 
 def med(xs):
@@ -62,14 +62,21 @@ def main(argv=None) -> int:
         for name in order:
             r = fns[name](args.variant)
             runs[name].append(r)
+            hold = " ".join(f"{k} {v}" for k, v in (r.get("hold") or {}).items())
             print(f"round {i + 1} {name:<10} downtime {r['downtime']} ms  total-time {r['total']} ms"
-                  + (f"  migrateVmm {r['whole']} ms" if r["whole"] else "") + f"  (load {os.getloadavg()[0]:.2f})")
+                  + (f"  migrateVmm {r['whole']} ms" if r["whole"] else "")
+                  + (f"  held switchover (ms): {hold}" if hold else "") + f"  (load {os.getloadavg()[0]:.2f})")
             sys.stdout.flush()
     print()
     for key, label in (("downtime", "downtime"), ("total", "QEMU total-time")):
         (sm, slo, shi), (im, ilo, ihi) = med(r[key] for r in runs["stock"]), med(r[key] for r in runs["invariantd"])
         ratio = f"{im / sm:.2f}x" if sm and im is not None else "n/a"
         print(f"{label:<16} stock {sm} [{slo}..{shi}] ms   invariantd {im} [{ilo}..{ihi}] ms   ratio {ratio}")
+    holds = [r["hold"] for r in runs["invariantd"] if r.get("hold")]
+    if holds:
+        print(f"{'held switchover':<16} invariantd's share of its downtime, medians (ms): " + ", ".join(
+            f"{k} {med(h.get(k) for h in holds)[0]}" for k in holds[0]) + "  (noticed: QEMU's pre-switchover event "
+            "-> the daemon; decided; journal: the step written; continue: migrate-continue answered)")
     wm, wlo, whi = med(r["whole"] for r in runs["invariantd"])
     print(f"{'migrateVmm':<16} plan + pre-flight + QEMU migration + commit: {wm} [{wlo}..{whi}] ms")
     return 0

@@ -47,6 +47,8 @@ from .hub import AgentHub, VmmRecord
 log = logging.getLogger("invariantd.vmm")
 
 QUERY_INTERVAL = 0.1
+EVENT_WAIT = 0.5          # seconds without a MIGRATION event before the switchover wait asks query-migrate
+STATUS_INTERVAL = 1.0     # seconds between the destination status asks during QEMU's RAM phase (fresh: <= 2 s)
 KEEP_INCOMING = 256             # prepared incoming migrations remembered (their QMP path, for status)
 
 
@@ -89,6 +91,23 @@ async def qmp(path: str, steps: Callable[[Any], Any], timeout: float = 10.0) -> 
                 "migrationFailed"
             raise VmmError(kind, f"QMP {path}: {e}") from None
         raise
+
+
+def _next_status(q, deadline: float) -> tuple[str | None, float | None]:
+    """The migration's next status on this QMP session: from QEMU's MIGRATION event as it is emitted (capability
+    `events`: no polling delay between QEMU pausing the guest at pre-switchover and our answer, and no query
+    traffic competing with the migration for the CPU), or from query-migrate after EVENT_WAIT without an
+    event (a QEMU or a session that sends none). -> (status, the event's QEMU timestamp in seconds since the
+    epoch, None when asked); status None: some other event."""
+    try:
+        ev = q.pull_event(wait=float(max(0.001, min(EVENT_WAIT, deadline - time.monotonic()))))
+    except (asyncio.TimeoutError, TimeoutError):
+        return q.cmd("query-migrate").get("status"), None
+    if ev and ev.get("event") == "MIGRATION":
+        ts = ev.get("timestamp") or {}
+        at = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6 if ts.get("seconds") else None
+        return (ev.get("data") or {}).get("status"), at
+    return None, None
 
 
 def _caps(q, names, on=True):
@@ -304,12 +323,13 @@ class VmmService:
             raise
 
     async def _ram_and_switchover(self, mig, qmp_path, uri, peer_call, peer, timeout, first: dict) -> dict:
-        """QEMU's migration on one QMP session in one worker thread (polling query-migrate every few ms: the guest
-        is paused from pre-switchover on, so this wait is downtime), while a trio task keeps the destination's
-        status fresh. At pre-switchover the freshest status decides at once: applied, read back, no refused write
-        (QEMU writes no vCPU register on the destination before the switchover, so a status taken during the RAM
-        phase is the state at the switchover) -> migrate-continue; else migrate_cancel. -> the final
-        query-migrate, with "refused": why, when the switchover was refused."""
+        """QEMU's migration on one QMP session in one worker thread (its MIGRATION events, _next_status: the guest
+        is paused from pre-switchover on, so any delay in noticing it is downtime), while a trio task keeps the
+        destination's status fresh (every STATUS_INTERVAL: each ask costs both hosts CPU the migration wants).
+        At pre-switchover the freshest status decides at once: applied, read back, no refused write (QEMU writes
+        no vCPU register on the destination before the switchover, so a status taken during the RAM phase is the
+        state at the switchover) -> migrate-continue; else migrate_cancel. -> the final query-migrate, with
+        "refused": why, when the switchover was refused."""
         import threading
         latest: dict = {"d": first, "at": time.monotonic()}
         lock = threading.Lock()
@@ -324,40 +344,45 @@ class VmmService:
                 with lock:
                     latest.update(d=d, at=time.monotonic())
                 mig.detail = {**mig.detail, "destination": d}
-                with trio.move_on_after(0.3):
+                with trio.move_on_after(STATUS_INTERVAL):
                     await done.wait()
 
         def drive(q) -> dict:
-            _caps(q, ["return-path", "pause-before-switchover"])
+            _caps(q, ["return-path", "pause-before-switchover", "events"])
             q.cmd("migrate", uri=uri)
             deadline = time.monotonic() + timeout * 10
+            continued = False
             while time.monotonic() < deadline:
-                st = q.cmd("query-migrate")
-                if st.get("status") in ("completed", "failed", "cancelled"):
-                    return st
-                if st.get("status") == "pre-switchover":
-                    mig.phase = "switchover"
-                    held = time.monotonic()
-                    while True:     # the freshest status; a stale one (the peer slow to answer) gets 3 s
-                        with lock:
-                            d, at = latest.get("d") or {}, latest.get("at", 0.0)
-                        if time.monotonic() - at <= 2.0 or time.monotonic() - held > 3.0:
-                            break
-                        time.sleep(0.01)
-                    why = ("no fresh destination status" if time.monotonic() - at > 2.0 else
-                           f"failed writes {d['failed'][:3]}" if d.get("failed") else
-                           "the destination agent reports no verified apply" if not d.get("applied") else "")
-                    if why:
-                        q.cmd("migrate_cancel")
-                        return {**q.cmd("query-migrate"), "refused": why}
-                    self.journal.step(mig.id, "switchover")   # from here the destination may run the guest
-                    q.cmd("migrate-continue", state="pre-switchover")
-                    while time.monotonic() < deadline:
-                        st = q.cmd("query-migrate")
-                        if st.get("status") in ("completed", "failed", "cancelled"):
-                            return st
-                        time.sleep(0.002)
-                time.sleep(0.002)
+                status, at_qemu = _next_status(q, deadline)
+                if status in ("completed", "failed", "cancelled"):
+                    return q.cmd("query-migrate")
+                if status != "pre-switchover" or continued:
+                    continue
+                mig.phase = "switchover"
+                held, held_wall = time.monotonic(), time.time()
+                while True:     # the freshest status; a stale one (the peer slow to answer) gets 3 s
+                    with lock:
+                        d, at = latest.get("d") or {}, latest.get("at", 0.0)
+                    if time.monotonic() - at <= 2.0 or time.monotonic() - held > 3.0:
+                        break
+                    time.sleep(0.01)
+                why = ("no fresh destination status" if time.monotonic() - at > 2.0 else
+                       f"failed writes {d['failed'][:3]}" if d.get("failed") else
+                       "the destination agent reports no verified apply" if not d.get("applied") else "")
+                if why:
+                    q.cmd("migrate_cancel")
+                    return {**q.cmd("query-migrate"), "refused": why}
+                decided = time.monotonic()
+                self.journal.step(mig.id, "switchover")   # from here the destination may run the guest
+                journaled = time.monotonic()
+                q.cmd("migrate-continue", state="pre-switchover")
+                continued = True
+                # what the held switchover added to QEMU's downtime, in ms: QEMU's pre-switchover event -> noticed
+                # here (None: found by query-migrate), -> decided, -> journaled, -> migrate-continue answered
+                mig.detail = {**mig.detail, "switchover": {
+                    "noticed": None if at_qemu is None else round((held_wall - at_qemu) * 1e3, 1),
+                    "decided": round((decided - held) * 1e3, 1), "journal": round((journaled - decided) * 1e3, 1),
+                    "continue": round((time.monotonic() - journaled) * 1e3, 1)}}
             raise VmmError("migrationFailed", f"QEMU's migration did not finish within {timeout * 10:.0f} s")
 
         async with trio.open_nursery() as n:

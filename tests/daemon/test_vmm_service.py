@@ -70,8 +70,24 @@ async def test_committed_flow_holds_the_switchover_and_quits_the_source_last(tmp
     mig, err = await run(source_service(), fq, caps, call)
     assert err is None and mig.phase == "done"
     assert fq.names() == ["migrate-set-capabilities", "migrate", "migrate-continue", "quit"]
-    assert {c["capability"] for c in fq.cmds[0][1]["capabilities"]} == {"return-path", "pause-before-switchover"}
+    assert {c["capability"] for c in fq.cmds[0][1]["capabilities"]} == {"return-path", "pause-before-switchover",
+                                                                        "events"}
     assert calls[0] == "prepare_vmm" and mig.detail["destination"]["running"]
+    # QEMU's MIGRATION events drive the switchover: pre-switchover answered as it is emitted, not polled for
+    names = [c for c, _ in fq.cmds]
+    assert names[names.index("migrate"):][:2] == ["migrate", "migrate-continue"], names
+    hold = mig.detail["switchover"]                      # what the held switchover added to QEMU's downtime
+    assert set(hold) == {"noticed", "decided", "journal", "continue"} and all(v >= 0 for v in hold.values())
+
+
+async def test_a_qemu_that_sends_no_migration_events_is_asked(tmp_path):
+    """No MIGRATION event (an old QEMU, a lost event): the switchover wait asks query-migrate every EVENT_WAIT."""
+    fq = FakeQemu(str(tmp_path / "q.sock"), events=False)
+    caps, call, _ = peer("cortex-a72-r0p4@7.3", [OK, OK, RUNNING])
+    mig, err = await run(source_service(), fq, caps, call)
+    assert err is None and mig.phase == "done"
+    assert fq.names() == ["migrate-set-capabilities", "migrate", "migrate-continue", "quit"]
+    assert [c for c, _ in fq.cmds].count("query-migrate") >= 3
 
 
 async def test_refused_plan_moves_nothing(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 from invariantd.protocol import regid
 from invariantd.protocol.catalog import catalog, _core_names
@@ -111,10 +112,14 @@ def real_kvm(need=None):
 
 class FakeQemu:
     """A stand-in for QEMU's QMP on a unix socket (the real qemu.qmp client talks to it): records every command;
-    query-migrate walks through `states`; migrate pauses the guest, cont / migrate_cancel run it again."""
+    query-migrate walks through `states`; migrate pauses the guest, cont / migrate_cancel run it again.
+    With the migration capability `events` on (and `events` here True, as QEMU does), `migrate` emits a MIGRATION
+    event per state up to pre-switchover and migrate-continue one per state after it; query-migrate then
+    answers the last state emitted."""
 
-    def __init__(self, path: str, states=("active", "pre-switchover", "completed")) -> None:
+    def __init__(self, path: str, states=("active", "pre-switchover", "completed"), events: bool = True) -> None:
         self.path, self.states, self.cmds, self.running = path, list(states), [], True
+        self.emits, self.events_on, self.status = events, False, None
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(path)
         self.sock.listen(8)
@@ -128,8 +133,25 @@ class FakeQemu:
                 return
             threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
 
+    def _emit(self, conn, until: str | None) -> None:
+        """MIGRATION events for the scripted states, up to and including `until` (None: all)."""
+        while self.states:
+            self.status = self.states.pop(0)
+            now = time.time()
+            conn.sendall(json.dumps({"event": "MIGRATION", "data": {"status": self.status},
+                                     "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}
+                                    ).encode() + b"\n")
+            if self.status == until:
+                return
+
     def _answer(self, name: str, args: dict):
+        if name == "migrate-set-capabilities":
+            for c in args.get("capabilities", []):
+                if c.get("capability") == "events":
+                    self.events_on = self.emits and c.get("state", False)
         if name == "query-migrate":
+            if self.events_on and self.status is not None:
+                return {"status": self.status}
             return {"status": self.states.pop(0) if len(self.states) > 1 else self.states[0]} if self.states else {}
         if name == "query-status":
             return {"status": "running" if self.running else "paused", "running": self.running}
@@ -140,6 +162,8 @@ class FakeQemu:
         if name == "migrate_cancel":
             self.states = ["cancelled"]
             self.running = True
+            if self.events_on:
+                self.status = "cancelled"
         return {}
 
     def _conn(self, conn) -> None:
@@ -164,6 +188,8 @@ class FakeQemu:
                 if "id" in msg:
                     reply["id"] = msg["id"]
                 conn.sendall(json.dumps(reply).encode() + b"\n")
+                if self.events_on and name in ("migrate", "migrate-continue"):
+                    self._emit(conn, "pre-switchover" if name == "migrate" else None)
                 if name == "quit":
                     conn.close()
                     return
