@@ -406,21 +406,22 @@ class _Run:
         rs = self.whole.get(i)
         if rs is None:
             return verify({i: self.vcpus[i]}, {i: self.written[i]})
-        return self.verify_whole(i, rs, ())
+        return self.verify_whole(i, rs, frozenset())
 
-    def verify_whole(self, i: int, rs: RegisterSet, skip: frozenset | tuple) -> list[Mismatch]:
+    def verify_whole(self, i: int, rs: RegisterSet, skip: frozenset) -> list[Mismatch]:
         """vCPU i's state-phase set `rs`, written whole, read back as one set and compared as bytes; what
         differs there is found register by register in the same answer (not read again); then the other
         registers written on it, except `skip`."""
         got, errs = self.vcpus[i].get_regs(rs.ids)
         out = [] if not any(errs) and got.data == rs.data else compare(i, rs.ids, got, errs, self.written[i])
-        if len(self.written[i]) > len(rs):                  # the VM-wide phase's registers too
+        written = self.written[i]
+        if len(written) > len(rs):                          # the VM-wide phase's registers too
             taken = self._taken.get(rs.ids_le)
             if taken is None:
                 taken = self._taken[rs.ids_le] = frozenset(rs.ids)
-            rest = {r: v for r, v in self.written[i].items() if r not in taken and r not in skip}
-            if rest:
-                out += verify({i: self.vcpus[i]}, {i: rest})
+            others = written.keys() - taken - skip
+            if others:
+                out += verify({i: self.vcpus[i]}, {i: {r: v for r, v in written.items() if r in others}})
         return out
 
     def result(self, mismatches: list[Mismatch], replays: int) -> ApplyResult:

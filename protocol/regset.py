@@ -93,6 +93,27 @@ def unpack(lay: Layout, data) -> list[int]:
     return vals
 
 
+_PICKS: dict = {}
+
+
+def _pick_plan(lay: Layout, positions: tuple[int, ...]) -> tuple[Layout, tuple[tuple[int, int], ...]]:
+    """RegisterSet.pick's layout and byte runs for these positions of `lay` (cached per layout and positions)."""
+    key = (lay.ids_le, positions)
+    got = _PICKS.get(key)
+    if got is None:
+        runs: list[list[int]] = []
+        for k in positions:
+            a, b = lay.offsets[k], lay.offsets[k] + lay.sizes[k]
+            if runs and runs[-1][1] == a:
+                runs[-1][1] = b
+            else:
+                runs.append([a, b])
+        if len(_PICKS) >= 256:
+            _PICKS.clear()
+        got = _PICKS[key] = (layout(tuple(lay.ids[k] for k in positions)), tuple(map(tuple, runs)))
+    return got
+
+
 class RegisterSet(Sequence):
     """The registers of one vCPU: ids and their values as KVM holds them. A Sequence of (id, value) pairs, so
     code that reads pairs reads it unchanged; equal to another set (or a list of pairs) holding the same."""
@@ -113,7 +134,7 @@ class RegisterSet(Sequence):
     def from_values(cls, ids: Sequence[int], values: Sequence[int]) -> "RegisterSet":
         lay = layout(tuple(ids))
         rs = cls(lay, pack(lay, values))
-        rs._values = [int(v) for v in values]
+        rs._values = list(map(int, values))
         return rs
 
     @classmethod
@@ -164,10 +185,12 @@ class RegisterSet(Sequence):
         return RegisterSet(layout(ids), self.data[lo:hi])
 
     def pick(self, positions: Sequence[int]) -> "RegisterSet":
-        """The registers at `positions` (in that order) as a set, their bytes copied as they are."""
-        lay, data = self.layout, self.data
-        return RegisterSet(layout(tuple(lay.ids[k] for k in positions)),
-                           b"".join(data[lay.offsets[k]:lay.offsets[k] + lay.sizes[k]] for k in positions))
+        """The registers at `positions` (in that order) as a set, their bytes copied as they are (neighbouring
+        registers as one slice: a vCPU's state registers minus its VM-wide ones are a few runs)."""
+        lay, runs = _pick_plan(self.layout, tuple(positions))
+        data = self.data
+        return RegisterSet(lay, b"".join([data[a:b] for a, b in runs]) if len(runs) != 1 else
+                           bytes(data[runs[0][0]:runs[0][1]]))
 
     def as_dict(self) -> dict[int, int]:
         return dict(zip(self.layout.ids, self.values()))

@@ -420,12 +420,26 @@ class SimVcpu:
             got = host._info[key] = ok
         return got
 
+    def _positions(self, key: tuple[int, ...]) -> tuple[frozenset, dict[int, int]]:
+        """A register list's ids as a set and each one's position (cached per list on the host)."""
+        host = self.vm.host
+        got = host._info.get(("pos", key))
+        if got is None:
+            if len(host._info) >= 1 << 16:
+                host._info.clear()
+            got = host._info[("pos", key)] = (frozenset(key), {r: i for i, r in enumerate(key)})
+        return got
+
     def get_regs(self, ids: Sequence[int]) -> tuple[RegisterSet, list[int]]:
         key = tuple(ids)
         if self.features is not None and self._plain(key, False):
-            vmv, values, hidden = self.vm.vm_values or {}, self.values, self._ssbs_hidden_view()
-            return RegisterSet.from_values(key, [hidden[r] if r in hidden else vmv[r] if r in vmv else values[r]
-                                                 for r in key]), [0] * len(key)
+            vals = list(map(self.values.__getitem__, key))          # every one is there (_plain)
+            keyset, pos = self._positions(key)
+            for over in (self.vm.vm_values, self._ssbs_hidden_view()):     # VM-wide values, then the SSBS view
+                if over:
+                    for r in keyset.intersection(over):
+                        vals[pos[r]] = over[r]
+            return RegisterSet.from_values(key, vals), [0] * len(key)
         vals, errs = [], []
         for r in ids:
             try:

@@ -195,3 +195,31 @@ def _check_sve(doc, cases):
     for name, (errno, after) in want.items():
         assert sve[name][0][1] == errno and int(sve[name][1][2], 16) == after, (name, sve[name])
     assert [st for _, st, _ in sve["sve/vls-after-finalize"]] == ["OK", "EPERM", "OK"]
+
+
+@pytest.mark.parametrize("spec", ["cortex-a76@6.12", "cortex-a72-r0p4@7.3"])
+def test_batch_reads_equal_register_reads(spec):
+    """SimVcpu.get_regs's batch path (the VM-wide values and the SSBS firmware view laid over the vCPU's own) reads
+    what get_reg reads register by register: after a VM-wide ID write on another vCPU, a per-vCPU write, and
+    ID_AA64PFR1_EL1.SSBS lowered (KVM's firmware levels for a VM without SSBS)."""
+    host = SimHost(spec)
+    vm = host.create_vm()
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    for v in vcpus:
+        v.init(host.init)
+    cat = catalog()
+    ids = vcpus[1].reg_list()
+
+    def same():
+        got, errs = vcpus[1].get_regs(ids)
+        assert not any(errs) and got.values() == [vcpus[1].get_reg(r) for r in ids]
+
+    same()
+    isar0, pfr1 = cat.id_of("ID_AA64ISAR0_EL1"), cat.id_of("ID_AA64PFR1_EL1")
+    vcpus[0].set_reg(isar0, vcpus[0].get_reg(isar0) & ~0xF0)                # VM-wide: vCPU 1 sees it
+    vcpus[1].set_reg(cat.id_of("SCTLR_EL1"), vcpus[1].get_reg(cat.id_of("SCTLR_EL1")) | 0x8)
+    same()
+    assert dict(vcpus[1].get_regs(ids)[0])[isar0] == vcpus[0].get_reg(isar0)
+    ssbs = next(f for f in cat.fields_of("ID_AA64PFR1_EL1") if f.name == "SSBS")
+    vcpus[0].set_reg(pfr1, ssbs.put(vcpus[0].get_reg(pfr1), 0))
+    same()
