@@ -157,7 +157,19 @@ def cmd_plan_vm(args) -> int:
 def _status_line(st: dict) -> str:
     err = f"  {st['error']['kind']}: {st['error']['message']}" if st["error"] else ""
     return (f"{st['id']}  {st['vm']} -> {st['to']}  {st['state']:<9} phase {st['phase']:<9} vCPUs "
-            f"{st['vcpus_done']}/{st['vcpus_total']}  {st['bytes_sent']} B sent  {st['elapsed_ms']} ms{err}")
+            f"{st['vcpus_done']}/{st['vcpus_total']}  {st['bytes_sent']} B sent  {st['elapsed_ms']} ms"
+            f"{_qemu_part(st.get('detail') or {})}{err}")
+
+
+def _qemu_part(detail: dict) -> str:
+    """A QEMU migration's own figures (migrate-vmm): QEMU's downtime and, of it, invariantd's hold at the switchover
+    (QEMU's pre-switchover event -> noticed, decided, journaled; migrate-continue's answer is QEMU's device save)."""
+    q, hold = detail.get("qemu") or {}, detail.get("switchover") or {}
+    out = f"  QEMU downtime {q['downtime']} ms" if q.get("downtime") is not None else ""
+    steps = [hold.get(k) for k in ("noticed", "decided", "journal")]
+    if any(v is not None for v in steps):
+        out += f"  switchover held {sum(v or 0 for v in steps):.1f} ms"
+    return out
 
 
 def _still_running(mid: str, waited: float) -> int:

@@ -87,3 +87,14 @@ async def test_a_client_side_timeout_says_still_running_not_failed(nursery, pki,
         while "committed" not in capsys.readouterr().out:
             await trio.sleep(0.2)
             await ctl(cl, "status", st["id"])
+
+
+def test_a_qemu_migrations_status_line_shows_downtime_and_the_switchover_hold():
+    from invariantd.client.ctl import _status_line
+    st = {"id": "m-1", "vm": "web-1", "to": "b", "state": "committed", "phase": "done", "vcpus_done": 0,
+          "vcpus_total": 0, "bytes_sent": 0, "elapsed_ms": 3100, "error": None,
+          "detail": {"qemu": {"status": "completed", "downtime": 136},
+                     "switchover": {"noticed": 5.5, "decided": 0.1, "journal": 0.9, "continue": 26.0}}}
+    line = _status_line(st)
+    assert "QEMU downtime 136 ms" in line and "switchover held 6.5 ms" in line, line
+    assert "QEMU" not in _status_line({**st, "detail": {}})          # a vCPU-state migration: no QEMU part
