@@ -1,7 +1,7 @@
 """Bench: stream a 256-vCPU VM (full arm64 register set, SVE on) between two daemons over mutual TLS on loopback,
 paired with raw TLS moving the same number of wire bytes (issue 14 P2, P3).
 
-    .venv/bin/python bench/bench_stream.py [VCPUS] [--rounds 12] [--profile] [--real]
+    .venv/bin/python bench/bench_stream.py [VCPUS] [--rounds 12] [--profile] [--real] [--pin] [--no-pipeline]
 
 Two processes (as on two hosts: no shared GIL): the destination serves both a peer listener (handle_incoming) and a
 raw TLS listener; the source alternates, round after round, a peer migration and a raw transfer, the order rotated
@@ -12,6 +12,10 @@ streams), then writes the peer's wire bytes in 256 KiB writes; the server notes 
 
 Register set per vCPU: the real max@7.3 profile's list with SVE enabled (V0-31 replaced by Z0-31 U2048, P0-15
 U256, FFR, VLS), Z/P/FFR filled with random data; the simulated host both ends (--real: this machine's /dev/kvm).
+--pin: the source process on CPU 0, the destination on CPU 1 - two one-CPU hosts, whose work can overlap (without
+it both share every CPU, and the floor is the sum of both sides' work; the source pipelines its read with the stream
+only then, as it does with a peer on another machine, not on its own: PeerConfig.pipeline_same_host).
+--no-pipeline: the source reads every vCPU before it streams, pinned too (PeerConfig.pipeline_vcpus = 0).
 
 Printed (median [min..max] over the rounds, and the load):
   wire       bytes the peer stream puts on the wire (chunks + StreamEnd: what both variants move); payload = ids +
@@ -59,7 +63,9 @@ from invariantd.protocol import regid
 from invariantd.protocol import session as ps
 
 PROFILE = "max@7.3"
-CFG = PeerConfig(handshake_timeout=30, phase_timeout=60, apply_timeout=120, commit_timeout=30)
+CFG = PeerConfig(handshake_timeout=30, phase_timeout=60, apply_timeout=120, commit_timeout=30,
+                 pipeline_vcpus=0 if "--no-pipeline" in sys.argv else PeerConfig.pipeline_vcpus,
+                 pipeline_same_host="--pin" in sys.argv)       # pinned: the two ends stand for two hosts
 RAW_WRITE = 256 * 1024
 
 
@@ -146,10 +152,17 @@ def _mark_stream_end() -> None:
     peer_mod.Conn.expect = expect
 
 
-def dst_proc(files, peer_runs: int, raw_runs: int, conn, prof: bool, backend: str = "sim") -> None:
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})      # --pin: this process (and its threads) on one CPU, as on its own host
+
+
+def dst_proc(files, peer_runs: int, raw_runs: int, conn, prof: bool, backend: str = "sim",
+             cpu: int | None = None) -> None:
     """Destination: a peer listener (handle_incoming) and a raw TLS listener, until `peer_runs` migrations and
     `raw_runs` raw transfers were handled; then per migration its phases, StreamEnd time and wire bytes, and per raw
     transfer the time its last byte was read."""
+    _pin(cpu)
     _mark_stream_end()
     dst = make_host(backend)
     reg = VmRegistry(dst)
@@ -199,9 +212,11 @@ def dst_proc(files, peer_runs: int, raw_runs: int, conn, prof: bool, backend: st
     conn.send((peers, raws))
 
 
-def src_proc(files, n: int, rounds: int, ports, conn, prof: bool, backend: str = "sim") -> None:
+def src_proc(files, n: int, rounds: int, ports, conn, prof: bool, backend: str = "sim",
+             cpu: int | None = None) -> None:
     """Source: one warm-up migration (its wire bytes size the raw transfers), then `rounds` rounds of a migration
     and a raw transfer of as many bytes, the order alternating. Each migration's VM is created just before it."""
+    _pin(cpu)
     _mark_first_write()
     peers: list[dict] = []
     raws: list[float] = []
@@ -263,14 +278,14 @@ def src_proc(files, n: int, rounds: int, ports, conn, prof: bool, backend: str =
     conn.send((peers, raws, wire[0]))
 
 
-def run_pair(files, n: int, rounds: int, prof: bool, backend: str):
+def run_pair(files, n: int, rounds: int, prof: bool, backend: str, pin: bool = False):
     ctx = mp.get_context("spawn")
     d_parent, d_child = ctx.Pipe()
     s_parent, s_child = ctx.Pipe()
-    dp = ctx.Process(target=dst_proc, args=(files, rounds + 1, rounds, d_child, prof, backend))
+    dp = ctx.Process(target=dst_proc, args=(files, rounds + 1, rounds, d_child, prof, backend, 1 if pin else None))
     dp.start()
     ports = d_parent.recv()
-    sp = ctx.Process(target=src_proc, args=(files, n, rounds, ports, s_child, prof, backend))
+    sp = ctx.Process(target=src_proc, args=(files, n, rounds, ports, s_child, prof, backend, 0 if pin else None))
     sp.start()
     src, raw_starts, wire = s_parent.recv()
     dst, raw_ends = d_parent.recv()
@@ -357,18 +372,20 @@ def main(argv: list[str]) -> int:
     prof = "--profile" in argv
     backend = "kvm" if "--real" in argv else "sim"
     rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 12
+    pin = "--pin" in argv
     t_start = time.perf_counter()
     print(f"before: {load()}")
     with tempfile.TemporaryDirectory() as d:
         files = pki(d)
-        src, dst, raws, wire = run_pair(files, n, rounds, prof, backend)
+        src, dst, raws, wire = run_pair(files, n, rounds, prof, backend, pin)
     assert all(x["ok"] for x in dst), dst
     payload = src[0]["payload"]
     streams = [d_["stream_end"] - s_["first_write"] for s_, d_ in zip(src, dst)]
     med = statistics.median
     if backend == "kvm":
         print(f"VM: {n} vCPUs x {src[0]['regs_per_vcpu']} registers on this machine's /dev/kvm (both ends; the "
-              f"generic path); source and destination in separate processes; {rounds} rounds")
+              f"generic path); source and destination in separate processes"
+              f"{', pinned to CPU 0 and CPU 1 (two one-CPU hosts)' if pin else ''}; {rounds} rounds")
     else:
         print(f"VM: {n} vCPUs x {src[0]['regs_per_vcpu']} registers (SVE: Z0-31 U2048, P0-15, FFR, VLS), "
               f"profile {PROFILE} (simulated host both ends); separate processes; {rounds} rounds")
@@ -392,7 +409,7 @@ def main(argv: list[str]) -> int:
                  f"{(med(blackouts) - bound) * 1e3:.1f} ms")
     else:
         line += f"  (target < 100 ms: {'OK' if med(blackouts) < 0.1 else 'MISSED'})"
-        read, write = kvm_bound(n, max(1, os.cpu_count() or 1))
+        read, write = kvm_bound(n, 1 if pin else len(os.sched_getaffinity(0)))
         line += (f"\n         the ioctl floor in C, same threads (bench/cref.c): source read {read * 1e3:.1f} ms + "
                  f"destination write and read-back {write * 1e3:.1f} ms = {(read + write) * 1e3:.1f} ms: the daemon "
                  f"adds {(med(blackouts) - read - write) * 1e3:.1f} ms")

@@ -146,6 +146,16 @@ def _arm64(reg_id: int) -> bool:
     return reg_id & regid.KVM_REG_ARCH_MASK == regid.KVM_REG_ARM64
 
 
+def worker_threads() -> int:
+    """How many worker threads a VM's ioctls are spread over: the CPUs this process may run on (its affinity - a
+    cgroup cpuset or taskset - not the machine's count)."""
+    import os
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def vm_wide(reg_id: int) -> bool:
     return catalog().reg_class(reg_id) in VM_WIDE_CLASSES
 
@@ -556,12 +566,10 @@ async def read_vm_async(vcpus: Mapping[int, Vcpu], backend: Backend, *, limiter=
     apply_vm_async (the event loop keeps running while the ioctls do); on the simulated host (pure Python, the GIL
     held throughout) read_vm right here: a worker thread gains nothing there, and the register sets it allocated
     made the stream that follows measurably slower (bench_stream 0.87x -> 0.71x of raw TLS)."""
-    import os
-
     import trio
     if not threaded(backend):
         return read_vm(vcpus)
-    limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    limiter = limiter or trio.CapacityLimiter(worker_threads())
     per = await _each(lambda i: read_vm({i: vcpus[i]})[i], sorted(vcpus), limiter)
     return {i: per[i] for i in sorted(vcpus)}
 
@@ -572,18 +580,16 @@ async def apply_vm_async(backend: Backend, regsets: Mapping[int, Sequence[tuple[
     """apply_vm for a trio caller. On the real backend (threaded()), after setup and the whole VM-wide phase
     (one thread, vCPU after vCPU, ordered before anything else as in apply_vm), the "state" phase and then
     the read-back run in worker threads (each takes the next vCPU), as many as `limiter` allows (default: a
-    CapacityLimiter of os.cpu_count()): the C batch calls release the GIL during their ioctl loop. The read-back
+    CapacityLimiter of worker_threads()): the C batch calls release the GIL during their ioctl loop. The read-back
     starts only when every vCPU's state phase ended. Same events, retries, EBUSY replay (once, of
     everything) and errors as apply_vm; with several failing vCPUs the lowest vCPU's error is raised.
     Elsewhere: apply_vm in one worker thread."""
-    import os
-
     import trio
     if not (threaded(backend) if threads is None else threads):
         return await trio.to_thread.run_sync(
             lambda: apply_vm(backend, regsets, program, init=init, features=features, vm_type=vm_type,
                              verify=verify))
-    limiter = limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    limiter = limiter or trio.CapacityLimiter(worker_threads())
     drive = _Drive(_steps(backend, regsets, program, init, features, vm_type, verify))
     while (step := drive.next()) is not None:
         try:

@@ -30,6 +30,7 @@ class PeerSection:
     allowed_peers: tuple[str, ...] = ()     # certificate CNs; empty = any certificate of the cluster CA
     chunk_registers: int = 4096
     checksum: str = "xxh3"                  # per-chunk checksum; crc32 with a peer older than protocol 3
+    pipeline_vcpus: int = 32                # real KVM: stream every N vCPUs read (0: read all, then stream)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ async def run(cfg: Config, *, backend=None, task_status=trio.TASK_STATUS_IGNORED
     caps = probe(backend, cfg.backend.sim_profile or None)
     metrics.set_host_info(caps)
     pcfg = PeerConfig(node=cfg.node, chunk_registers=cfg.peer.chunk_registers, checksum=cfg.peer.checksum,
+                      pipeline_vcpus=cfg.peer.pipeline_vcpus,
                       handshake_timeout=cfg.timeouts.handshake, phase_timeout=cfg.timeouts.phase,
                       apply_timeout=cfg.timeouts.apply, commit_timeout=cfg.timeouts.commit)
     ctx = tls.server_context(cfg.peer.cert, cfg.peer.key or None, cfg.peer.ca)

@@ -9,7 +9,8 @@ from typing import Sequence
 
 from ..protocol.program import ApplyProgram
 from ..protocol.regset import RegisterSet
-from .apply import (ApplyError, ApplyEvent, ApplyResult, _close_vm, _each, _Replay, _replay_error, _Run, threaded)
+from .apply import (ApplyError, ApplyEvent, ApplyResult, _close_vm, _each, _Replay, _replay_error, _Run, threaded,
+                    worker_threads)
 from .kvm.backend import Backend, VcpuInit
 from .readback import Mismatch, adjusted, verify
 
@@ -107,8 +108,6 @@ class StagedApply:
 
     async def finish(self, limiter=None) -> ApplyResult:
         """Every vCPU read back (worker threads on the real backend) -> the ApplyResult (its VM the caller's)."""
-        import os
-
         import trio
         run = self.run
         missing = sorted(set(range(self.n)) - self.applied)
@@ -119,7 +118,7 @@ class StagedApply:
         try:
             if threaded(self.backend):
                 per = await _each(self._verify_state, run.indices,
-                                  limiter or trio.CapacityLimiter(max(1, os.cpu_count() or 1)))
+                                  limiter or trio.CapacityLimiter(worker_threads()))
             else:
                 per = {i: self._verify_state(i) for i in run.indices}
         except BaseException:

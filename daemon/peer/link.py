@@ -59,6 +59,10 @@ class PeerConfig:
     commit_timeout: float = 30.0
     send_batch_bytes: int = 256 * 1024   # stream bytes per TLS write
     first_batch_bytes: int = 64 * 1024   # the first write: the destination starts reading sooner
+    pipeline_vcpus: int = 32             # real KVM: chunks sent every N vCPUs read, the rest read meanwhile
+                                         # (peer/pipeline.py); 0: every vCPU read before the stream starts
+    pipeline_same_host: bool = False     # pipeline with a peer on this machine too (same_host: it shares our
+                                         # CPUs, so by default not; a bench pins the two ends to emulate hosts)
     versions: tuple[int, ...] = ps.PROTOCOL_VERSIONS   # peer protocol versions spoken (pin during a rolling upgrade)
 
 
@@ -206,6 +210,23 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, trio.Cancelled):
         return "cancelled (by request or daemon shutdown)"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def same_host(stream) -> bool:
+    """Whether the peer at the other end of `stream` (TLS over a socket) is this machine: a loopback address or a
+    unix socket. False when it cannot tell."""
+    import ipaddress
+    import socket
+    s = stream
+    while s is not None and not hasattr(s, "socket"):
+        s = getattr(s, "transport_stream", None)
+    try:
+        sock = s.socket
+        if sock.family == socket.AF_UNIX:
+            return True
+        return ipaddress.ip_address(sock.getpeername()[0].split("%")[0]).is_loopback
+    except (AttributeError, OSError, ValueError, IndexError):
+        return False
 
 
 def _wrap(e: BaseException) -> PeerError | None:

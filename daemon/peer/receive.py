@@ -11,7 +11,6 @@ replay, NeedsFullApply, lets the caller apply everything anew).
 """
 from __future__ import annotations
 
-import os
 from collections import deque
 from typing import Sequence
 
@@ -20,7 +19,7 @@ import trio
 from ...protocol import schemas as S
 from ...protocol import session as ps
 from ...protocol.regset import RegisterSet
-from ..apply import threaded
+from ..apply import threaded, worker_threads
 from ..staged import StagedApply
 from ..vmprofile import stream_deviations
 from .chunks import _regsets
@@ -39,7 +38,7 @@ class StreamApplier:
     def __init__(self, staged: StagedApply | None, vm: S.VmProfile, threads_max: int | None = None) -> None:
         self.staged, self.vm = staged, vm
         self.threads = staged is not None and threaded(staged.backend)
-        self.threads_max = threads_max or max(1, os.cpu_count() or 1)
+        self.threads_max = threads_max or worker_threads()
         self.received: list[ps.VcpuChunk] = []
         self._pending: dict[int, list[RegisterSet]] = {}
         self.failure: BaseException | None = None

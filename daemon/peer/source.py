@@ -14,19 +14,21 @@ from ...protocol import session as ps
 from ...protocol.negotiate import negotiate
 from ...protocol.policy import Policy, default_policy
 from .. import failpoints
-from ..apply import read_vm_async
+from ..apply import read_vm_async, threaded, worker_threads
 from ..kvm.errors import KvmError
 from ..logs import kv
 from ..metrics import Metrics
 from ..vms import VmRegistry, VmStateError
 from .chunks import _chunks, _later
-from .link import PLAN_FORMAT, Conn, MigrationResult, PeerConfig, PeerError, _describe, _wrap, decode_caps
+from .pipeline import BackgroundRead
+from .link import PLAN_FORMAT, Conn, MigrationResult, PeerConfig, PeerError, _describe, _wrap, decode_caps, same_host
 from ..vmprofile import profile_changes, profile_regsets, profile_view, refusal_reasons, vm_profile
 
 log = logging.getLogger("invariantd.peer")
 
 
 Planner = Callable[[S.VmProfile, S.HostCapabilities, Policy], S.Plan]
+
 
 
 async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str, *, cfg: PeerConfig = PeerConfig(),
@@ -88,14 +90,37 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
         if not pf.ok:
             raise PeerError("preflight", f"destination refused the plan in pre-flight: {pf.detail}")
         # --- blackout starts: the VM is runnable nowhere until the destination commits or we resume it
+        # On real KVM the chunks of every cfg.pipeline_vcpus vCPUs read go at once while worker threads read on
+        # (peer/pipeline.py), so that the destination applies them meanwhile - when it is another machine: a
+        # peer on this host shares our CPUs, nothing overlaps, and the interleaving only costs (~5% measured).
+        # The simulated host (pure Python: no overlap to gain) reads every vCPU first. Either way the StreamEnd
+        # goes only once every vCPU is read and the VM is the one the plan was computed for - else Abort: the
+        # destination discards what it applied.
+        pipelined = cfg.pipeline_vcpus > 0 and threaded(registry.backend) and (
+            cfg.pipeline_same_host or not same_host(stream))
         with m.phase("read"), trio.fail_after(cfg.phase_timeout):
             journal.step(mid, "paused")
             mvm.migration, mvm.peer = mid, peer
             mvm.pause()
             paused = True
             await failpoints.hit("source.paused")
+            order = sorted(mvm.vcpus)
+            regsets: dict = {}
             try:
-                regsets = await read_vm_async(mvm.vcpus, registry.backend)    # threads on real KVM
+                if not pipelined:
+                    regsets = await read_vm_async(mvm.vcpus, registry.backend)
+                else:
+                    reader = BackgroundRead(mvm.vcpus, order, worker_threads())
+                    try:
+                        step = cfg.pipeline_vcpus
+                        for k in range(0, len(order), step):
+                            part = await reader.take(order[k:k + step])
+                            regsets.update(part)
+                            await conn.send_prepared(conn.prepare(_chunks(
+                                vm_id, part, cfg.chunk_registers, checksum, version, cfg.chunk_bytes)),
+                                max(1, cfg.send_batch_bytes), cfg.phase_timeout, cfg.first_batch_bytes)
+                    finally:
+                        await reader.close()
             except KvmError as e:
                 raise PeerError("vm", f"cannot read the paused source VM: {e}") from None
             changed = profile_changes(vm, vm_profile(vm_id, mvm.init, profile_view(regsets, pol),
@@ -103,8 +128,9 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             if changed:
                 raise PeerError("vm", "the VM changed between plan and pause (the plan no longer describes it; "
                                       "migrate again): " + "; ".join(changed))
-            chunks = _chunks(vm_id, regsets, cfg.chunk_registers, checksum, version, cfg.chunk_bytes)
-            # the chunks, then their StreamEnd (made once they all went through the session): one byte stream
+            chunks = () if pipelined else _chunks(vm_id, regsets, cfg.chunk_registers, checksum, version,
+                                                  cfg.chunk_bytes)
+            # the chunks (not sent yet), then their StreamEnd (made once they all went through the session)
             stream_bytes = conn.prepare(itertools.chain(chunks, _later(conn.session.stream_end)))
             end = stream_bytes.events[-1][1]
             del regsets, chunks

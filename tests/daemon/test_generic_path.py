@@ -226,8 +226,13 @@ def test_real_apply_tsc_adjusted_and_equal_refused_write(kvm):
 
 
 @pytest.mark.kvm
-async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm, caplog):
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm, caplog, pipelined):
+    """pipelined: the source sends each vCPU's chunks as soon as it is read (pipeline_vcpus 1; forced although the
+    peer is on this machine), the destination applies them while the source reads the next."""
     from invariantd.daemon.kvm.real import RealKvm
+    from dataclasses import replace
+    cfg = replace(CFG, pipeline_vcpus=1, pipeline_same_host=True) if pipelined else CFG
     dst_kvm = RealKvm()
     try:
         b = Dest(dst_kvm, pki)
@@ -242,8 +247,15 @@ async def test_real_x86_migration_over_the_peer_link(nursery, pki, kvm, caplog):
         src1 = reg_a.get("vm-x").vcpus[1]
         ids = [i for i in src1.reg_list() if i != TSC]
         src_vals = src1.get_regs(ids)[0]
-        res = await migrate_out(stream, reg_a, "vm-x", cfg=CFG, metrics=Metrics(), on_plan=plans.append)
+        if pipelined:
+            from invariantd.daemon.peer.link import same_host
+            assert same_host(stream)                 # a loopback peer: pipelined only because cfg forces it
+        sent: list = []
+        res = await migrate_out(stream, reg_a, "vm-x", cfg=cfg, metrics=Metrics(), on_plan=plans.append,
+                                on_event=lambda d, ev: sent.append(type(ev).__name__) if d == "out" else None)
         await stream.aclose()
+        # pipelined: one chunk per vCPU read (sent as it was read), else one chunk for both
+        assert sent.count("VcpuChunk") == (2 if pipelined else 1), sent
         with trio.fail_after(5):
             await b.done.wait()
         assert res.result == "committed" and reg_a.get("vm-x").state is VmState.RELEASED

@@ -43,6 +43,14 @@ def test_chunk_registers_zero_is_refused():
         parse(text)
 
 
+def test_pipeline_vcpus_negative_is_refused_and_zero_turns_it_off():
+    base = BASE.format(cert="c", ca="a", port=1)
+    with pytest.raises(ConfigError, match="peer.pipeline_vcpus: expected an integer 0..65535"):
+        parse(base.replace("port = 1", "port = 1\npipeline_vcpus = -1"))
+    assert parse(base.replace("port = 1", "port = 1\npipeline_vcpus = 0")).peer.pipeline_vcpus == 0
+    assert parse(base).peer.pipeline_vcpus == 32
+
+
 def test_non_utf8_config_is_one_line(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_bytes(b"node = \"\xff\"\n")
