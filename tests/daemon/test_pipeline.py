@@ -8,22 +8,11 @@ from invariantd.daemon.kvm.errors import KvmError
 from invariantd.daemon.peer.link import same_host
 from invariantd.daemon.peer.pipeline import BackgroundRead
 from invariantd.daemon.readback import read_vm
-from invariantd.daemon.sim.host import SimHost
-
-
-def _vcpus(n: int):
-    host = SimHost("cortex-a72-r0p4@6.12")
-    vm = host.create_vm()
-    out = {}
-    for i in range(n):
-        v = vm.create_vcpu(i)
-        v.init(host.init)
-        out[i] = v
-    return out
+from support.faultkvm import sim_vcpus
 
 
 async def test_parts_taken_in_order_equal_a_whole_read():
-    vcpus = _vcpus(7)
+    vcpus = sim_vcpus(n=7)
     reader = BackgroundRead(vcpus, sorted(vcpus), threads=3)
     got = {}
     try:
@@ -50,7 +39,7 @@ class _Broken:
 
 
 async def test_a_read_error_is_raised_by_the_take_that_needs_it_and_stops_the_readers():
-    vcpus = _vcpus(6)
+    vcpus = sim_vcpus(n=6)
     vcpus[4] = _Broken(vcpus[4])
     reader = BackgroundRead(vcpus, sorted(vcpus), threads=2)
     try:

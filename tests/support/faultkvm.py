@@ -23,7 +23,8 @@ def host(kernel: str, era: str | None = None, **kw) -> SimHost:
     return SimHost(doc=synthetic_doc(kernel, **kw), era=eras()[era] if era else None)
 
 
-def source_regs(kernel: str = "6.12", n: int = 2, era: str | None = None, **kw) -> dict[int, list[tuple[int, int]]]:
+def sim_vcpus(kernel: str = "6.12", n: int = 2, era: str | None = None, **kw) -> dict:
+    """n initialised vCPUs of one VM on a synthetic simulated host."""
     h = host(kernel, era, **kw)
     vm = h.create_vm()
     vcpus = {}
@@ -31,7 +32,11 @@ def source_regs(kernel: str = "6.12", n: int = 2, era: str | None = None, **kw) 
         v = vm.create_vcpu(i)
         v.init(h.init)
         vcpus[i] = v
-    return read_vm(vcpus)
+    return vcpus
+
+
+def source_regs(kernel: str = "6.12", n: int = 2, era: str | None = None, **kw) -> dict[int, list[tuple[int, int]]]:
+    return read_vm(sim_vcpus(kernel, n, era, **kw))
 
 
 def patch(regsets, reg_id, value):
