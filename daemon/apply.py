@@ -34,7 +34,7 @@ from ..protocol import kvmabi as abi
 from ..protocol import regid
 from ..protocol.catalog import catalog
 from ..protocol.program import ID_LIKE_CLASSES, Action, ApplyProgram
-from .kvm.backend import Backend, Vcpu, VcpuInit, Vm, create_vcpus
+from .kvm.backend import Backend, Vcpu, VcpuInit, Vm, create_vcpus, threaded, worker_threads
 from .kvm.errors import KvmError
 from ..protocol.regset import RegisterSet
 from .readback import Mismatch, adjusted, compare, read_vm, verify
@@ -144,16 +144,6 @@ def _close_vm(vm: Vm | None) -> None:
 
 def _arm64(reg_id: int) -> bool:
     return reg_id & regid.KVM_REG_ARCH_MASK == regid.KVM_REG_ARM64
-
-
-def worker_threads() -> int:
-    """How many worker threads a VM's ioctls are spread over: the CPUs this process may run on (its affinity - a
-    cgroup cpuset or taskset - not the machine's count)."""
-    import os
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def vm_wide(reg_id: int) -> bool:
@@ -517,12 +507,6 @@ def apply_vm(backend: Backend, regsets: Mapping[int, Sequence[tuple[int, int]]],
         except BaseException as e:         # noqa: BLE001 - thrown into the steps: the attempt decides
             drive.error = e
     return drive.result
-
-
-def threaded(backend: Backend) -> bool:
-    """Whether apply_vm_async spreads vCPUs over worker threads: on the real /dev/kvm binding, whose batch
-    calls release the GIL for the ioctl loop. The simulated host is pure Python (threads bring nothing)."""
-    return getattr(backend, "kind", "") == "kvm"
 
 
 async def _each(fn, indices, limiter) -> dict:

@@ -9,9 +9,8 @@ from typing import Sequence
 
 from ..protocol.program import ApplyProgram
 from ..protocol.regset import RegisterSet
-from .apply import (ApplyError, ApplyEvent, ApplyResult, _close_vm, _each, _Replay, _replay_error, _Run, threaded,
-                    worker_threads)
-from .kvm.backend import Backend, VcpuInit
+from .apply import ApplyError, ApplyEvent, ApplyResult, _close_vm, _each, _Replay, _replay_error, _Run
+from .kvm.backend import Backend, VcpuInit, threaded, worker_threads
 from .readback import Mismatch, adjusted, verify
 
 

@@ -114,3 +114,19 @@ def create_vcpus(vm: Vm, arch: str, indices: Iterable[int], init: VcpuInit | Non
                 vcpu.set_reg(regid.SVE_VLS, vls)          # must precede finalize
             vcpu.finalize(abi.KVM_ARM_VCPU_SVE)
     return vcpus
+
+
+def threaded(backend: Backend) -> bool:
+    """Whether apply_vm_async spreads vCPUs over worker threads: on the real /dev/kvm binding, whose batch
+    calls release the GIL for the ioctl loop. The simulated host is pure Python (threads bring nothing)."""
+    return getattr(backend, "kind", "") == "kvm"
+
+
+def worker_threads() -> int:
+    """How many worker threads a VM's ioctls are spread over: the CPUs this process may run on (its affinity - a
+    cgroup cpuset or taskset - not the machine's count)."""
+    import os
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -19,7 +19,7 @@ import trio
 from ...protocol import schemas as S
 from ...protocol import session as ps
 from ...protocol.regset import RegisterSet
-from ..apply import threaded, worker_threads
+from ..kvm.backend import threaded, worker_threads
 from ..staged import StagedApply
 from ..vmprofile import stream_deviations
 from .chunks import _regsets

@@ -14,7 +14,8 @@ from ...protocol import session as ps
 from ...protocol.negotiate import negotiate
 from ...protocol.policy import Policy, default_policy
 from .. import failpoints
-from ..apply import read_vm_async, threaded, worker_threads
+from ..apply import read_vm_async
+from ..kvm.backend import threaded, worker_threads
 from ..kvm.errors import KvmError
 from ..logs import kv
 from ..metrics import Metrics

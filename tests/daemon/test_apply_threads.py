@@ -7,7 +7,8 @@ import errno as E
 import pytest
 import trio
 
-from invariantd.daemon.apply import ApplyError, apply_vm, apply_vm_async, read_vm_async, threaded
+from invariantd.daemon.apply import ApplyError, apply_vm, apply_vm_async, read_vm_async
+from invariantd.daemon.kvm.backend import threaded
 from invariantd.daemon.readback import read_vm
 from invariantd.protocol.program import ApplyProgram
 from invariantd.daemon.kvm.errors import KvmError
