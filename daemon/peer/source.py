@@ -31,7 +31,6 @@ log = logging.getLogger("invariantd.peer")
 Planner = Callable[[S.VmProfile, S.HostCapabilities, Policy], S.Plan]
 
 
-
 async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str, *, cfg: PeerConfig = PeerConfig(),
                       metrics: Metrics | None = None, planner: Planner | None = None,
                       migration_id: str | None = None, policy: Policy | None = None,
@@ -105,12 +104,12 @@ async def migrate_out(stream: trio.abc.Stream, registry: VmRegistry, vm_id: str,
             mvm.pause()
             paused = True
             await failpoints.hit("source.paused")
-            order = sorted(mvm.vcpus)
             regsets: dict = {}
             try:
                 if not pipelined:
                     regsets = await read_vm_async(mvm.vcpus, registry.backend)
                 else:
+                    order = sorted(mvm.vcpus)
                     reader = BackgroundRead(mvm.vcpus, order, worker_threads())
                     try:
                         step = cfg.pipeline_vcpus
